@@ -1,0 +1,245 @@
+//! The neutral description of what a checkpoint holds, shared by every format reader.
+//!
+//! A [`Catalog`] lists every tensor (name, dtype, global shape) and the *pieces* it was saved in:
+//! which region of the tensor, in which file, at which byte offset, with which strides and stored
+//! dtype. Readers know nothing of ranks or outputs; the layout and the planner work only from
+//! this description.
+
+use std::path::PathBuf;
+
+use crate::dtype::DType;
+
+/// The checkpoint formats axsave reads.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Format {
+    /// PyTorch Distributed Checkpoint written by `FileSystemWriter` (`.metadata` + `.distcp`).
+    Dcp,
+    /// DCP's Hugging Face mode: `shard-*-model-*.safetensors` with `DCP_SHARDING_INFO`.
+    DcpHf,
+    /// Plain safetensors: one file or an index with shards.
+    Safetensors,
+    /// DeepSpeed ZeRO stage 1, 2 or 3 (`latest` + `global_stepN/*_optim_states.pt`).
+    DeepSpeed {
+        /// The ZeRO stage recorded in the optimizer states.
+        stage: u8,
+    },
+}
+
+impl std::fmt::Display for Format {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Format::Dcp => f.write_str("PyTorch DCP"),
+            Format::DcpHf => f.write_str("PyTorch DCP (Hugging Face safetensors mode)"),
+            Format::Safetensors => f.write_str("safetensors"),
+            Format::DeepSpeed { stage } => write!(f, "DeepSpeed ZeRO-{stage}"),
+        }
+    }
+}
+
+/// A data file of the checkpoint, relative to the checkpoint directory.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct SourceFile {
+    /// Path relative to [`Catalog::root`].
+    pub path: PathBuf,
+    /// Size in bytes when the catalog was built (0 when the file was not visible to this reader).
+    pub size: u64,
+}
+
+/// Which part of a tensor a piece holds.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub enum Region {
+    /// An N-d box: `offsets[i] .. offsets[i] + sizes[i]` along each dimension (DCP chunks).
+    /// A 0-d tensor has empty vectors.
+    Box {
+        /// First index along each dimension.
+        offsets: Vec<u64>,
+        /// Extent along each dimension.
+        sizes: Vec<u64>,
+    },
+    /// A range of elements of the tensor's row-major flattening (DeepSpeed ZeRO partitions).
+    Flat {
+        /// First element.
+        start: u64,
+        /// Number of elements.
+        len: u64,
+    },
+}
+
+impl Region {
+    /// The number of elements in the region.
+    pub fn numel(&self) -> u64 {
+        match self {
+            Region::Box { sizes, .. } => sizes.iter().product(),
+            Region::Flat { len, .. } => *len,
+        }
+    }
+
+    /// The region covering a whole tensor of `shape`.
+    pub fn whole(shape: &[u64]) -> Region {
+        Region::Box {
+            offsets: vec![0; shape.len()],
+            sizes: shape.to_vec(),
+        }
+    }
+}
+
+/// How a piece's bytes are encoded in its file.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub enum Encoding {
+    /// Stored as is: the element at region index `i` (row-major within the region) lies at
+    /// `offset + Σ i_d · strides[d] · elem_size` bytes into the file.
+    Raw,
+    /// The piece lies in a zstd stream (DCP's `stream.zstd/1` extension) that starts at
+    /// `stream_offset` and is `stream_len` bytes long in the file; [`Piece::offset`] is then the
+    /// offset inside the *decompressed* stream.
+    Zstd {
+        /// Where the compressed stream starts in the file.
+        stream_offset: u64,
+        /// Length of the compressed stream.
+        stream_len: u64,
+    },
+}
+
+/// A CRC-32 that a reader can check: the bytes `[offset, offset + len)` of the piece's
+/// file (or of its decompressed stream) must hash to `crc32`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Checksum {
+    /// First byte covered.
+    pub offset: u64,
+    /// Number of bytes covered.
+    pub len: u64,
+    /// The expected CRC-32 (IEEE, as zip records it).
+    pub crc32: u32,
+}
+
+/// One stored part of a tensor.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Piece {
+    /// Which part of the tensor this piece holds.
+    pub region: Region,
+    /// Index into [`Catalog::files`].
+    pub file: usize,
+    /// Byte offset of the region's first element (storage offset already applied).
+    pub offset: u64,
+    /// Element strides of the stored data, one per region dimension (a [`Region::Flat`] has
+    /// one dimension). Row-major contiguous data has the usual strides.
+    pub strides: Vec<i64>,
+    /// The dtype the bytes are stored in (may differ from the tensor's, as for ZeRO's fp32
+    /// master weights of a bf16 model).
+    pub stored_dtype: DType,
+    /// How the bytes are encoded.
+    pub encoding: Encoding,
+    /// A checksum covering exactly the bytes this piece reads, when the format has one.
+    pub checksum: Option<Checksum>,
+}
+
+impl Piece {
+    /// Row-major contiguous strides for a region of `sizes`.
+    pub fn contiguous_strides(sizes: &[u64]) -> Vec<i64> {
+        let mut strides = vec![1i64; sizes.len()];
+        for d in (0..sizes.len().saturating_sub(1)).rev() {
+            strides[d] = strides[d + 1] * sizes[d + 1].max(1) as i64;
+        }
+        strides
+    }
+
+    /// The sizes of the region as the piece stores it (one dim for a flat region).
+    pub fn stored_sizes(&self) -> Vec<u64> {
+        match &self.region {
+            Region::Box { sizes, .. } => sizes.clone(),
+            Region::Flat { len, .. } => vec![*len],
+        }
+    }
+
+    /// The byte span `[offset, offset + len)` of the file holding every element of the piece
+    /// (assuming non-negative strides, which every reader ensures).
+    pub fn byte_span(&self) -> (u64, u64) {
+        let sizes = self.stored_sizes();
+        if sizes.contains(&0) {
+            return (self.offset, 0);
+        }
+        let last: u64 = sizes
+            .iter()
+            .zip(&self.strides)
+            .map(|(&n, &s)| (n - 1) * s.max(0) as u64)
+            .sum();
+        (self.offset, (last + 1) * self.stored_dtype.size() as u64)
+    }
+}
+
+/// A tensor of the checkpoint.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct TensorEntry {
+    /// The flat name as the checkpoint spells it (before any renaming by the layout).
+    pub name: String,
+    /// The tensor's dtype (what a loader of this checkpoint would produce).
+    pub dtype: DType,
+    /// The global shape.
+    pub shape: Vec<u64>,
+    /// The stored pieces; together they cover the tensor exactly once.
+    pub pieces: Vec<Piece>,
+}
+
+impl TensorEntry {
+    /// Number of elements.
+    pub fn numel(&self) -> u64 {
+        self.shape.iter().product()
+    }
+
+    /// Size in bytes in the tensor's own dtype.
+    pub fn nbytes(&self) -> u64 {
+        self.numel() * self.dtype.size() as u64
+    }
+}
+
+/// Everything a reader learned about a checkpoint.
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
+pub struct Catalog {
+    /// The format detected.
+    pub format: Format,
+    /// The checkpoint directory the file paths are relative to.
+    pub root: PathBuf,
+    /// The data files, indexed by [`Piece::file`].
+    pub files: Vec<SourceFile>,
+    /// The tensors, in the order the checkpoint lists them (the state dict's order).
+    pub tensors: Vec<TensorEntry>,
+    /// How many ranks wrote the checkpoint, when the format says.
+    pub writer_ranks: Option<usize>,
+    /// Non-tensor items that were skipped, by name.
+    pub skipped: Vec<String>,
+    /// Things the reader did that a user should hear about (one line each).
+    pub notes: Vec<String>,
+}
+
+impl Catalog {
+    /// Total bytes of all tensors in their own dtypes.
+    pub fn total_bytes(&self) -> u64 {
+        self.tensors.iter().map(TensorEntry::nbytes).sum()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn contiguous_strides_and_spans() {
+        assert_eq!(Piece::contiguous_strides(&[4, 3, 2]), vec![6, 2, 1]);
+        assert_eq!(Piece::contiguous_strides(&[]), Vec::<i64>::new());
+        let p = Piece {
+            region: Region::Box {
+                offsets: vec![0, 0],
+                sizes: vec![4, 3],
+            },
+            file: 0,
+            offset: 100,
+            strides: vec![1, 4],
+            stored_dtype: DType::F32,
+            encoding: Encoding::Raw,
+            checksum: None,
+        };
+        // A transposed (4, 3) view of a (3, 4) storage still spans 12 elements.
+        assert_eq!(p.byte_span(), (100, 48));
+    }
+}
