@@ -1,1 +1,61 @@
-fn main() {}
+//! The `axsave` binary: command line, logging, progress display and exit codes over the
+//! library crates.
+
+mod cli;
+mod commands;
+mod progress;
+
+use std::process::ExitCode;
+
+use clap::Parser;
+
+fn main() -> ExitCode {
+    let cli = cli::Cli::parse();
+    let quiet = cli.command.is_none() && cli.save.quiet;
+    init_logging(quiet);
+    let result = match cli.command {
+        Some(cli::Command::Inspect(a)) => commands::inspect(&a),
+        Some(cli::Command::Verify(a)) => commands::verify(&a),
+        None => commands::save(&cli.save),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            let usage = e.downcast_ref::<commands::UsageError>().is_some();
+            tracing::error!("{}", error_text(&e));
+            if usage {
+                ExitCode::from(2)
+            } else {
+                ExitCode::from(1)
+            }
+        }
+    }
+}
+
+/// The error and its causes, each cause shown only when the message does not already say it
+/// (library errors often include their source in their own message).
+fn error_text(e: &anyhow::Error) -> String {
+    let mut text = e.to_string();
+    for cause in e.chain().skip(1) {
+        let c = cause.to_string();
+        if !text.contains(&c) {
+            text.push_str(": ");
+            text.push_str(&c);
+        }
+    }
+    text
+}
+
+/// Logs go to stderr; `RUST_LOG` overrides the default level (info, or warn with --quiet).
+fn init_logging(quiet: bool) {
+    let default = if quiet { "warn" } else { "info" };
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_target(false)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .without_time()
+        .init();
+}

@@ -1,1 +1,16 @@
-//! placeholder
+//! How axsave turns a checkpoint catalog into safetensors files: the layout (what the output
+//! will be), the plan (who reads and writes what), the executor (moving bytes with bounded
+//! memory) and finalization (temporary names, fsync, atomic renames).
+
+pub mod error;
+pub mod execute;
+pub mod geometry;
+pub mod layout;
+pub mod naming;
+pub mod output;
+pub mod save;
+pub mod size;
+pub mod sources;
+pub mod verify;
+
+pub use error::{CoreError, Result};

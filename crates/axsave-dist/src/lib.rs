@@ -1,1 +1,23 @@
-//! placeholder
+//! axsave-dist: where this process stands in a distributed run, and how ranks meet.
+//!
+//! * [`world`] — detect rank, world size, local rank, node, launcher and the rendezvous
+//!   endpoint from the environment of torchrun, a Slurm step, Open MPI / PMIx, MPICH / Intel
+//!   MPI, MVAPICH, hand-set `RANK`/`WORLD_SIZE`, or nothing (one process). A pure function of
+//!   an environment lookup.
+//! * [`hostlist`] — Slurm hostlist expansion (`node[01-04,07]`), used for the default
+//!   `MASTER_ADDR` under Slurm.
+//! * [`store`] — PyTorch's TCPStore wire protocol: a blocking client (for torchrun's agent
+//!   store or our own server) and a server (hosted by rank 0 otherwise), plus a barrier, a
+//!   broadcast and a failure flag on top.
+//!
+//! Transports that move tensor bytes between ranks (TCP, MPI, NCCL) come later; the store only
+//! carries small rendezvous data.
+
+#![warn(missing_docs)]
+
+pub mod hostlist;
+pub mod store;
+pub mod world;
+
+pub use store::{ClientOptions, ServerOptions, StoreClient, StoreError, StoreServer};
+pub use world::{Launcher, World, WorldError, detect, detect_from_process_env};

@@ -173,6 +173,9 @@ impl Piece {
 pub struct TensorEntry {
     /// The flat name as the checkpoint spells it (before any renaming by the layout).
     pub name: String,
+    /// The nested key path the name came from, when the format records it (DCP's
+    /// `planner_data`: `model.layers.0.w` → `["model", "layers.0.w"]`); else `[name]`.
+    pub path: Vec<String>,
     /// The tensor's dtype (what a loader of this checkpoint would produce).
     pub dtype: DType,
     /// The global shape.
@@ -190,6 +193,93 @@ impl TensorEntry {
     /// Size in bytes in the tensor's own dtype.
     pub fn nbytes(&self) -> u64 {
         self.numel() * self.dtype.size() as u64
+    }
+
+    /// Checks that the pieces tile the tensor exactly: each inside the tensor, none
+    /// overlapping, and together as many elements as the tensor has. Returns what is wrong.
+    pub fn check_coverage(&self) -> std::result::Result<(), String> {
+        let numel = self
+            .shape
+            .iter()
+            .try_fold(1u64, |a, &n| a.checked_mul(n))
+            .ok_or_else(|| format!("shape {:?} overflows", self.shape))?;
+        let mut total = 0u64;
+        let mut boxes: Vec<(&[u64], &[u64])> = Vec::new();
+        let mut flats: Vec<(u64, u64)> = Vec::new();
+        for p in &self.pieces {
+            let stored = p.stored_sizes();
+            if stored.len() != p.strides.len() {
+                return Err("a piece's strides do not match its rank".into());
+            }
+            match &p.region {
+                Region::Box { offsets, sizes } => {
+                    if offsets.len() != self.shape.len() || sizes.len() != self.shape.len() {
+                        return Err(format!(
+                            "a chunk of rank {} in a tensor of rank {}",
+                            sizes.len(),
+                            self.shape.len()
+                        ));
+                    }
+                    for d in 0..sizes.len() {
+                        if offsets[d]
+                            .checked_add(sizes[d])
+                            .is_none_or(|e| e > self.shape[d])
+                        {
+                            return Err(format!(
+                                "chunk at {offsets:?} of size {sizes:?} lies outside shape {:?}",
+                                self.shape
+                            ));
+                        }
+                    }
+                    boxes.push((offsets, sizes));
+                }
+                Region::Flat { start, len } => {
+                    if start.checked_add(*len).is_none_or(|e| e > numel) {
+                        return Err(format!(
+                            "elements {start}..{} lie outside the tensor's {numel}",
+                            start.saturating_add(*len)
+                        ));
+                    }
+                    flats.push((*start, *len));
+                }
+            }
+            total = total.saturating_add(p.region.numel());
+        }
+        if !boxes.is_empty() && !flats.is_empty() {
+            return Err("pieces mix boxes and flat ranges".into());
+        }
+        // Overlaps: sweep along dimension 0 so that only boxes sharing rows are compared.
+        boxes.sort_by_key(|(o, _)| o.first().copied().unwrap_or(0));
+        let mut active: Vec<(&[u64], &[u64])> = Vec::new();
+        for &(o, s) in &boxes {
+            if s.contains(&0) {
+                continue;
+            }
+            let start0 = o.first().copied().unwrap_or(0);
+            active.retain(|(ao, asz)| ao.first().is_none_or(|&a| a + asz[0] > start0));
+            for &(ao, asz) in &active {
+                let overlap = (0..o.len()).all(|d| o[d] < ao[d] + asz[d] && ao[d] < o[d] + s[d]);
+                if overlap {
+                    return Err(format!("chunks at {ao:?} and {o:?} overlap"));
+                }
+            }
+            active.push((o, s));
+        }
+        flats.sort_unstable();
+        for w in flats.windows(2) {
+            if w[0].0 + w[0].1 > w[1].0 {
+                return Err(format!(
+                    "element ranges starting at {} and {} overlap",
+                    w[0].0, w[1].0
+                ));
+            }
+        }
+        if total != numel {
+            return Err(format!(
+                "the pieces hold {total} elements but the tensor has {numel}: chunks are missing"
+            ));
+        }
+        Ok(())
     }
 }
 

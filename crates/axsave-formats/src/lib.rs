@@ -11,9 +11,14 @@
 
 pub mod catalog;
 pub mod convert;
+pub mod dcp;
+pub mod detect;
 pub mod dtype;
 pub mod error;
+pub mod mapped;
 pub mod pickle;
+pub mod st_header;
+pub mod st_reader;
 pub mod torchsave;
 pub mod zip;
 

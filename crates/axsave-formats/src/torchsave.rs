@@ -7,7 +7,7 @@
 
 use crate::dtype::DType;
 use crate::pickle::{self, Pickle, Value};
-use crate::zip::{ZipEntry, ZipError, ZipIndex};
+use crate::zip::{ZipBytes, ZipEntry, ZipError, ZipIndex};
 
 /// Where a pickled tensor's elements lie.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -108,25 +108,30 @@ pub struct TorchSave {
 
 impl TorchSave {
     /// Parses the archive in `data` (its central directory and `data.pkl`).
-    pub fn parse(data: &[u8]) -> Result<TorchSave, TorchSaveError> {
+    pub fn parse<D: ZipBytes + ?Sized>(data: &D) -> Result<TorchSave, TorchSaveError> {
         let zip = ZipIndex::parse(data).map_err(TorchSaveError::Zip)?;
         let pkl = zip
             .get("data.pkl")
             .ok_or(TorchSaveError::NoDataPkl)?
             .clone();
+        let unavailable = |e: &ZipEntry| {
+            TorchSaveError::Zip(ZipError {
+                offset: e.data_offset,
+                msg: format!("record {} is not available", e.name),
+            })
+        };
         if let Some(bo) = zip.get("byteorder") {
-            let v = String::from_utf8_lossy(zip.bytes(data, bo))
-                .trim()
-                .to_string();
+            let bytes = zip.bytes(data, bo).ok_or_else(|| unavailable(bo))?;
+            let v = String::from_utf8_lossy(bytes).trim().to_string();
             if v != "little" {
                 return Err(TorchSaveError::ByteOrder(v));
             }
         }
-        let pickle =
-            pickle::parse(zip.bytes(data, &pkl)).map_err(|source| TorchSaveError::Pickle {
-                base: pkl.data_offset,
-                source,
-            })?;
+        let bytes = zip.bytes(data, &pkl).ok_or_else(|| unavailable(&pkl))?;
+        let pickle = pickle::parse(bytes).map_err(|source| TorchSaveError::Pickle {
+            base: pkl.data_offset,
+            source,
+        })?;
         Ok(TorchSave { zip, pickle })
     }
 

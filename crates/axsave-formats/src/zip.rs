@@ -47,32 +47,94 @@ fn err<T>(offset: u64, msg: impl Into<String>) -> Result<T, ZipError> {
     })
 }
 
-fn rd_u16(d: &[u8], at: u64) -> Result<u16, ZipError> {
-    let a = at as usize;
-    d.get(a..a + 2)
-        .map(|b| u16::from_le_bytes([b[0], b[1]]))
-        .map_or_else(|| err(at, "truncated"), Ok)
+/// Random access to the bytes of an archive.
+///
+/// A plain slice is the usual case. [`HeadTail`] serves an archive of which only the first and
+/// last bytes are at hand (a zstd-compressed DCP item, streamed once to keep both ends): the
+/// records torch.save puts first (`data.pkl`, small metadata, the first storages' headers) and
+/// the central directory at the end are all a catalog needs.
+pub trait ZipBytes {
+    /// Total length of the archive.
+    fn len(&self) -> u64;
+    /// Whether the archive is empty.
+    fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+    /// The bytes `[at, at + n)`, or `None` when they are not available.
+    fn get(&self, at: u64, n: u64) -> Option<&[u8]>;
 }
 
-fn rd_u32(d: &[u8], at: u64) -> Result<u32, ZipError> {
-    let a = at as usize;
-    d.get(a..a + 4)
-        .map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-        .map_or_else(|| err(at, "truncated"), Ok)
+impl ZipBytes for [u8] {
+    fn len(&self) -> u64 {
+        <[u8]>::len(self) as u64
+    }
+    fn get(&self, at: u64, n: u64) -> Option<&[u8]> {
+        let end = at.checked_add(n)?;
+        <[u8]>::get(self, usize::try_from(at).ok()?..usize::try_from(end).ok()?)
+    }
 }
 
-fn rd_u64(d: &[u8], at: u64) -> Result<u64, ZipError> {
-    let a = at as usize;
-    d.get(a..a + 8)
-        .map(|b| u64::from_le_bytes(b.try_into().unwrap_or_default()))
-        .map_or_else(|| err(at, "truncated"), Ok)
+/// The first and the last bytes of an archive of known length; see [`ZipBytes`].
+#[derive(Clone, Debug, Default)]
+pub struct HeadTail {
+    /// Bytes `[0, head.len())`.
+    pub head: Vec<u8>,
+    /// Bytes `[len - tail.len(), len)`.
+    pub tail: Vec<u8>,
+    /// Length of the whole archive.
+    pub len: u64,
+}
+
+impl ZipBytes for HeadTail {
+    fn len(&self) -> u64 {
+        self.len
+    }
+    fn get(&self, at: u64, n: u64) -> Option<&[u8]> {
+        let end = at.checked_add(n)?;
+        if end <= self.head.len() as u64 {
+            return self.head.get(at as usize..end as usize);
+        }
+        let tail_start = self.len.checked_sub(self.tail.len() as u64)?;
+        if at >= tail_start && end <= self.len {
+            return self
+                .tail
+                .get((at - tail_start) as usize..(end - tail_start) as usize);
+        }
+        None
+    }
+}
+
+fn rd<const N: usize, D: ZipBytes + ?Sized>(d: &D, at: u64) -> Result<[u8; N], ZipError> {
+    match d
+        .get(at, N as u64)
+        .and_then(|b| <[u8; N]>::try_from(b).ok())
+    {
+        Some(b) => Ok(b),
+        None if at.saturating_add(N as u64) > d.len() => err(at, "truncated"),
+        None => err(
+            at,
+            "bytes needed here were not kept (record outside the retained window)",
+        ),
+    }
+}
+
+fn rd_u16<D: ZipBytes + ?Sized>(d: &D, at: u64) -> Result<u16, ZipError> {
+    rd::<2, D>(d, at).map(u16::from_le_bytes)
+}
+
+fn rd_u32<D: ZipBytes + ?Sized>(d: &D, at: u64) -> Result<u32, ZipError> {
+    rd::<4, D>(d, at).map(u32::from_le_bytes)
+}
+
+fn rd_u64<D: ZipBytes + ?Sized>(d: &D, at: u64) -> Result<u64, ZipError> {
+    rd::<8, D>(d, at).map(u64::from_le_bytes)
 }
 
 impl ZipIndex {
     /// Reads the central directory of the archive that `data` holds exactly (from its first byte
     /// to the end of its end-of-central-directory record).
-    pub fn parse(data: &[u8]) -> Result<ZipIndex, ZipError> {
-        let len = data.len() as u64;
+    pub fn parse<D: ZipBytes + ?Sized>(data: &D) -> Result<ZipIndex, ZipError> {
+        let len = data.len();
         if len < 22 {
             return err(0, format!("{len} bytes is too short for a zip archive"));
         }
@@ -140,7 +202,7 @@ impl ZipIndex {
             let mut local = rd_u32(data, p + 42)? as u64;
             let name_at = p + 46;
             let name_bytes = data
-                .get(name_at as usize..(name_at + name_len) as usize)
+                .get(name_at, name_len)
                 .map_or_else(|| err(name_at, "truncated record name"), Ok)?;
             let name = String::from_utf8_lossy(name_bytes).into_owned();
             // ZIP64 extra field: the 64-bit values of the fields saturated at 0xffffffff.
@@ -224,8 +286,13 @@ impl ZipIndex {
             .find(|e| e.name.strip_prefix(&self.prefix) == Some(name))
     }
 
-    /// The bytes of a record.
-    pub fn bytes<'a>(&self, data: &'a [u8], entry: &ZipEntry) -> &'a [u8] {
-        &data[entry.data_offset as usize..(entry.data_offset + entry.size) as usize]
+    /// The bytes of a record, from the archive this index was parsed from (`None` when they
+    /// are not available, e.g. outside a [`HeadTail`]'s windows).
+    pub fn bytes<'a, D: ZipBytes + ?Sized>(
+        &self,
+        data: &'a D,
+        entry: &ZipEntry,
+    ) -> Option<&'a [u8]> {
+        data.get(entry.data_offset, entry.size)
     }
 }

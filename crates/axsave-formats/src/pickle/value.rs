@@ -7,9 +7,10 @@ use std::rc::Rc;
 /// Scalars are inline; every container or object lives in the [`Pickle`] arena and is referred
 /// to by index, so that memo entries are shared (a list memoized before it is filled shows its
 /// later items, as in Python).
-#[derive(Clone, Debug, PartialEq)]
+#[derive(Clone, Debug, PartialEq, Default)]
 pub enum Value {
     /// `None`.
+    #[default]
     None,
     /// `True` / `False`.
     Bool(bool),
@@ -70,12 +71,6 @@ pub struct Object {
     pub list_items: Vec<Value>,
     /// True for `NEWOBJ` (`cls.__new__(cls, *args)`), false for `REDUCE`.
     pub newobj: bool,
-}
-
-impl Default for Value {
-    fn default() -> Self {
-        Value::None
-    }
 }
 
 /// A parsed pickle: the arena of nodes and the top-level value.

@@ -307,6 +307,46 @@ impl<'a> Machine<'a> {
         }
     }
 
+    /// A decimal integer of any size (protocol 0's `INT` / `LONG`).
+    fn decimal_value(&self, b: &[u8]) -> R<Value> {
+        let text = std::str::from_utf8(b).unwrap_or("").trim_end_matches('L');
+        if let Ok(v) = text.parse::<i64>() {
+            return Ok(Value::Int(v));
+        }
+        let (neg, digits) = match text.strip_prefix('-') {
+            Some(d) => (true, d),
+            None => (false, text.strip_prefix('+').unwrap_or(text)),
+        };
+        if digits.is_empty() || !digits.bytes().all(|c| c.is_ascii_digit()) || digits.len() > 10_000
+        {
+            return self.err(PickleErrorKind::Malformed(format!("integer {text:?}")));
+        }
+        // Magnitude as little-endian bytes: multiply by ten and add, digit by digit.
+        let mut mag: Vec<u8> = vec![0];
+        for d in digits.bytes() {
+            let mut carry = (d - b'0') as u32;
+            for byte in mag.iter_mut() {
+                let v = *byte as u32 * 10 + carry;
+                *byte = v as u8;
+                carry = v >> 8;
+            }
+            if carry > 0 {
+                mag.push(carry as u8);
+            }
+        }
+        mag.push(0); // room for the sign bit
+        if neg {
+            // Two's complement: invert and add one.
+            let mut carry = 1u16;
+            for byte in mag.iter_mut() {
+                let v = (!*byte) as u16 + carry;
+                *byte = v as u8;
+                carry = v >> 8;
+            }
+        }
+        Ok(self.long_bytes(&mag))
+    }
+
     fn long_bytes(&self, b: &[u8]) -> Value {
         if b.is_empty() {
             return Value::Int(0);
@@ -447,14 +487,14 @@ impl<'a> Machine<'a> {
                     let v = match line {
                         b"00" => Value::Bool(false),
                         b"01" => Value::Bool(true),
-                        _ => Value::Int(self.decimal(line)?),
+                        _ => self.decimal_value(line)?,
                     };
                     self.push(v)?
                 }
                 b'L' => {
                     let line = self.line()?;
-                    let v = self.decimal(line)?;
-                    self.push(Value::Int(v))?
+                    let v = self.decimal_value(line)?;
+                    self.push(v)?
                 }
                 0x8a => {
                     let n = self.u8()? as u64;
@@ -502,8 +542,11 @@ impl<'a> Machine<'a> {
                 }
                 b'V' => {
                     let line = self.line()?;
-                    let s = self.utf8(line)?;
-                    self.push(Value::Str(s))?
+                    let s = raw_unicode_escape(line).map_or_else(
+                        || self.err(PickleErrorKind::Malformed("bad \\u escape".into())),
+                        Ok,
+                    )?;
+                    self.push(Value::Str(Rc::from(s)))?
                 }
                 b'B' => {
                     let n = self.u32()? as u64;
@@ -766,6 +809,28 @@ impl<'a> Machine<'a> {
         let v = self.alloc(Node::Tuple(items))?;
         self.push(v)
     }
+}
+
+/// Decodes Python's `raw-unicode-escape` (protocol 0 strings): bytes are Latin-1 characters,
+/// except `\uXXXX` and `\UXXXXXXXX`.
+fn raw_unicode_escape(b: &[u8]) -> Option<String> {
+    let mut out = String::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        let width = match (b[i], b.get(i + 1)) {
+            (b'\\', Some(b'u')) => 4,
+            (b'\\', Some(b'U')) => 8,
+            (c, _) => {
+                out.push(c as char);
+                i += 1;
+                continue;
+            }
+        };
+        let hex = std::str::from_utf8(b.get(i + 2..i + 2 + width)?).ok()?;
+        out.push(char::from_u32(u32::from_str_radix(hex, 16).ok()?)?);
+        i += 2 + width;
+    }
+    Some(out)
 }
 
 fn node_kind(n: &Node) -> &'static str {

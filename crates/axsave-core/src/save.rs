@@ -1,0 +1,188 @@
+//! A save in one process: catalog → layout → copy every piece → fsync → rename.
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64};
+use std::time::Instant;
+
+use axsave_formats::Catalog;
+
+use crate::error::{CoreError, Result};
+use crate::execute::{self, CopyJob, ExecOptions, Sink, Task};
+use crate::layout::{Layout, LayoutOptions, plan_layout};
+use crate::output::{self, OutputFiles};
+use crate::sources::SourceFiles;
+
+/// What a save needs to know.
+#[derive(Clone, Debug)]
+pub struct SaveOptions {
+    /// The output directory.
+    pub output: PathBuf,
+    /// How the output is shaped.
+    pub layout: LayoutOptions,
+    /// Memory the executor's buffers may use, in bytes.
+    pub memory_budget: u64,
+    /// Replace a model already in the output directory.
+    pub force: bool,
+    /// Worker threads for the copy.
+    pub workers: usize,
+    /// A tag that makes this run's temporary names unique.
+    pub tag: String,
+}
+
+/// What a finished save wrote.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct SaveReport {
+    /// Files written (data files, then the index), with their sizes.
+    pub files: Vec<(PathBuf, u64)>,
+    /// Number of tensors written.
+    pub tensors: usize,
+    /// Bytes of tensor data written.
+    pub bytes: u64,
+    /// Files removed because `--force` replaced an older model.
+    pub replaced: Vec<String>,
+    /// Wall time in seconds.
+    pub seconds: f64,
+}
+
+/// A sink that writes into local output files.
+pub struct LocalSink<'a>(pub &'a OutputFiles);
+
+impl Sink for LocalSink<'_> {
+    fn write(&mut self, file: usize, offset: u64, data: &[u8]) -> Result<()> {
+        self.0.write_at(file, offset, data)
+    }
+    fn flush(&mut self) -> Result<()> {
+        Ok(())
+    }
+}
+
+/// Every (tensor, piece) of the layout, in layout order.
+pub fn all_tasks(catalog: &Catalog, layout: &Layout) -> Vec<Task> {
+    let mut tasks = Vec::new();
+    for (oi, t) in layout.tensors.iter().enumerate() {
+        for pi in 0..catalog.tensors[t.source].pieces.len() {
+            tasks.push(Task { out: oi, piece: pi });
+        }
+    }
+    tasks
+}
+
+/// Refuses to overwrite a model unless `force`; returns the existing model files.
+pub fn check_output(dir: &Path, stem: &str, force: bool) -> Result<Vec<String>> {
+    let existing = output::existing_model_files(dir, stem)?;
+    if !existing.is_empty() && !force {
+        return Err(CoreError::OutputExists {
+            dir: dir.to_path_buf(),
+            names: existing,
+        });
+    }
+    Ok(existing)
+}
+
+/// Saves `catalog` into `opts.output` in this process alone.
+pub fn save_local(
+    catalog: &Catalog,
+    opts: &SaveOptions,
+    written: &AtomicU64,
+) -> Result<(Layout, SaveReport)> {
+    let start = Instant::now();
+    let layout = plan_layout(catalog, &opts.layout)?;
+    let existing = check_output(&opts.output, &opts.layout.stem, opts.force)?;
+    let files = OutputFiles::create(&opts.output, &layout, &opts.tag, |_| true);
+    let files = match files {
+        Ok(f) => f,
+        Err(e) => {
+            output::remove_temps(&opts.output, &layout.final_names(), &opts.tag);
+            return Err(e);
+        }
+    };
+    let result = (|| {
+        let copy_start = Instant::now();
+        let sources = SourceFiles::new(catalog, &catalog.root);
+        let tasks = all_tasks(catalog, &layout);
+        let cancel = AtomicBool::new(false);
+        let job = CopyJob {
+            catalog,
+            layout: &layout,
+            sources: &sources,
+            tasks: &tasks,
+            opts: ExecOptions::for_budget(opts.memory_budget, opts.workers),
+        };
+        execute::run(job, &|_| 0, &|_| Ok(LocalSink(&files)), written, &cancel)?;
+        let sync_start = Instant::now();
+        files.sync()?;
+        tracing::debug!(
+            copy_s = (sync_start - copy_start).as_secs_f64(),
+            fsync_s = sync_start.elapsed().as_secs_f64(),
+            "copied and synced"
+        );
+        Ok(())
+    })();
+    if let Err(e) = result {
+        files.discard();
+        return Err(e);
+    }
+    let index = match layout.index_json() {
+        Some(json) => {
+            let name = layout.index_name().unwrap_or_default();
+            match output::write_small(&opts.output, &name, &opts.tag, json.as_bytes()) {
+                Ok(p) => Some((p, name)),
+                Err(e) => {
+                    files.discard();
+                    return Err(e);
+                }
+            }
+        }
+        None => None,
+    };
+    let replaced = finalize(&opts.output, &layout, files, index, &existing)?;
+    let mut report_files: Vec<(PathBuf, u64)> = layout
+        .files
+        .iter()
+        .map(|f| (opts.output.join(&f.name), f.size))
+        .collect();
+    if let Some(name) = layout.index_name() {
+        let p = opts.output.join(&name);
+        let size = std::fs::metadata(&p).map(|m| m.len()).unwrap_or(0);
+        report_files.push((p, size));
+    }
+    let report = SaveReport {
+        files: report_files,
+        tensors: layout.tensors.len(),
+        bytes: layout.total_size,
+        replaced,
+        seconds: start.elapsed().as_secs_f64(),
+    };
+    Ok((layout, report))
+}
+
+/// Puts a finished output in place, in an order that never shows a whole-looking mix of old
+/// and new: the old index goes first, then the new data files are renamed in, then old data
+/// files the new model does not have are removed, then the new index is renamed in.
+pub fn finalize(
+    dir: &Path,
+    layout: &Layout,
+    files: OutputFiles,
+    index: Option<(PathBuf, String)>,
+    existing: &[String],
+) -> Result<Vec<String>> {
+    let new_names = layout.final_names();
+    let mut replaced = Vec::new();
+    for old in existing.iter().filter(|n| n.ends_with(".index.json")) {
+        std::fs::remove_file(dir.join(old)).map_err(|e| CoreError::io(dir.join(old), e))?;
+        replaced.push(old.clone());
+    }
+    files.commit(layout)?;
+    for old in existing
+        .iter()
+        .filter(|n| !n.ends_with(".index.json") && !new_names.contains(n))
+    {
+        std::fs::remove_file(dir.join(old)).map_err(|e| CoreError::io(dir.join(old), e))?;
+        replaced.push(old.clone());
+    }
+    if let Some((temp, name)) = index {
+        output::commit_small(dir, &temp, &name)?;
+    }
+    output::sync_dir(dir)?;
+    Ok(replaced)
+}

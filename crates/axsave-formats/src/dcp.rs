@@ -1,0 +1,595 @@
+//! PyTorch Distributed Checkpoint (`FileSystemWriter`): `.metadata` + `__{rank}_{i}.distcp`.
+//!
+//! `.metadata` is a pickle of `torch.distributed.checkpoint.metadata.Metadata`: for every
+//! flattened name either a `TensorStorageMetadata` (dtype, global size, the chunks saved) or a
+//! `BytesStorageMetadata` (a pickled Python value, skipped here); `storage_data` maps each
+//! chunk (a `MetadataIndex` object used as a dict key) to a byte range of a `.distcp` file; and
+//! `planner_data` gives the nested path of each flat name. Each tensor chunk in a `.distcp` is a
+//! complete `torch.save` archive: its central directory and `data.pkl` say where the storage
+//! record lies and with which strides. Since torch 2.9 a save without collectives writes one
+//! `__{rank}.metadata` per rank instead of `.metadata`; they are merged.
+//!
+//! Items compressed with the `stream.zstd/1` extension (torch ≥ 2.7) are streamed once to read
+//! their directory; their pieces are then decoded on the fly by the executor.
+
+use std::collections::HashMap;
+use std::io::Read;
+use std::path::{Component, Path, PathBuf};
+
+use crate::catalog::{Catalog, Checksum, Encoding, Format, Piece, Region, SourceFile, TensorEntry};
+use crate::dtype::DType;
+use crate::error::{FormatError, Result};
+use crate::mapped::{self, Mapped};
+use crate::pickle::{self, Pickle, Value};
+use crate::torchsave::{TensorRef, TorchSave, TorchSaveError};
+use crate::zip::HeadTail;
+
+/// Largest metadata pickle accepted (a 400B-parameter model's is a few MB).
+const METADATA_LIMIT: u64 = 1 << 30;
+
+/// The one transform a DCP item may carry that axsave decodes.
+const ZSTD_DESCRIPTOR: &str = "stream.zstd/1";
+
+/// Bytes kept from each end of a compressed item while streaming it.
+const HEAD_TAIL_WINDOW: usize = 1 << 20;
+
+/// Whether `dir` looks like a DCP checkpoint (`.metadata`, or torch ≥ 2.9's `__0.metadata`).
+pub fn is_dcp(dir: &Path) -> bool {
+    dir.join(".metadata").is_file() || dir.join("__0.metadata").is_file()
+}
+
+/// One tensor's description in `.metadata`.
+#[derive(Debug, Clone)]
+struct TensorMeta {
+    dtype: DType,
+    size: Vec<u64>,
+    chunks: Vec<(Vec<u64>, Vec<u64>)>,
+}
+
+/// Where one chunk was stored.
+#[derive(Debug, Clone)]
+struct StorageInfo {
+    relative_path: String,
+    offset: u64,
+    length: u64,
+    transforms: Vec<String>,
+}
+
+/// What one metadata file holds.
+#[derive(Default)]
+struct Metadata {
+    /// Flat names in save order, with `None` for non-tensor items.
+    entries: Vec<(String, Option<TensorMeta>)>,
+    storage: HashMap<(String, Vec<u64>), StorageInfo>,
+    planner: HashMap<String, Vec<String>>,
+}
+
+/// Reads a DCP checkpoint directory into a catalog.
+pub fn read(dir: &Path) -> Result<Catalog> {
+    let meta_files = metadata_files(dir)?;
+    let mut merged = Metadata::default();
+    let mut seen: HashMap<String, usize> = HashMap::new();
+    for path in &meta_files {
+        let bytes = mapped::read_small(path, METADATA_LIMIT)?;
+        let pickle = pickle::parse(&bytes).map_err(|source| FormatError::Pickle {
+            path: path.clone(),
+            base: 0,
+            source,
+        })?;
+        let m = parse_metadata(&pickle, path)?;
+        // Per-rank metadata files (torch ≥ 2.9 without collectives) each describe the chunks
+        // that rank saved: concatenate chunk lists, keep the first order of names.
+        for (name, t) in m.entries {
+            match seen.get(&name) {
+                None => {
+                    seen.insert(name.clone(), merged.entries.len());
+                    merged.entries.push((name, t));
+                }
+                Some(&i) => {
+                    if let (Some(have), Some(t)) = (&mut merged.entries[i].1, t) {
+                        for c in t.chunks {
+                            if !have.chunks.contains(&c) {
+                                have.chunks.push(c);
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        merged.storage.extend(m.storage);
+        merged.planner.extend(m.planner);
+    }
+
+    let mut files: Vec<SourceFile> = Vec::new();
+    let mut file_index: HashMap<String, usize> = HashMap::new();
+    let mut maps: HashMap<usize, Mapped> = HashMap::new();
+    let mut tensors = Vec::new();
+    let mut skipped = Vec::new();
+    let mut notes = Vec::new();
+    let meta_path = meta_files[0].clone();
+
+    for (name, meta) in merged.entries {
+        let Some(meta) = meta else {
+            tracing::debug!(name, "skipping non-tensor item");
+            skipped.push(name);
+            continue;
+        };
+        let mut pieces = Vec::new();
+        for (offsets, sizes) in &meta.chunks {
+            if sizes.contains(&0) {
+                // Ranks holding an empty shard save nothing worth reading.
+                continue;
+            }
+            let info = merged
+                .storage
+                .get(&(name.clone(), offsets.clone()))
+                .ok_or_else(|| {
+                    FormatError::invalid(
+                        &meta_path,
+                        format!("tensor {name}: no storage entry for the chunk at {offsets:?}"),
+                    )
+                })?;
+            let file = match file_index.get(&info.relative_path) {
+                Some(&f) => f,
+                None => {
+                    let rel = safe_relative(&info.relative_path).ok_or_else(|| {
+                        FormatError::invalid(
+                            &meta_path,
+                            format!("tensor {name}: unsafe file name {:?}", info.relative_path),
+                        )
+                    })?;
+                    let path = dir.join(&rel);
+                    let map = mapped::map(&path)?;
+                    let f = files.len();
+                    files.push(SourceFile {
+                        path: rel,
+                        size: map.len() as u64,
+                    });
+                    file_index.insert(info.relative_path.clone(), f);
+                    maps.insert(f, map);
+                    f
+                }
+            };
+            let path = dir.join(&files[file].path);
+            let piece = read_item(
+                &maps[&file],
+                &path,
+                file,
+                info,
+                &name,
+                &meta,
+                offsets,
+                sizes,
+            )?;
+            pieces.push(piece);
+        }
+        let path = merged
+            .planner
+            .get(&name)
+            .cloned()
+            .unwrap_or_else(|| vec![name.clone()]);
+        let entry = TensorEntry {
+            name: name.clone(),
+            path,
+            dtype: meta.dtype,
+            shape: meta.size.clone(),
+            pieces,
+        };
+        entry
+            .check_coverage()
+            .map_err(|msg| FormatError::invalid(&meta_path, format!("tensor {name}: {msg}")))?;
+        tensors.push(entry);
+    }
+    if meta_files.len() > 1 {
+        notes.push(format!(
+            "merged {} per-rank metadata files (a save without collectives)",
+            meta_files.len()
+        ));
+    }
+    let writer_ranks = count_writer_ranks(&files).or(Some(meta_files.len()).filter(|&n| n > 1));
+    Ok(Catalog {
+        format: Format::Dcp,
+        root: dir.to_path_buf(),
+        files,
+        tensors,
+        writer_ranks,
+        skipped,
+        notes,
+    })
+}
+
+/// `.metadata`, or every `__{rank}.metadata` in rank order.
+fn metadata_files(dir: &Path) -> Result<Vec<PathBuf>> {
+    let global = dir.join(".metadata");
+    if global.is_file() {
+        return Ok(vec![global]);
+    }
+    let mut ranked = Vec::new();
+    let entries = std::fs::read_dir(dir).map_err(|e| FormatError::io(dir, e))?;
+    for e in entries {
+        let e = e.map_err(|e| FormatError::io(dir, e))?;
+        let name = e.file_name().to_string_lossy().into_owned();
+        if let Some(r) = name
+            .strip_prefix("__")
+            .and_then(|n| n.strip_suffix(".metadata"))
+            .and_then(|n| n.parse::<u64>().ok())
+        {
+            ranked.push((r, e.path()));
+        }
+    }
+    if ranked.is_empty() {
+        return Err(FormatError::NotACheckpoint {
+            path: dir.to_path_buf(),
+            why: "no .metadata file".into(),
+        });
+    }
+    ranked.sort();
+    Ok(ranked.into_iter().map(|(_, p)| p).collect())
+}
+
+/// The number of distinct ranks in `__{rank}_{i}.distcp` names.
+fn count_writer_ranks(files: &[SourceFile]) -> Option<usize> {
+    let mut ranks: Vec<u64> = files
+        .iter()
+        .filter_map(|f| {
+            let name = f.path.file_name()?.to_str()?;
+            name.strip_prefix("__")?.split('_').next()?.parse().ok()
+        })
+        .collect();
+    ranks.sort_unstable();
+    ranks.dedup();
+    (!ranks.is_empty()).then_some(ranks.len())
+}
+
+/// A relative path that stays inside the checkpoint directory.
+fn safe_relative(p: &str) -> Option<PathBuf> {
+    let path = PathBuf::from(p);
+    path.components()
+        .all(|c| matches!(c, Component::Normal(_)))
+        .then_some(path)
+}
+
+/// Reads the `torch.save` item of one chunk and returns its piece.
+#[allow(clippy::too_many_arguments)]
+fn read_item(
+    map: &Mapped,
+    path: &Path,
+    file: usize,
+    info: &StorageInfo,
+    name: &str,
+    meta: &TensorMeta,
+    offsets: &[u64],
+    sizes: &[u64],
+) -> Result<Piece> {
+    let len = map.len() as u64;
+    let end = info.offset.saturating_add(info.length);
+    if end > len {
+        return Err(FormatError::OutOfBounds {
+            path: path.to_path_buf(),
+            what: format!("the item of tensor {name} (chunk at {offsets:?})"),
+            offset: info.offset,
+            end,
+            len,
+        });
+    }
+    let item = &map[info.offset as usize..end as usize];
+    let zip_err = |e: TorchSaveError, base: u64| match e {
+        TorchSaveError::Zip(z) => FormatError::Zip {
+            path: path.to_path_buf(),
+            offset: base + z.offset,
+            msg: format!("item of tensor {name}: {}", z.msg),
+        },
+        TorchSaveError::Pickle { base: b, source } => FormatError::Pickle {
+            path: path.to_path_buf(),
+            base: base + b,
+            source,
+        },
+        other => FormatError::invalid(
+            path,
+            format!("item of tensor {name} at byte {base}: {other}"),
+        ),
+    };
+    let (save, encoding, base) = match info.transforms.as_slice() {
+        [] => (
+            TorchSave::parse(item).map_err(|e| zip_err(e, info.offset))?,
+            Encoding::Raw,
+            info.offset,
+        ),
+        [t] if t == ZSTD_DESCRIPTOR => {
+            let ht = zstd_head_tail(item).map_err(|e| {
+                FormatError::invalid(
+                    path,
+                    format!(
+                        "item of tensor {name} at byte {}: zstd stream: {e}",
+                        info.offset
+                    ),
+                )
+            })?;
+            // Offsets inside a compressed item are offsets in the decompressed stream.
+            let save = TorchSave::parse(&ht).map_err(|e| zip_err(e, 0))?;
+            (
+                save,
+                Encoding::Zstd {
+                    stream_offset: info.offset,
+                    stream_len: info.length,
+                },
+                0,
+            )
+        }
+        other => {
+            return Err(FormatError::unsupported(
+                path,
+                format!(
+                    "DCP transform {other:?} on tensor {name} (only {ZSTD_DESCRIPTOR} is known)"
+                ),
+            ));
+        }
+    };
+    let t: TensorRef = match save.tensor(save.pickle.root()) {
+        Some(Ok(t)) => t,
+        Some(Err(e)) => {
+            return Err(FormatError::unsupported(
+                path,
+                format!("item of tensor {name}: {e}"),
+            ));
+        }
+        None => {
+            return Err(FormatError::invalid(
+                path,
+                format!(
+                    "item of tensor {name} at byte {} holds {}, not a tensor",
+                    info.offset,
+                    save.pickle.describe(save.pickle.root())
+                ),
+            ));
+        }
+    };
+    if t.shape != sizes {
+        return Err(FormatError::invalid(
+            path,
+            format!(
+                "item of tensor {name}: shape {:?} differs from the chunk size {sizes:?} in .metadata",
+                t.shape
+            ),
+        ));
+    }
+    let record = save.storage(&t.storage_key).ok_or_else(|| {
+        FormatError::invalid(
+            path,
+            format!("item of tensor {name}: no record data/{}", t.storage_key),
+        )
+    })?;
+    let (first, last) = t.byte_extent();
+    if last > record.size || t.storage_nbytes > record.size {
+        return Err(FormatError::invalid(
+            path,
+            format!(
+                "item of tensor {name}: the tensor needs {last} bytes of storage data/{} but the record holds {}",
+                t.storage_key, record.size
+            ),
+        ));
+    }
+    let offset = base + record.data_offset + first;
+    // The zip's CRC covers the whole record; it can be checked when the piece reads all of it.
+    let checksum = (first == 0 && last == record.size && record.size > 0).then(|| Checksum {
+        offset: base + record.data_offset,
+        len: record.size,
+        crc32: record.crc32,
+    });
+    if t.dtype != meta.dtype {
+        tracing::debug!(name, stored = %t.dtype, declared = %meta.dtype, "chunk stored in another dtype");
+    }
+    Ok(Piece {
+        region: Region::Box {
+            offsets: offsets.to_vec(),
+            sizes: sizes.to_vec(),
+        },
+        file,
+        offset,
+        strides: t.strides.clone(),
+        stored_dtype: t.dtype,
+        encoding,
+        checksum,
+    })
+}
+
+/// Streams a zstd-compressed item once, keeping its first and last bytes.
+fn zstd_head_tail(compressed: &[u8]) -> std::io::Result<HeadTail> {
+    let mut dec = zstd::stream::read::Decoder::new(compressed)?;
+    let mut head = Vec::new();
+    let mut tail: std::collections::VecDeque<u8> = std::collections::VecDeque::new();
+    let mut buf = vec![0u8; 1 << 16];
+    let mut total = 0u64;
+    loop {
+        let n = dec.read(&mut buf)?;
+        if n == 0 {
+            break;
+        }
+        total += n as u64;
+        let chunk = &buf[..n];
+        let room = HEAD_TAIL_WINDOW.saturating_sub(head.len());
+        head.extend_from_slice(&chunk[..room.min(n)]);
+        tail.extend(chunk);
+        if tail.len() > HEAD_TAIL_WINDOW {
+            tail.drain(..tail.len() - HEAD_TAIL_WINDOW);
+        }
+    }
+    Ok(HeadTail {
+        head,
+        tail: tail.into(),
+        len: total,
+    })
+}
+
+// ---------------------------------------------------------------------------------------------
+// Typed reading of the metadata pickle.
+
+fn parse_metadata(p: &Pickle, path: &Path) -> Result<Metadata> {
+    let bad = |msg: String| FormatError::invalid(path, msg);
+    let root = p.root();
+    match p.class_of(root) {
+        Some((_, "Metadata")) => {}
+        _ => {
+            return Err(bad(format!(
+                "expected a torch.distributed.checkpoint Metadata object, found {}",
+                p.describe(root)
+            )));
+        }
+    }
+    let state = state_of(p, root).ok_or_else(|| bad("Metadata has no state".into()))?;
+    let sdm = p
+        .dict_get(state, "state_dict_metadata")
+        .and_then(|v| p.as_dict(v))
+        .ok_or_else(|| bad("Metadata.state_dict_metadata is missing".into()))?;
+    let mut out = Metadata::default();
+    for (k, v) in sdm {
+        let name = p
+            .as_str(k)
+            .ok_or_else(|| bad(format!("a state_dict_metadata key is {}", p.describe(k))))?
+            .to_string();
+        match p.class_of(v) {
+            Some((_, "TensorStorageMetadata")) => {
+                let t = tensor_meta(p, v).map_err(|m| bad(format!("tensor {name}: {m}")))?;
+                out.entries.push((name, Some(t)));
+            }
+            Some((_, "BytesStorageMetadata")) => out.entries.push((name, None)),
+            _ => {
+                return Err(bad(format!(
+                    "entry {name}: unknown storage metadata {}",
+                    p.describe(v)
+                )));
+            }
+        }
+    }
+    if let Some(sd) = p.dict_get(state, "storage_data").and_then(|v| p.as_dict(v)) {
+        for (k, v) in sd {
+            let (fqn, offset) = metadata_index(p, k).map_err(bad)?;
+            let info = storage_info(p, v).map_err(|m| bad(format!("storage of {fqn}: {m}")))?;
+            out.storage.insert((fqn, offset), info);
+        }
+    } else {
+        return Err(bad("Metadata.storage_data is missing".into()));
+    }
+    if let Some(pd) = p.dict_get(state, "planner_data").and_then(|v| p.as_dict(v)) {
+        for (k, v) in pd {
+            let (Some(fqn), Some(items)) = (p.as_str(k), p.as_sequence(v)) else {
+                continue;
+            };
+            let path: Option<Vec<String>> = items
+                .iter()
+                .map(|x| match x {
+                    Value::Str(s) => Some(s.to_string()),
+                    Value::Int(i) => Some(i.to_string()),
+                    _ => None,
+                })
+                .collect();
+            if let Some(path) = path {
+                out.planner.insert(fqn.to_string(), path);
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// The `BUILD` state of an object (its `__dict__` or `__getstate__` result).
+fn state_of<'a>(p: &'a Pickle, v: &Value) -> Option<&'a Value> {
+    p.as_object(v)?.state.as_ref()
+}
+
+/// A field of a dataclass pickled with a dict state.
+fn field<'a>(p: &'a Pickle, v: &Value, name: &str) -> Option<&'a Value> {
+    p.dict_get(state_of(p, v)?, name)
+}
+
+/// A `torch.Size` (REDUCE(Size, (tuple,))) or a plain tuple of non-negative ints.
+fn size_of(p: &Pickle, v: &Value) -> Option<Vec<u64>> {
+    let items = match p.as_sequence(v) {
+        Some(items) => items,
+        None => p.as_sequence(p.call_args(v)?.first()?)?,
+    };
+    items
+        .iter()
+        .map(|x| p.as_int(x).and_then(|i| u64::try_from(i).ok()))
+        .collect()
+}
+
+fn tensor_meta(p: &Pickle, v: &Value) -> std::result::Result<TensorMeta, String> {
+    let props = field(p, v, "properties").ok_or("no properties")?;
+    // TensorProperties pickles its state as a tuple (dtype, layout, requires_grad,
+    // memory_format, pin_memory[, strides]) through __getstate__; older releases as a dict.
+    let pstate = state_of(p, props).ok_or("properties without state")?;
+    let dtype_v = match p.as_tuple(pstate) {
+        Some(t) => t.first(),
+        None => p.dict_get(pstate, "dtype"),
+    }
+    .ok_or("properties without dtype")?;
+    let dtype = match p.global(dtype_v) {
+        Some(("torch", n)) => {
+            DType::from_torch_name(n).ok_or(format!("unsupported dtype torch.{n}"))?
+        }
+        _ => return Err(format!("dtype is {}", p.describe(dtype_v))),
+    };
+    let size = field(p, v, "size")
+        .and_then(|s| size_of(p, s))
+        .ok_or("size is not a torch.Size")?;
+    let chunks_v = field(p, v, "chunks")
+        .and_then(|c| p.as_sequence(c))
+        .ok_or("chunks is not a list")?;
+    let mut chunks = Vec::with_capacity(chunks_v.len());
+    for c in chunks_v {
+        let offsets = field(p, c, "offsets").and_then(|o| size_of(p, o));
+        let sizes = field(p, c, "sizes").and_then(|o| size_of(p, o));
+        match (offsets, sizes) {
+            (Some(o), Some(s)) if o.len() == size.len() && s.len() == size.len() => {
+                chunks.push((o, s))
+            }
+            _ => return Err("a chunk without offsets/sizes matching the tensor's rank".into()),
+        }
+    }
+    Ok(TensorMeta {
+        dtype,
+        size,
+        chunks,
+    })
+}
+
+fn metadata_index(p: &Pickle, v: &Value) -> std::result::Result<(String, Vec<u64>), String> {
+    let fqn = field(p, v, "fqn")
+        .and_then(|f| p.as_str(f))
+        .ok_or_else(|| format!("a storage_data key is {}", p.describe(v)))?;
+    // `offset` is absent (or None) for bytes items.
+    let offset = match field(p, v, "offset") {
+        None | Some(Value::None) => Vec::new(),
+        Some(o) => size_of(p, o).ok_or_else(|| format!("storage_data key {fqn}: bad offset"))?,
+    };
+    Ok((fqn.to_string(), offset))
+}
+
+fn storage_info(p: &Pickle, v: &Value) -> std::result::Result<StorageInfo, String> {
+    let relative_path = field(p, v, "relative_path")
+        .and_then(|f| p.as_str(f))
+        .ok_or("no relative_path")?
+        .to_string();
+    let int = |n: &str| {
+        field(p, v, n)
+            .and_then(|x| p.as_int(x))
+            .and_then(|i| u64::try_from(i).ok())
+            .ok_or(format!("no {n}"))
+    };
+    let transforms = match field(p, v, "transform_descriptors") {
+        None | Some(Value::None) => Vec::new(),
+        Some(t) => p
+            .as_sequence(t)
+            .ok_or("transform_descriptors is not a list")?
+            .iter()
+            .map(|x| p.as_str(x).map(str::to_string))
+            .collect::<Option<Vec<_>>>()
+            .ok_or("transform_descriptors holds a non-string")?,
+    };
+    Ok(StorageInfo {
+        relative_path,
+        offset: int("offset")?,
+        length: int("length")?,
+        transforms,
+    })
+}

@@ -1,0 +1,88 @@
+//! Finding out what a source path holds, and reading it with the right reader.
+
+use std::path::Path;
+
+use crate::catalog::Catalog;
+use crate::error::{FormatError, Result};
+use crate::{dcp, st_reader};
+
+/// What kind of checkpoint a path holds, without reading it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Detected {
+    /// DCP with `.metadata` (or per-rank metadata).
+    Dcp,
+    /// DCP's Hugging Face mode shards (in the directory itself).
+    DcpHf,
+    /// A finished safetensors model.
+    Safetensors,
+}
+
+/// Detects the format of `path` (a directory, or a single safetensors file / index).
+pub fn detect(path: &Path) -> Result<Detected> {
+    if !path.exists() {
+        return Err(FormatError::NotACheckpoint {
+            path: path.to_path_buf(),
+            why: "no such file or directory".into(),
+        });
+    }
+    if path.is_file() {
+        let name = path.to_string_lossy();
+        if name.ends_with(".safetensors") || name.ends_with(".safetensors.index.json") {
+            return Ok(Detected::Safetensors);
+        }
+        return Err(FormatError::NotACheckpoint {
+            path: path.to_path_buf(),
+            why: "a file that is neither .safetensors nor a .safetensors.index.json; give the checkpoint directory".into(),
+        });
+    }
+    if dcp::is_dcp(path) {
+        return Ok(Detected::Dcp);
+    }
+    if !st_reader::hf_shards(path)?.is_empty() {
+        return Ok(Detected::DcpHf);
+    }
+    if st_reader::model_files(path).is_ok() {
+        return Ok(Detected::Safetensors);
+    }
+    Err(FormatError::NotACheckpoint {
+        path: path.to_path_buf(),
+        why: hint(path),
+    })
+}
+
+/// Reads `path` with the reader its format needs.
+pub fn open(path: &Path) -> Result<Catalog> {
+    match detect(path)? {
+        Detected::Dcp => dcp::read(path),
+        Detected::DcpHf => st_reader::read_hf(path),
+        Detected::Safetensors => st_reader::read_model(path),
+    }
+}
+
+/// What to tell a user whose directory holds no checkpoint: the subdirectories that do.
+fn hint(dir: &Path) -> String {
+    let mut found = Vec::new();
+    if let Ok(entries) = std::fs::read_dir(dir) {
+        let mut names: Vec<_> = entries
+            .flatten()
+            .filter(|e| e.path().is_dir())
+            .map(|e| e.path())
+            .collect();
+        names.sort();
+        for sub in names {
+            let holds =
+                dcp::is_dcp(&sub) || st_reader::hf_shards(&sub).is_ok_and(|s| !s.is_empty());
+            if holds {
+                found.push(sub.display().to_string());
+            }
+        }
+    }
+    if found.is_empty() {
+        "looked for DCP (.metadata + .distcp), DCP Hugging Face shards (shard-*-model-*.safetensors) and safetensors (model.safetensors or an index)".into()
+    } else {
+        format!(
+            "it holds none itself, but these subdirectories do: {}",
+            found.join(", ")
+        )
+    }
+}

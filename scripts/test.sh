@@ -1,0 +1,41 @@
+#!/usr/bin/env bash
+# Runs every test of axsave: formatting, lints, unit tests and the end-to-end tests that run the
+# built binary as several processes. Installs what the tests need when it is missing.
+#
+# Environment:
+#   AXSAVE_TEST_PYTHON  a python with torch; enables the torch interop tests (skipped otherwise)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+need_pkgs=()
+# (system packages the tests need are added here as features arrive)
+if [ ${#need_pkgs[@]} -gt 0 ]; then
+  if [ "$(id -u)" = 0 ]; then
+    echo "==> installing ${need_pkgs[*]}"
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need_pkgs[@]}" >/dev/null
+  else
+    echo "missing packages: ${need_pkgs[*]} (run as root, or install them)" >&2
+    exit 1
+  fi
+fi
+
+echo "==> cargo fmt --check"
+cargo fmt --all -- --check
+
+echo "==> cargo clippy"
+cargo clippy --workspace --all-targets --quiet -- -D warnings
+
+echo "==> cargo test"
+log=$(mktemp)
+trap 'rm -f "$log"' EXIT
+set +e
+cargo test --workspace 2>&1 | tee "$log" | grep --line-buffered -E "^test result|^     Running|skipping"
+rc=${PIPESTATUS[0]}
+set -e
+if [ "$rc" != 0 ]; then
+  echo "==> tests FAILED" >&2
+  grep -A30 -E "^failures:|panicked|^error" "$log" | head -150 >&2 || true
+  exit 1
+fi
+passed=$(grep -Eo "[0-9]+ passed" "$log" | awk '{s+=$1} END {print s+0}')
+echo "==> all tests passed ($passed tests)"

@@ -1,0 +1,147 @@
+//! The command line, as clap derives it.
+
+use std::path::PathBuf;
+
+use axsave_core::layout::DtypeChoice;
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+/// Save the model at the end of distributed training: turn PyTorch DCP / FSDP shards, DCP's
+/// Hugging Face shards or a safetensors model into Hugging Face safetensors, in one streaming
+/// pass with bounded memory.
+///
+/// The output is `model.safetensors`, or `model-0000i-of-0000N.safetensors` shards plus
+/// `model.safetensors.index.json` when it exceeds --max-shard-size. Files are written under
+/// temporary names and renamed into place only when everything succeeded.
+#[derive(Parser, Debug)]
+#[command(
+    name = "axsave",
+    version,
+    args_conflicts_with_subcommands = true,
+    subcommand_negates_reqs = true,
+    after_help = "Examples:\n  \
+        axsave --source out/checkpoint-500/pytorch_model_fsdp_0 --output out/final\n  \
+        axsave --source ckpt --output final --dtype bf16 --max-shard-size 2GB\n  \
+        axsave inspect out/checkpoint-500/pytorch_model_fsdp_0\n  \
+        axsave verify --source ckpt --output final\n\n\
+        Exit codes: 0 success, 1 failure, 2 bad usage. Logs go to stderr; RUST_LOG=debug shows more."
+)]
+pub struct Cli {
+    /// What to do; without a subcommand, axsave saves.
+    #[command(subcommand)]
+    pub command: Option<Command>,
+
+    /// Save options (the default command).
+    #[command(flatten)]
+    pub save: SaveArgs,
+}
+
+/// Subcommands.
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Describe a checkpoint: format, writer ranks, every tensor with its pieces.
+    ///
+    /// Example: axsave inspect out/checkpoint-500/pytorch_model_fsdp_0 --json
+    Inspect(InspectArgs),
+    /// Re-read a checkpoint and a saved output and compare every tensor's bytes.
+    ///
+    /// Each output tensor is rebuilt from the source (converted to the output's dtype where
+    /// the output has another one) and compared byte for byte; the index is checked too. Exits
+    /// 1 naming the first mismatch.
+    ///
+    /// Example: axsave verify --source ckpt --output final
+    Verify(VerifyArgs),
+}
+
+/// Options of a save.
+#[derive(Args, Debug, Clone)]
+pub struct SaveArgs {
+    /// Checkpoint directory: DCP (`.metadata` + `*.distcp`, e.g. `pytorch_model_fsdp_0`),
+    /// DCP Hugging Face shards (`shard-*-model-*.safetensors`), or a safetensors model (a
+    /// directory, a `.safetensors` file or an index).
+    #[arg(long, value_name = "DIR", required = true)]
+    pub source: Option<PathBuf>,
+
+    /// Directory to write the model into (created if missing).
+    #[arg(long, value_name = "DIR", required = true)]
+    pub output: Option<PathBuf>,
+
+    /// Dtype of floating tensors in the output; integer and bool tensors always keep theirs.
+    /// `bf16`/`fp16` round to nearest even exactly as torch's `.to()` does.
+    #[arg(long, value_enum, default_value = "keep")]
+    pub dtype: DtypeArg,
+
+    /// Largest output file before the model is split into shards plus an index. Decimal units
+    /// as transformers reads them (KB, MB, GB = powers of 1000; KiB, MiB, GiB = powers of 1024).
+    #[arg(long, value_name = "SIZE", default_value = "5GB")]
+    pub max_shard_size: String,
+
+    /// Memory the copy buffers may use; peak memory stays near this whatever the model size.
+    #[arg(long, value_name = "SIZE", default_value = "256MiB")]
+    pub memory_budget: String,
+
+    /// Replace a model already in the output directory (files of an older save that the new
+    /// one does not have are removed once the new one is in place).
+    #[arg(long)]
+    pub force: bool,
+
+    /// Worker threads for the copy (default: the number of CPUs, at most 8).
+    #[arg(long, value_name = "N")]
+    pub workers: Option<usize>,
+
+    /// No progress display; only warnings and errors.
+    #[arg(long, short)]
+    pub quiet: bool,
+
+    /// Print a JSON summary on stdout when done.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// `--dtype` values.
+#[derive(ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DtypeArg {
+    /// Keep every tensor's dtype.
+    Keep,
+    /// bfloat16.
+    Bf16,
+    /// float16.
+    Fp16,
+    /// float32.
+    Fp32,
+}
+
+impl From<DtypeArg> for DtypeChoice {
+    fn from(d: DtypeArg) -> Self {
+        match d {
+            DtypeArg::Keep => DtypeChoice::Keep,
+            DtypeArg::Bf16 => DtypeChoice::Bf16,
+            DtypeArg::Fp16 => DtypeChoice::Fp16,
+            DtypeArg::Fp32 => DtypeChoice::Fp32,
+        }
+    }
+}
+
+/// `axsave inspect`.
+#[derive(Args, Debug)]
+pub struct InspectArgs {
+    /// The checkpoint directory (or safetensors file / index).
+    #[arg(value_name = "DIR")]
+    pub source: PathBuf,
+    /// Print JSON instead of a table.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// `axsave verify`.
+#[derive(Args, Debug)]
+pub struct VerifyArgs {
+    /// The checkpoint the output was made from.
+    #[arg(long, value_name = "DIR")]
+    pub source: PathBuf,
+    /// The directory holding the saved model.
+    #[arg(long, value_name = "DIR")]
+    pub output: PathBuf,
+    /// Memory the comparison buffers may use.
+    #[arg(long, value_name = "SIZE", default_value = "256MiB")]
+    pub memory_budget: String,
+}

@@ -1,0 +1,226 @@
+//! The subcommands, each a thin layer over the library crates.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::AtomicU64;
+
+use anyhow::{Context, Result};
+use axsave_core::layout::LayoutOptions;
+use axsave_core::save::{SaveOptions, save_local};
+use axsave_core::size::{human, parse_size};
+use axsave_formats::detect;
+
+use crate::cli::{InspectArgs, SaveArgs, VerifyArgs};
+use crate::progress::Progress;
+
+/// A mistake in how axsave was called (exit code 2).
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct UsageError(pub String);
+
+fn size_arg(flag: &str, value: &str) -> Result<u64> {
+    parse_size(value).map_err(|e| UsageError(format!("{flag}: {e}")).into())
+}
+
+fn default_workers() -> usize {
+    std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(2)
+        .clamp(2, 8)
+}
+
+/// A short random tag for temporary file names.
+fn run_tag() -> String {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.subsec_nanos())
+        .unwrap_or(0);
+    format!("{:x}{:04x}", std::process::id(), nanos & 0xffff)
+}
+
+/// The default command.
+pub fn save(a: &SaveArgs) -> Result<()> {
+    let source: PathBuf = a
+        .source
+        .clone()
+        .ok_or_else(|| UsageError("--source is required".into()))?;
+    let output: PathBuf = a
+        .output
+        .clone()
+        .ok_or_else(|| UsageError("--output is required".into()))?;
+    let opts = SaveOptions {
+        output: output.clone(),
+        layout: LayoutOptions {
+            dtype: a.dtype.into(),
+            max_shard_size: size_arg("--max-shard-size", &a.max_shard_size)?,
+            min_files: 1,
+            stem: "model".into(),
+        },
+        memory_budget: size_arg("--memory-budget", &a.memory_budget)?,
+        force: a.force,
+        workers: a.workers.unwrap_or_else(default_workers),
+        tag: run_tag(),
+    };
+    let catalog = detect::open(&source)?;
+    tracing::info!(
+        "{}: {} ({} tensors, {}{})",
+        source.display(),
+        catalog.format,
+        catalog.tensors.len(),
+        human(catalog.total_bytes()),
+        catalog
+            .writer_ranks
+            .map(|r| format!(", written by {r} ranks"))
+            .unwrap_or_default()
+    );
+    for n in &catalog.notes {
+        tracing::info!("{n}");
+    }
+    let counter = Arc::new(AtomicU64::new(0));
+    let progress = Progress::start(counter.clone(), catalog.total_bytes(), a.quiet);
+    let result = save_local(&catalog, &opts, &counter);
+    progress.finish();
+    let (layout, report) = result?;
+    if !layout.left_out.is_empty() {
+        tracing::info!(
+            "left out {} tensors outside the `model` entry (e.g. {})",
+            layout.left_out.len(),
+            layout.left_out[0]
+        );
+    }
+    for r in &report.replaced {
+        tracing::info!("removed {r} of the model this save replaced");
+    }
+    tracing::info!(
+        "wrote {} tensors, {} in {} file{} to {} in {:.2}s ({}/s)",
+        report.tensors,
+        human(report.bytes),
+        layout.files.len(),
+        if layout.files.len() == 1 { "" } else { "s" },
+        output.display(),
+        report.seconds,
+        human((report.bytes as f64 / report.seconds.max(1e-9)) as u64)
+    );
+    if a.json {
+        let summary = serde_json::json!({
+            "output": output,
+            "files": report.files.iter().map(|(p, s)| serde_json::json!({"path": p, "size": s})).collect::<Vec<_>>(),
+            "tensors": report.tensors,
+            "bytes": report.bytes,
+            "dtype": opts.layout.dtype.as_str(),
+            "format": catalog.format.to_string(),
+            "seconds": report.seconds,
+        });
+        println!("{}", serde_json::to_string_pretty(&summary)?);
+    }
+    Ok(())
+}
+
+/// `axsave inspect`.
+pub fn inspect(a: &InspectArgs) -> Result<()> {
+    let c = detect::open(&a.source)?;
+    if a.json {
+        let tensors: Vec<_> = c
+            .tensors
+            .iter()
+            .map(|t| {
+                serde_json::json!({
+                    "name": t.name,
+                    "dtype": t.dtype,
+                    "shape": t.shape,
+                    "bytes": t.nbytes(),
+                    "pieces": t.pieces.iter().map(|p| serde_json::json!({
+                        "region": p.region,
+                        "file": c.files[p.file].path,
+                        "offset": p.offset,
+                        "strides": p.strides,
+                        "stored_dtype": p.stored_dtype,
+                    })).collect::<Vec<_>>(),
+                })
+            })
+            .collect();
+        let v = serde_json::json!({
+            "format": c.format,
+            "format_name": c.format.to_string(),
+            "writer_ranks": c.writer_ranks,
+            "files": c.files,
+            "total_bytes": c.total_bytes(),
+            "tensors": tensors,
+            "skipped": c.skipped,
+            "notes": c.notes,
+        });
+        println!("{}", serde_json::to_string_pretty(&v)?);
+        return Ok(());
+    }
+    println!("format:       {}", c.format);
+    if let Some(r) = c.writer_ranks {
+        println!("written by:   {r} ranks");
+    }
+    println!("files:        {}", c.files.len());
+    println!("tensors:      {}", c.tensors.len());
+    println!(
+        "total:        {} ({} bytes)",
+        human(c.total_bytes()),
+        c.total_bytes()
+    );
+    if !c.skipped.is_empty() {
+        println!(
+            "non-tensors:  {} skipped ({})",
+            c.skipped.len(),
+            c.skipped.join(", ")
+        );
+    }
+    for n in &c.notes {
+        println!("note:         {n}");
+    }
+    println!();
+    let width = c
+        .tensors
+        .iter()
+        .map(|t| t.name.len())
+        .max()
+        .unwrap_or(4)
+        .max(4);
+    println!(
+        "{:<width$}  {:<7}  {:<20}  {:>6}  {:>12}",
+        "name", "dtype", "shape", "pieces", "bytes"
+    );
+    for t in &c.tensors {
+        println!(
+            "{:<width$}  {:<7}  {:<20}  {:>6}  {:>12}",
+            t.name,
+            t.dtype.to_string(),
+            format!("{:?}", t.shape),
+            t.pieces.len(),
+            t.nbytes()
+        );
+    }
+    Ok(())
+}
+
+/// `axsave verify`.
+pub fn verify(a: &VerifyArgs) -> Result<()> {
+    let budget = size_arg("--memory-budget", &a.memory_budget)?;
+    let c = detect::open(&a.source)?;
+    let r = axsave_core::verify::verify(&c, &a.output, budget, default_workers()).with_context(
+        || {
+            format!(
+                "{} does not match {}",
+                a.output.display(),
+                a.source.display()
+            )
+        },
+    )?;
+    tracing::info!(
+        "ok: {} tensors in {} files match the source ({}{})",
+        r.tensors,
+        r.files,
+        human(r.bytes),
+        if r.converted > 0 {
+            format!(", {} converted before comparing", r.converted)
+        } else {
+            String::new()
+        }
+    );
+    Ok(())
+}

@@ -1,0 +1,241 @@
+//! Damaged or hostile inputs: a clear error naming the file, exit code 1, nothing written.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+
+use common::*;
+
+/// A writable copy of a fixture checkpoint.
+fn copy_of(name: &str) -> (tempfile::TempDir, PathBuf) {
+    let t = tempfile::tempdir().unwrap();
+    let dst = t.path().join("ckpt");
+    copy_dir(&fixture(&format!("dcp/{name}/checkpoint")), &dst);
+    (t, dst)
+}
+
+/// Runs a save that must fail; returns stderr after checking exit code 1 and an empty output.
+fn must_fail(source: &Path) -> String {
+    let out = tempfile::tempdir().unwrap();
+    let o = axsave(&["--source", s(source), "--output", s(out.path()), "-q"]);
+    let err = stderr(&o);
+    assert_eq!(
+        o.status.code(),
+        Some(1),
+        "expected failure, got {:?}: {err}",
+        o.status
+    );
+    assert!(!err.contains("panicked"), "panic: {err}");
+    assert_no_output(out.path());
+    err
+}
+
+fn first_distcp(dir: &Path) -> PathBuf {
+    let mut v: Vec<PathBuf> = std::fs::read_dir(dir)
+        .unwrap()
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| p.extension().is_some_and(|e| e == "distcp"))
+        .collect();
+    v.sort();
+    v.remove(0)
+}
+
+#[test]
+fn truncated_distcp() {
+    let (_t, ckpt) = copy_of("fsdp_w2");
+    let f = first_distcp(&ckpt);
+    let len = std::fs::metadata(&f).unwrap().len();
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&f)
+        .unwrap()
+        .set_len(len / 2)
+        .unwrap();
+    let err = must_fail(&ckpt);
+    assert!(err.contains("__0_0.distcp"), "{err}");
+    assert!(err.contains("past the end of the file"), "{err}");
+}
+
+#[test]
+fn damaged_central_directory() {
+    let (_t, ckpt) = copy_of("fsdp_w2");
+    let f = first_distcp(&ckpt);
+    let mut data = std::fs::read(&f).unwrap();
+    // Every central directory record signature of every item.
+    let mut n = 0;
+    for i in 0..data.len() - 4 {
+        if data[i..i + 4] == [0x50, 0x4b, 0x01, 0x02] {
+            data[i + 3] = 0x09;
+            n += 1;
+        }
+    }
+    assert!(n > 0);
+    std::fs::write(&f, &data).unwrap();
+    let err = must_fail(&ckpt);
+    assert!(
+        err.contains("__0_0.distcp") && err.contains("damaged zip archive at byte"),
+        "{err}"
+    );
+}
+
+#[test]
+fn missing_data_file() {
+    let (_t, ckpt) = copy_of("fsdp_w2");
+    std::fs::remove_file(ckpt.join("__1_0.distcp")).unwrap();
+    let err = must_fail(&ckpt);
+    assert!(err.contains("__1_0.distcp"), "{err}");
+}
+
+#[test]
+fn unknown_opcode_in_metadata() {
+    let (_t, ckpt) = copy_of("fsdp_w2");
+    let meta = ckpt.join(".metadata");
+    let mut data = std::fs::read(&meta).unwrap();
+    // PROTO 4 (2 bytes) + FRAME (9 bytes): byte 11 is the first real opcode.
+    assert_eq!(&data[..3], &[0x80, 0x04, 0x95]);
+    data[11] = 0xff;
+    std::fs::write(&meta, &data).unwrap();
+    let err = must_fail(&ckpt);
+    assert!(
+        err.contains(".metadata") && err.contains("byte 11") && err.contains("unknown opcode 0xff"),
+        "{err}"
+    );
+}
+
+#[test]
+fn metadata_that_is_not_dcp_metadata() {
+    let (_t, ckpt) = copy_of("fsdp_w2");
+    // A pickle that would run os.system("...") if anything executed it.
+    std::fs::write(
+        ckpt.join(".metadata"),
+        b"\x80\x02cos\nsystem\nq\x00X\x0c\x00\x00\x00touch /tmp/xq\x01\x85q\x02Rq\x03.",
+    )
+    .unwrap();
+    let err = must_fail(&ckpt);
+    assert!(
+        err.contains(
+            "expected a torch.distributed.checkpoint Metadata object, found os.system(...)"
+        ),
+        "{err}"
+    );
+}
+
+#[test]
+fn damaged_tensor_bytes_are_detected_by_the_zip_crc() {
+    let (_t, ckpt) = copy_of("demo_w4");
+    let f = first_distcp(&ckpt);
+    let mut data = std::fs::read(&f).unwrap();
+    // Flip a bit in the middle of the largest tensor data (not the structure).
+    let mid = data.len() / 3;
+    data[mid] ^= 0x10;
+    std::fs::write(&f, &data).unwrap();
+    let err = must_fail(&ckpt);
+    assert!(
+        err.contains("__0_0.distcp") && err.contains("damaged (crc32"),
+        "{err}"
+    );
+}
+
+/// A safetensors file with a hand-written header (the damage is the point).
+fn write_safetensors(path: &Path, header: &str, data_len: usize) {
+    let mut b = (header.len() as u64).to_le_bytes().to_vec();
+    b.extend_from_slice(header.as_bytes());
+    b.resize(b.len() + data_len, 0);
+    std::fs::write(path, b).unwrap();
+}
+
+#[test]
+fn safetensors_headers_that_lie() {
+    let cases = [
+        // Overlapping offsets.
+        (
+            r#"{"a":{"dtype":"F32","shape":[2],"data_offsets":[0,8]},"b":{"dtype":"F32","shape":[2],"data_offsets":[4,12]}}"#,
+            12,
+            "invalid offset",
+        ),
+        // Past the end of the file.
+        (
+            r#"{"a":{"dtype":"F32","shape":[4],"data_offsets":[0,16]}}"#,
+            8,
+            "do not match the file's length",
+        ),
+        // A shape whose byte size overflows.
+        (
+            r#"{"a":{"dtype":"F32","shape":[4611686018427387904,8],"data_offsets":[0,8]}}"#,
+            8,
+            "header",
+        ),
+        // Not JSON.
+        ("{not json", 0, "header"),
+    ];
+    for (header, data_len, want) in cases {
+        let t = tempfile::tempdir().unwrap();
+        let f = t.path().join("model.safetensors");
+        write_safetensors(&f, header, data_len);
+        let err = must_fail(&f);
+        assert!(err.contains("model.safetensors"), "{err}");
+        assert!(err.to_lowercase().contains(want), "{header}: {err}");
+    }
+    // A header length larger than the file.
+    let t = tempfile::tempdir().unwrap();
+    let f = t.path().join("model.safetensors");
+    std::fs::write(&f, u64::MAX.to_le_bytes()).unwrap();
+    let err = must_fail(&f);
+    assert!(err.contains("model.safetensors"), "{err}");
+}
+
+#[test]
+fn not_a_checkpoint_points_to_subdirectories() {
+    let t = tempfile::tempdir().unwrap();
+    copy_dir(
+        &fixture("dcp/fsdp_w2/checkpoint"),
+        &t.path().join("pytorch_model_fsdp_0"),
+    );
+    let err = must_fail(t.path());
+    assert!(err.contains("pytorch_model_fsdp_0"), "{err}");
+}
+
+#[test]
+fn existing_model_is_refused_without_force() {
+    let out = tempfile::tempdir().unwrap();
+    let src = fixture("dcp/fsdp_w2/checkpoint");
+    std::fs::write(out.path().join("model.safetensors"), b"old").unwrap();
+    let o = axsave(&["--source", s(&src), "--output", s(out.path()), "-q"]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(stderr(&o).contains("--force"), "{}", stderr(&o));
+    assert_eq!(
+        std::fs::read(out.path().join("model.safetensors")).unwrap(),
+        b"old"
+    );
+    assert_eq!(listing(out.path()), ["model.safetensors"]);
+
+    // --force replaces it, and removes the shards of an older sharded save.
+    std::fs::write(out.path().join("model-00001-of-00002.safetensors"), b"old").unwrap();
+    std::fs::write(out.path().join("model.safetensors.index.json"), b"{}").unwrap();
+    std::fs::write(out.path().join("notes.txt"), b"mine").unwrap();
+    assert_ok(&axsave(&[
+        "--source",
+        s(&src),
+        "--output",
+        s(out.path()),
+        "-q",
+        "--force",
+    ]));
+    assert_eq!(listing(out.path()), ["model.safetensors", "notes.txt"]);
+    assert_eq!(
+        std::fs::read(out.path().join("model.safetensors")).unwrap(),
+        std::fs::read(fixture("dcp/fsdp_w2/reference.safetensors")).unwrap()
+    );
+}
+
+#[test]
+fn bad_usage_exits_2() {
+    let o = axsave(&["--source", "x"]);
+    assert_eq!(o.status.code(), Some(2));
+    let o = axsave(&["--source", "x", "--output", "y", "--max-shard-size", "5XB"]);
+    assert_eq!(o.status.code(), Some(2));
+    assert!(stderr(&o).contains("--max-shard-size"), "{}", stderr(&o));
+    let o = axsave(&["--source", "x", "--output", "y", "--dtype", "int4"]);
+    assert_eq!(o.status.code(), Some(2));
+}

@@ -1,0 +1,143 @@
+//! Helpers shared by the end-to-end tests: run the built binary, find fixtures, read outputs.
+#![allow(dead_code)]
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+/// The built `axsave` binary.
+pub fn bin() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_axsave"))
+}
+
+/// A path under tests/fixtures.
+pub fn fixture(rel: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures")
+        .join(rel)
+}
+
+/// Runs axsave with `args`; stderr is kept for assertions.
+pub fn axsave(args: &[&str]) -> Output {
+    let mut c = Command::new(bin());
+    c.args(args);
+    c.env_remove("RUST_LOG");
+    // A clean environment: no launcher variables leak from whoever runs the tests.
+    for (k, _) in std::env::vars() {
+        if k.starts_with("SLURM_")
+            || k.starts_with("OMPI_")
+            || k.starts_with("PMI")
+            || k.starts_with("TORCHELASTIC")
+            || [
+                "RANK",
+                "WORLD_SIZE",
+                "LOCAL_RANK",
+                "MASTER_ADDR",
+                "MASTER_PORT",
+            ]
+            .contains(&k.as_str())
+        {
+            c.env_remove(k);
+        }
+    }
+    c.output().expect("run axsave")
+}
+
+/// A path as the `&str` the helpers take (test paths are UTF-8).
+pub fn s(p: &Path) -> &str {
+    p.to_str().expect("UTF-8 test path")
+}
+
+/// stderr as text.
+pub fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+/// Asserts success, printing stderr if not.
+pub fn assert_ok(o: &Output) {
+    assert!(
+        o.status.success(),
+        "axsave failed ({:?}):\n{}",
+        o.status.code(),
+        stderr(o)
+    );
+}
+
+/// Every tensor of a safetensors model (file, index or directory): name → (dtype, shape, bytes).
+pub fn tensors(path: &Path) -> BTreeMap<String, (String, Vec<usize>, Vec<u8>)> {
+    let files: Vec<PathBuf> = if path.is_dir() {
+        let index = path.join("model.safetensors.index.json");
+        if index.exists() {
+            let v: serde_json::Value =
+                serde_json::from_slice(&std::fs::read(&index).unwrap()).unwrap();
+            let mut names: Vec<String> = v["weight_map"]
+                .as_object()
+                .unwrap()
+                .values()
+                .map(|f| f.as_str().unwrap().to_string())
+                .collect();
+            names.sort();
+            names.dedup();
+            names.into_iter().map(|n| path.join(n)).collect()
+        } else {
+            vec![path.join("model.safetensors")]
+        }
+    } else {
+        vec![path.to_path_buf()]
+    };
+    let mut out = BTreeMap::new();
+    for f in files {
+        let bytes = std::fs::read(&f).unwrap_or_else(|e| panic!("{}: {e}", f.display()));
+        let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+        for (name, view) in st.tensors() {
+            let prev = out.insert(
+                name.clone(),
+                (
+                    format!("{:?}", view.dtype()),
+                    view.shape().to_vec(),
+                    view.data().to_vec(),
+                ),
+            );
+            assert!(prev.is_none(), "{name} twice");
+        }
+    }
+    out
+}
+
+/// Names in `dir` (sorted).
+pub fn listing(dir: &Path) -> Vec<String> {
+    let mut v: Vec<String> = match std::fs::read_dir(dir) {
+        Ok(e) => e
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .collect(),
+        Err(_) => Vec::new(),
+    };
+    v.sort();
+    v
+}
+
+/// Asserts that `dir` holds no model-looking file and no temporary.
+pub fn assert_no_output(dir: &Path) {
+    let names = listing(dir);
+    assert!(
+        names
+            .iter()
+            .all(|n| !n.contains("safetensors") && !n.contains("axsave")),
+        "output left behind: {names:?}"
+    );
+}
+
+/// Copies a directory tree (fixtures are read-only inputs; damaged copies go to temp dirs).
+pub fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for e in std::fs::read_dir(from).unwrap().flatten() {
+        let p = e.path();
+        let t = to.join(e.file_name());
+        if p.is_dir() {
+            copy_dir(&p, &t);
+        } else {
+            std::fs::copy(&p, &t).unwrap();
+        }
+    }
+}
