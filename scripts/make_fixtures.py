@@ -10,7 +10,7 @@ NAME is a fixture or a group (default: all):
     dcp/fsdp_w1 fsdp_w2 fsdp_w3 fsdp_w4 fsdp_w8   group "fsdp"
     dcp/hf_w2 zstd_w2 per_rank_meta_w2 demo_w4
     dcp/torch24_w2 torch27_w2 torch215_w2         group "versions"
-    torchsave  pickle  safetensors  convert       ("convert" runs scripts/fixtures/convert.py's
+    torchsave  pickle  safetensors  convert  variants  ("convert" runs scripts/fixtures/convert.py's
                                                    generate(out / "convert") when that file exists)
     group "dcp" = every dcp/ fixture
 A fixture's directory is deleted and rewritten, so reruns overwrite cleanly. Values are fixed: numpy
@@ -74,7 +74,7 @@ DCP_JOBS = {
     "torch215_w2": ("t215", ["--kind", "fsdp", "--world", "2"]),
     "demo_w4": (None, ["--kind", "demo", "--world", "4"]),
 }
-OTHER_JOBS = ["torchsave", "pickle", "safetensors", "convert"]
+OTHER_JOBS = ["torchsave", "pickle", "safetensors", "convert", "variants"]
 GROUPS = {
     "fsdp": [k for k in DCP_JOBS if k.startswith("fsdp_")],
     "versions": ["torch24_w2", "torch27_w2", "torch215_w2"],
@@ -196,13 +196,15 @@ def main():
                 mod = importlib.util.module_from_spec(spec)
                 sys.modules["fixtures.convert"] = mod
                 spec.loader.exec_module(mod)
-                if hasattr(mod, "generate"):
-                    mod.generate(out_root / "convert")
-                else:
-                    mod.make(out_root, log)
+                mod.generate(out_root / "convert")
                 status[job] = "ok"
             else:
-                module = {"torchsave": "torchsave", "pickle": "pickles", "safetensors": "safetensors_models"}[job]
+                module = {
+                    "torchsave": "torchsave",
+                    "pickle": "pickles",
+                    "safetensors": "safetensors_models",
+                    "variants": "variants",
+                }[job]
                 mod = __import__(f"fixtures.{module}", fromlist=["make"])
                 mod.make(out_root, log)
                 status[job] = "ok"

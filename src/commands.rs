@@ -70,7 +70,7 @@ pub fn save(a: &SaveArgs) -> Result<()> {
         human(catalog.total_bytes()),
         catalog
             .writer_ranks
-            .map(|r| format!(", written by {r} ranks"))
+            .map(|r| format!(", written by {r} rank{}", if r == 1 { "" } else { "s" }))
             .unwrap_or_default()
     );
     for n in &catalog.notes {
@@ -154,7 +154,7 @@ pub fn inspect(a: &InspectArgs) -> Result<()> {
     }
     println!("format:       {}", c.format);
     if let Some(r) = c.writer_ranks {
-        println!("written by:   {r} ranks");
+        println!("written by:   {r} rank{}", if r == 1 { "" } else { "s" });
     }
     println!("files:        {}", c.files.len());
     println!("tensors:      {}", c.tensors.len());
@@ -212,9 +212,10 @@ pub fn verify(a: &VerifyArgs) -> Result<()> {
         },
     )?;
     tracing::info!(
-        "ok: {} tensors in {} files match the source ({}{})",
+        "ok: {} tensors in {} file{} match the source ({}{})",
         r.tensors,
         r.files,
+        if r.files == 1 { "" } else { "s" },
         human(r.bytes),
         if r.converted > 0 {
             format!(", {} converted before comparing", r.converted)

@@ -108,3 +108,137 @@ fn safetensors_inputs_reshard() {
         assert!(got == want, "{name}: output differs from the reference");
     }
 }
+
+#[test]
+fn torch_2_7() {
+    save_matches_reference("torch27_w2", &[]);
+}
+
+/// `--dtype` output is byte-identical to torch's own `.to()` of the floating tensors, saved by
+/// safetensors.
+#[test]
+fn dtype_conversions_match_torch() {
+    for dtype in ["bf16", "fp16", "fp32"] {
+        let out = tempfile::tempdir().unwrap();
+        let ckpt = fixture("dcp/fsdp_w2/checkpoint");
+        assert_ok(&axsave(&[
+            "--source",
+            s(&ckpt),
+            "--output",
+            s(out.path()),
+            "-q",
+            "--dtype",
+            dtype,
+        ]));
+        let got = out.path().join("model.safetensors");
+        let want = fixture(&format!("dcp/fsdp_w2/reference_{dtype}.safetensors"));
+        let (g, w) = (tensors(&got), tensors(&want));
+        for (k, v) in &w {
+            assert_eq!(&g[k], v, "--dtype {dtype}: tensor {k}");
+        }
+        assert!(
+            std::fs::read(&got).unwrap() == std::fs::read(&want).unwrap(),
+            "--dtype {dtype}: files differ"
+        );
+        // verify converts the source the same way before comparing.
+        assert_ok(&axsave(&[
+            "verify",
+            "--source",
+            s(&ckpt),
+            "--output",
+            s(out.path()),
+        ]));
+    }
+}
+
+/// `--max-shard-size` splits as huggingface_hub's `save_torch_state_dict` does (the splitter
+/// transformers uses): the same shards byte for byte, and the same index content.
+#[test]
+fn sharding_matches_huggingface_hub() {
+    let out = tempfile::tempdir().unwrap();
+    let ckpt = fixture("dcp/fsdp_w2/checkpoint");
+    let want = fixture("dcp/fsdp_w2/sharded_1KB");
+    assert_ok(&axsave(&[
+        "--source",
+        s(&ckpt),
+        "--output",
+        s(out.path()),
+        "-q",
+        "--max-shard-size",
+        "1KB",
+    ]));
+    assert_eq!(listing(out.path()), listing(&want));
+    for name in listing(&want) {
+        let (g, w) = (out.path().join(&name), want.join(&name));
+        if name.ends_with(".json") {
+            let gj: serde_json::Value =
+                serde_json::from_slice(&std::fs::read(&g).unwrap()).unwrap();
+            let wj: serde_json::Value =
+                serde_json::from_slice(&std::fs::read(&w).unwrap()).unwrap();
+            assert_eq!(gj, wj, "index");
+            // transformers' formatting: indent 2, sorted keys, trailing newline.
+            let text = std::fs::read_to_string(&g).unwrap();
+            assert!(
+                text.ends_with("}\n") && text.contains("\n  \"metadata\": {\n    \"total_size\""),
+                "{text}"
+            );
+        } else {
+            assert!(
+                std::fs::read(&g).unwrap() == std::fs::read(&w).unwrap(),
+                "{name} differs"
+            );
+        }
+    }
+    assert_ok(&axsave(&[
+        "verify",
+        "--source",
+        s(&ckpt),
+        "--output",
+        s(out.path()),
+    ]));
+    // A damaged shard is caught by verify, naming the tensor.
+    let shard = out.path().join("model-00002-of-00002.safetensors");
+    let mut b = std::fs::read(&shard).unwrap();
+    let n = b.len();
+    b[n - 3] ^= 1;
+    std::fs::write(&shard, b).unwrap();
+    let o = axsave(&["verify", "--source", s(&ckpt), "--output", s(out.path())]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(
+        stderr(&o).contains("differs from the source at element"),
+        "{}",
+        stderr(&o)
+    );
+}
+
+/// `inspect --json` describes the checkpoint as torch wrote it.
+#[test]
+fn inspect_reports_the_checkpoint() {
+    let ckpt = fixture("dcp/fsdp_w4/checkpoint");
+    let o = axsave(&["inspect", s(&ckpt), "--json"]);
+    assert_ok(&o);
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    let expected: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(fixture("dcp/fsdp_w4/expected.json")).unwrap())
+            .unwrap();
+    assert_eq!(v["format"], "dcp");
+    assert_eq!(v["writer_ranks"], expected["writer_ranks"]);
+    assert_eq!(v["skipped"], expected["skipped"]);
+    let n = expected["tensors"].as_object().unwrap().len();
+    assert_eq!(v["tensors"].as_array().unwrap().len(), n);
+    for t in v["tensors"].as_array().unwrap() {
+        let name = t["name"].as_str().unwrap();
+        let clean = name.strip_prefix("model.").unwrap();
+        let clean: String = clean
+            .split('.')
+            .filter(|s| !s.starts_with('_'))
+            .collect::<Vec<_>>()
+            .join(".");
+        let e = &expected["tensors"][&clean];
+        assert_eq!(t["dtype"], e["dtype"], "{name}");
+        assert_eq!(t["shape"], e["shape"], "{name}");
+    }
+    let text = axsave(&["inspect", s(&ckpt)]);
+    assert_ok(&text);
+    assert!(String::from_utf8_lossy(&text.stdout).contains("written by:   4 ranks"));
+}
