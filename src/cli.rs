@@ -21,6 +21,8 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
     after_help = "Examples:\n  \
         axsave --source out/checkpoint-500/pytorch_model_fsdp_0 --output out/final\n  \
         axsave --source ckpt --output final --dtype bf16 --max-shard-size 2GB\n  \
+        torchrun --nproc-per-node 8 --no-python axsave --source ckpt --output final\n  \
+        srun axsave --source /scratch/{node_rank}/ckpt --output /shared/final --mode sharded\n  \
         axsave inspect out/checkpoint-500/pytorch_model_fsdp_0\n  \
         axsave verify --source ckpt --output final\n\n\
         Exit codes: 0 success, 1 failure, 2 bad usage. Logs go to stderr; RUST_LOG=debug shows more."
@@ -84,6 +86,27 @@ pub struct SaveArgs {
     #[arg(long)]
     pub force: bool,
 
+    /// How the ranks share the work when several processes run (torchrun, srun, mpirun,
+    /// `axsave launch`): `gather` has rank 0 write every file, receiving over the network only
+    /// the pieces it cannot read itself; `sharded` splits the output into at least one file per
+    /// rank, each written by one rank in parallel into a directory every rank shares.
+    #[arg(long, value_enum, default_value = "gather")]
+    pub mode: ModeArg,
+
+    /// How pieces travel between ranks: `auto` or `tcp` (direct connections between ranks;
+    /// the rendezvous goes through PyTorch's TCPStore protocol at MASTER_ADDR:MASTER_PORT).
+    #[arg(long, value_enum, default_value = "auto")]
+    pub transport: TransportArg,
+
+    /// Seconds a rank may go unheard before the others give up (a killed or hung rank makes
+    /// every rank exit non-zero within about this long).
+    #[arg(long, value_name = "SECONDS", default_value_t = 60)]
+    pub timeout: u64,
+
+    /// Seconds to wait for every rank to join at the start.
+    #[arg(long, value_name = "SECONDS", default_value_t = 300)]
+    pub rendezvous_timeout: u64,
+
     /// Worker threads for the copy (default: the number of CPUs, at most 8).
     #[arg(long, value_name = "N")]
     pub workers: Option<usize>,
@@ -95,6 +118,24 @@ pub struct SaveArgs {
     /// Print a JSON summary on stdout when done.
     #[arg(long)]
     pub json: bool,
+}
+
+/// `--mode` values.
+#[derive(ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ModeArg {
+    /// Rank 0 writes every file.
+    Gather,
+    /// Every rank writes some files, in parallel, into a shared directory.
+    Sharded,
+}
+
+/// `--transport` values.
+#[derive(ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TransportArg {
+    /// The best available (TCP for now).
+    Auto,
+    /// TCP connections between ranks.
+    Tcp,
 }
 
 /// `--dtype` values.

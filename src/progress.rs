@@ -35,6 +35,34 @@ impl Progress {
         }
     }
 
+    /// Shows a multi-rank run's progress: the total is known once the plan is.
+    pub fn start_dist(p: Arc<axsave_core::distributed::Progress>, quiet: bool) -> Progress {
+        let stop = Arc::new(AtomicBool::new(false));
+        if quiet {
+            return Progress { stop, thread: None };
+        }
+        let s = stop.clone();
+        let thread = std::thread::spawn(move || {
+            // Wait for the plan.
+            while p.total.load(Ordering::Relaxed) == 0 {
+                if s.load(Ordering::Relaxed) {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            let total = p.total.load(Ordering::Relaxed);
+            if std::io::stderr().is_terminal() {
+                bar(&p.done, total, &s)
+            } else {
+                lines(&p.done, total, &s)
+            }
+        });
+        Progress {
+            stop,
+            thread: Some(thread),
+        }
+    }
+
     /// Stops the display.
     pub fn finish(mut self) {
         self.stop.store(true, Ordering::Relaxed);

@@ -141,3 +141,123 @@ pub fn copy_dir(from: &Path, to: &Path) {
         }
     }
 }
+
+/// A free TCP port on loopback (bound and released; good enough for tests).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// Starts `n` ranks of axsave with `args`, as `axsave launch` or torchrun would (RANK,
+/// WORLD_SIZE, ... MASTER_ADDR/PORT). `env(rank)` adds variables per rank.
+pub fn spawn_ranks(
+    n: usize,
+    args: &[&str],
+    env: &dyn Fn(usize) -> Vec<(String, String)>,
+) -> Vec<std::process::Child> {
+    let args: Vec<String> = args.iter().map(|a| a.to_string()).collect();
+    spawn_ranks_args(n, &|_| args.clone(), env)
+}
+
+/// Like [`spawn_ranks`], with each rank's arguments given by `args(rank)`.
+pub fn spawn_ranks_args(
+    n: usize,
+    args: &dyn Fn(usize) -> Vec<String>,
+    env: &dyn Fn(usize) -> Vec<(String, String)>,
+) -> Vec<std::process::Child> {
+    let port = free_port().to_string();
+    let run_id = format!("test-{}-{port}", std::process::id());
+    (0..n)
+        .map(|r| {
+            let mut c = Command::new(bin());
+            c.args(args(r));
+            clean_env(&mut c);
+            c.env("RANK", r.to_string())
+                .env("WORLD_SIZE", n.to_string())
+                .env("LOCAL_RANK", r.to_string())
+                .env("LOCAL_WORLD_SIZE", n.to_string())
+                .env("GROUP_RANK", "0")
+                .env("MASTER_ADDR", "127.0.0.1")
+                .env("MASTER_PORT", &port)
+                .env("AXSAVE_RUN_ID", &run_id)
+                .stdout(std::process::Stdio::piped())
+                .stderr(std::process::Stdio::piped());
+            for (k, v) in env(r) {
+                c.env(k, v);
+            }
+            c.spawn().expect("spawn rank")
+        })
+        .collect()
+}
+
+/// Removes launcher variables inherited from whoever runs the tests.
+pub fn clean_env(c: &mut Command) {
+    c.env_remove("RUST_LOG");
+    for (k, _) in std::env::vars() {
+        if k.starts_with("SLURM_")
+            || k.starts_with("OMPI_")
+            || k.starts_with("PMI")
+            || k.starts_with("MV2_")
+            || k.starts_with("TORCHELASTIC")
+            || [
+                "RANK",
+                "WORLD_SIZE",
+                "LOCAL_RANK",
+                "LOCAL_WORLD_SIZE",
+                "GROUP_RANK",
+                "MASTER_ADDR",
+                "MASTER_PORT",
+                "AXSAVE_RUN_ID",
+            ]
+            .contains(&k.as_str())
+        {
+            c.env_remove(k);
+        }
+    }
+}
+
+/// Waits for every rank (up to `limit`), killing stragglers; returns their outputs in rank order.
+pub fn wait_ranks(
+    children: Vec<std::process::Child>,
+    limit: std::time::Duration,
+) -> Vec<(Option<i32>, String, std::time::Duration)> {
+    let start = std::time::Instant::now();
+    let mut handles = Vec::new();
+    for mut c in children {
+        let mut err = c.stderr.take().unwrap();
+        let mut out = c.stdout.take().unwrap();
+        let t_err = std::thread::spawn(move || {
+            let mut s = String::new();
+            let _ = std::io::Read::read_to_string(&mut err, &mut s);
+            s
+        });
+        let t_out = std::thread::spawn(move || {
+            let mut s = String::new();
+            let _ = std::io::Read::read_to_string(&mut out, &mut s);
+            s
+        });
+        handles.push((c, t_err, t_out));
+    }
+    let mut results = Vec::new();
+    for (mut c, t_err, t_out) in handles {
+        let code = loop {
+            match c.try_wait().unwrap() {
+                Some(st) => break st.code(),
+                None if start.elapsed() > limit => {
+                    let _ = c.kill();
+                    let _ = c.wait();
+                    break Some(-999);
+                }
+                None => std::thread::sleep(std::time::Duration::from_millis(20)),
+            }
+        };
+        let took = start.elapsed();
+        let err = t_err.join().unwrap();
+        let out = t_out.join().unwrap();
+        results.push((code, format!("{err}{out}"), took));
+    }
+    results
+}

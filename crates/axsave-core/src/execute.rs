@@ -27,8 +27,18 @@ pub struct Task {
 pub trait Sink {
     /// Writes `data` at byte `offset` of output file `file`.
     fn write(&mut self, file: usize, offset: u64, data: &[u8]) -> Result<()>;
-    /// Sends or flushes whatever is buffered.
-    fn flush(&mut self) -> Result<()>;
+    /// Called once when the worker is done with this sink: sends whatever is buffered and,
+    /// for a remote writer, waits until it confirms every byte.
+    fn finish(&mut self) -> Result<()>;
+}
+
+impl<S: Sink + ?Sized> Sink for Box<S> {
+    fn write(&mut self, file: usize, offset: u64, data: &[u8]) -> Result<()> {
+        (**self).write(file, offset, data)
+    }
+    fn finish(&mut self) -> Result<()> {
+        (**self).finish()
+    }
 }
 
 /// Tuning of the executor.
@@ -171,7 +181,7 @@ pub fn run<S: Sink>(
                         }
                     }
                     for s in w.sinks.values_mut() {
-                        s.flush()?;
+                        s.finish()?;
                     }
                     Ok(())
                 })();

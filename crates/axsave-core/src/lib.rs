@@ -2,12 +2,15 @@
 //! will be), the plan (who reads and writes what), the executor (moving bytes with bounded
 //! memory) and finalization (temporary names, fsync, atomic renames).
 
+pub mod distributed;
 pub mod error;
 pub mod execute;
+pub mod fault;
 pub mod geometry;
 pub mod layout;
 pub mod naming;
 pub mod output;
+pub mod plan;
 pub mod save;
 pub mod size;
 pub mod sources;

@@ -55,7 +55,6 @@ fn is_model_file(name: &str, stem: &str) -> bool {
 
 /// The output files one rank writes, open under their temporary names.
 pub struct OutputFiles {
-    dir: PathBuf,
     /// For each layout file: its temporary path and handle, when this rank writes it.
     files: Vec<Option<(PathBuf, File)>>,
 }
@@ -72,7 +71,6 @@ impl OutputFiles {
     ) -> Result<Self> {
         std::fs::create_dir_all(dir).map_err(|e| CoreError::io(dir, e))?;
         let mut out = OutputFiles {
-            dir: dir.to_path_buf(),
             files: Vec::with_capacity(layout.files.len()),
         };
         for (i, f) in layout.files.iter().enumerate() {
@@ -120,20 +118,6 @@ impl OutputFiles {
         Ok(())
     }
 
-    /// Renames every file to its final name and syncs the directory.
-    pub fn commit(self, layout: &Layout) -> Result<Vec<PathBuf>> {
-        let mut done = Vec::new();
-        for (i, f) in self.files.iter().enumerate() {
-            if let Some((path, _)) = f {
-                let final_path = self.dir.join(&layout.files[i].name);
-                std::fs::rename(path, &final_path).map_err(|e| CoreError::io(path, e))?;
-                done.push(final_path);
-            }
-        }
-        sync_dir(&self.dir)?;
-        Ok(done)
-    }
-
     /// Removes every temporary file (after a failure).
     pub fn discard(self) {
         for (path, _) in self.files.into_iter().flatten() {
@@ -149,6 +133,16 @@ impl OutputFiles {
             .map(|(p, _)| p.clone())
             .collect()
     }
+}
+
+/// Renames the temporaries of every data file of `layout` (written by this rank or, in a
+/// shared directory, by others) to their final names.
+pub fn commit_files(dir: &Path, layout: &Layout, tag: &str) -> Result<()> {
+    for f in &layout.files {
+        let temp = dir.join(temp_name(&f.name, tag));
+        std::fs::rename(&temp, dir.join(&f.name)).map_err(|e| CoreError::io(&temp, e))?;
+    }
+    Ok(())
 }
 
 /// Writes a small file (the index, a config) under a temporary name and fsyncs it; returns the

@@ -51,7 +51,7 @@ impl Sink for LocalSink<'_> {
     fn write(&mut self, file: usize, offset: u64, data: &[u8]) -> Result<()> {
         self.0.write_at(file, offset, data)
     }
-    fn flush(&mut self) -> Result<()> {
+    fn finish(&mut self) -> Result<()> {
         Ok(())
     }
 }
@@ -135,7 +135,8 @@ pub fn save_local(
         }
         None => None,
     };
-    let replaced = finalize(&opts.output, &layout, files, index, &existing)?;
+    drop(files);
+    let replaced = finalize(&opts.output, &layout, &opts.tag, index, &existing)?;
     let mut report_files: Vec<(PathBuf, u64)> = layout
         .files
         .iter()
@@ -162,7 +163,7 @@ pub fn save_local(
 pub fn finalize(
     dir: &Path,
     layout: &Layout,
-    files: OutputFiles,
+    tag: &str,
     index: Option<(PathBuf, String)>,
     existing: &[String],
 ) -> Result<Vec<String>> {
@@ -172,7 +173,7 @@ pub fn finalize(
         std::fs::remove_file(dir.join(old)).map_err(|e| CoreError::io(dir.join(old), e))?;
         replaced.push(old.clone());
     }
-    files.commit(layout)?;
+    output::commit_files(dir, layout, tag)?;
     for old in existing
         .iter()
         .filter(|n| !n.ends_with(".index.json") && !new_names.contains(n))

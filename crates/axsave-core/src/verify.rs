@@ -265,7 +265,7 @@ impl Sink for CompareSink<'_> {
         }
         Ok(())
     }
-    fn flush(&mut self) -> Result<()> {
+    fn finish(&mut self) -> Result<()> {
         Ok(())
     }
 }

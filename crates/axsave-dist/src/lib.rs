@@ -9,15 +9,18 @@
 //! * [`store`] — PyTorch's TCPStore wire protocol: a blocking client (for torchrun's agent
 //!   store or our own server) and a server (hosted by rank 0 otherwise), plus a barrier, a
 //!   broadcast and a failure flag on top.
-//!
-//! Transports that move tensor bytes between ranks (TCP, MPI, NCCL) come later; the store only
-//! carries small rendezvous data.
+//! * [`transport`] — moves tensor bytes from the rank that reads a piece to the rank that
+//!   writes its output file: runs of `(file, offset, bytes)` over plain TCP ([`Sender`] →
+//!   [`Receiver`], handed to a sink that writes them). MPI and NCCL transports come later; the
+//!   store only carries small rendezvous data.
 
 #![warn(missing_docs)]
 
 pub mod hostlist;
 pub mod store;
+pub mod transport;
 pub mod world;
 
 pub use store::{ClientOptions, ServerOptions, StoreClient, StoreError, StoreServer};
+pub use transport::{ReceiveStats, Receiver, Sender, Sink, TcpOptions, TransportError};
 pub use world::{Launcher, World, WorldError, detect, detect_from_process_env};

@@ -333,3 +333,149 @@ mod tests {
         assert_eq!(p.byte_span(), (100, 48));
     }
 }
+
+/// The result of merging what several ranks could each see of one checkpoint.
+#[derive(Clone, Debug)]
+pub struct Merged {
+    /// The whole catalog; its file paths are relative, so each rank resolves them under its own
+    /// view of the checkpoint.
+    pub catalog: Catalog,
+    /// For each file of the merged catalog, the ranks that can read it.
+    pub readers: Vec<Vec<usize>>,
+}
+
+impl Catalog {
+    /// Merges partial catalogs (`(rank, catalog)`, each listing only what that rank can read)
+    /// into one, and checks that the pieces now tile every tensor.
+    ///
+    /// Tensors keep the order of the first part that names them. A file seen by several ranks
+    /// must have the same size everywhere; pieces found by several ranks are kept once. For
+    /// DCP's Hugging Face mode the global shapes are recomputed from all chunks.
+    pub fn merge(parts: Vec<(usize, Catalog)>) -> Result<Merged, String> {
+        let Some((_, first)) = parts.first() else {
+            return Err("no rank could read any part of the checkpoint".into());
+        };
+        let format = first.format;
+        let root = first.root.clone();
+        let mut files: Vec<SourceFile> = Vec::new();
+        let mut readers: Vec<Vec<usize>> = Vec::new();
+        let mut file_index: std::collections::HashMap<PathBuf, usize> = Default::default();
+        let mut tensors: Vec<TensorEntry> = Vec::new();
+        let mut tensor_index: std::collections::HashMap<String, usize> = Default::default();
+        let mut seen_pieces: std::collections::HashSet<(usize, u64, String)> = Default::default();
+        let mut skipped: Vec<String> = Vec::new();
+        let mut notes: Vec<String> = Vec::new();
+        let mut writer_ranks = None;
+        for (rank, part) in &parts {
+            if part.format != format {
+                return Err(format!(
+                    "rank {rank} sees a {} checkpoint, others a {format}",
+                    part.format
+                ));
+            }
+            writer_ranks = writer_ranks.max(part.writer_ranks);
+            let mut remap = Vec::with_capacity(part.files.len());
+            for f in &part.files {
+                let i = match file_index.get(&f.path) {
+                    Some(&i) => {
+                        if files[i].size != f.size {
+                            return Err(format!(
+                                "{} has {} bytes on rank {rank} but {} on rank {}: the ranks see different checkpoints",
+                                f.path.display(),
+                                f.size,
+                                files[i].size,
+                                readers[i][0]
+                            ));
+                        }
+                        i
+                    }
+                    None => {
+                        file_index.insert(f.path.clone(), files.len());
+                        files.push(f.clone());
+                        readers.push(Vec::new());
+                        files.len() - 1
+                    }
+                };
+                if !readers[i].contains(rank) {
+                    readers[i].push(*rank);
+                }
+                remap.push(i);
+            }
+            for t in &part.tensors {
+                let ti = match tensor_index.get(&t.name) {
+                    Some(&ti) => {
+                        let have = &tensors[ti];
+                        if have.dtype != t.dtype
+                            || (format != Format::DcpHf && have.shape != t.shape)
+                        {
+                            return Err(format!(
+                                "tensor {}: ranks disagree on its dtype or shape",
+                                t.name
+                            ));
+                        }
+                        ti
+                    }
+                    None => {
+                        tensor_index.insert(t.name.clone(), tensors.len());
+                        let mut fresh = t.clone();
+                        fresh.pieces.clear();
+                        tensors.push(fresh);
+                        tensors.len() - 1
+                    }
+                };
+                for p in &t.pieces {
+                    let mut p = p.clone();
+                    p.file = remap[p.file];
+                    if seen_pieces.insert((p.file, p.offset, t.name.clone())) {
+                        tensors[ti].pieces.push(p);
+                    }
+                }
+            }
+            for s in &part.skipped {
+                if !skipped.contains(s) {
+                    skipped.push(s.clone());
+                }
+            }
+            for n in &part.notes {
+                if !notes.contains(n) {
+                    notes.push(n.clone());
+                }
+            }
+        }
+        if format == Format::DcpHf {
+            for t in &mut tensors {
+                for p in &t.pieces {
+                    if let Region::Box { offsets, sizes } = &p.region {
+                        for d in 0..t.shape.len().min(sizes.len()) {
+                            t.shape[d] = t.shape[d].max(offsets[d] + sizes[d]);
+                        }
+                    }
+                }
+            }
+            writer_ranks = Some(files.len());
+        }
+        for t in &tensors {
+            t.check_coverage().map_err(|m| {
+                format!(
+                    "tensor {}: {m} (are the files of every rank readable by some rank?)",
+                    t.name
+                )
+            })?;
+        }
+        for r in &mut readers {
+            r.sort_unstable();
+        }
+        Ok(Merged {
+            catalog: Catalog {
+                format,
+                root,
+                files,
+                tensors,
+                writer_ranks,
+                skipped,
+                notes,
+            },
+            readers,
+        })
+    }
+}

@@ -66,12 +66,53 @@ struct Metadata {
 
 /// Reads a DCP checkpoint directory into a catalog.
 pub fn read(dir: &Path) -> Result<Catalog> {
-    let meta_files = metadata_files(dir)?;
+    let metas = load_metadata(dir)?;
+    read_with(dir, &metas, false)
+}
+
+/// The metadata files of `dir` (`.metadata`, or every `__{rank}.metadata`) with their bytes,
+/// named by file name. Another rank that cannot see them is given these bytes.
+pub fn load_metadata(dir: &Path) -> Result<Vec<(String, Vec<u8>)>> {
+    metadata_files(dir)?
+        .into_iter()
+        .map(|p| {
+            let name = p
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_default();
+            Ok((name, mapped::read_small(&p, METADATA_LIMIT)?))
+        })
+        .collect()
+}
+
+/// Whether a file name is a DCP metadata file.
+pub fn is_metadata_name(name: &str) -> bool {
+    name == ".metadata"
+        || name
+            .strip_prefix("__")
+            .and_then(|n| n.strip_suffix(".metadata"))
+            .is_some_and(|r| !r.is_empty() && r.bytes().all(|b| b.is_ascii_digit()))
+}
+
+/// Reads what one rank can see of a checkpoint: the metadata comes as bytes (it may live on
+/// another rank's disk), and only chunks whose data file is present under `dir` get pieces.
+/// Tiling is not checked; that happens once every rank's part is merged.
+pub fn read_partial(dir: &Path, metas: &[(String, Vec<u8>)]) -> Result<Catalog> {
+    read_with(dir, metas, true)
+}
+
+fn read_with(dir: &Path, metas: &[(String, Vec<u8>)], partial: bool) -> Result<Catalog> {
+    if metas.is_empty() {
+        return Err(FormatError::NotACheckpoint {
+            path: dir.to_path_buf(),
+            why: "no .metadata file".into(),
+        });
+    }
+    let meta_files: Vec<PathBuf> = metas.iter().map(|(n, _)| dir.join(n)).collect();
     let mut merged = Metadata::default();
     let mut seen: HashMap<String, usize> = HashMap::new();
-    for path in &meta_files {
-        let bytes = mapped::read_small(path, METADATA_LIMIT)?;
-        let pickle = pickle::parse(&bytes).map_err(|source| FormatError::Pickle {
+    for (path, (_, bytes)) in meta_files.iter().zip(metas) {
+        let pickle = pickle::parse(bytes).map_err(|source| FormatError::Pickle {
             path: path.clone(),
             base: 0,
             source,
@@ -103,6 +144,7 @@ pub fn read(dir: &Path) -> Result<Catalog> {
     let mut files: Vec<SourceFile> = Vec::new();
     let mut file_index: HashMap<String, usize> = HashMap::new();
     let mut maps: HashMap<usize, Mapped> = HashMap::new();
+    let mut missing: std::collections::HashSet<String> = std::collections::HashSet::new();
     let mut tensors = Vec::new();
     let mut skipped = Vec::new();
     let mut notes = Vec::new();
@@ -129,6 +171,9 @@ pub fn read(dir: &Path) -> Result<Catalog> {
                         format!("tensor {name}: no storage entry for the chunk at {offsets:?}"),
                     )
                 })?;
+            if partial && missing.contains(&info.relative_path) {
+                continue;
+            }
             let file = match file_index.get(&info.relative_path) {
                 Some(&f) => f,
                 None => {
@@ -139,6 +184,11 @@ pub fn read(dir: &Path) -> Result<Catalog> {
                         )
                     })?;
                     let path = dir.join(&rel);
+                    if partial && !path.exists() {
+                        // Another rank holds this file.
+                        missing.insert(info.relative_path.clone());
+                        continue;
+                    }
                     let map = mapped::map(&path)?;
                     let f = files.len();
                     files.push(SourceFile {
@@ -175,9 +225,11 @@ pub fn read(dir: &Path) -> Result<Catalog> {
             shape: meta.size.clone(),
             pieces,
         };
-        entry
-            .check_coverage()
-            .map_err(|msg| FormatError::invalid(&meta_path, format!("tensor {name}: {msg}")))?;
+        if !partial {
+            entry
+                .check_coverage()
+                .map_err(|msg| FormatError::invalid(&meta_path, format!("tensor {name}: {msg}")))?;
+        }
         tensors.push(entry);
     }
     if meta_files.len() > 1 {
@@ -186,7 +238,12 @@ pub fn read(dir: &Path) -> Result<Catalog> {
             meta_files.len()
         ));
     }
-    let writer_ranks = count_writer_ranks(&files).or(Some(meta_files.len()).filter(|&n| n > 1));
+    let all_files: Vec<&str> = merged
+        .storage
+        .values()
+        .map(|i| i.relative_path.as_str())
+        .collect();
+    let writer_ranks = count_writer_ranks(&all_files).or(Some(meta_files.len()).filter(|&n| n > 1));
     Ok(Catalog {
         format: Format::Dcp,
         root: dir.to_path_buf(),
@@ -228,11 +285,11 @@ fn metadata_files(dir: &Path) -> Result<Vec<PathBuf>> {
 }
 
 /// The number of distinct ranks in `__{rank}_{i}.distcp` names.
-fn count_writer_ranks(files: &[SourceFile]) -> Option<usize> {
+fn count_writer_ranks(files: &[&str]) -> Option<usize> {
     let mut ranks: Vec<u64> = files
         .iter()
         .filter_map(|f| {
-            let name = f.path.file_name()?.to_str()?;
+            let name = Path::new(f).file_name()?.to_str()?;
             name.strip_prefix("__")?.split('_').next()?.parse().ok()
         })
         .collect();

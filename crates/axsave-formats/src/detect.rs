@@ -7,7 +7,7 @@ use crate::error::{FormatError, Result};
 use crate::{dcp, st_reader};
 
 /// What kind of checkpoint a path holds, without reading it.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum Detected {
     /// DCP with `.metadata` (or per-rank metadata).
     Dcp,
@@ -56,6 +56,20 @@ pub fn open(path: &Path) -> Result<Catalog> {
         Detected::Dcp => dcp::read(path),
         Detected::DcpHf => st_reader::read_hf(path),
         Detected::Safetensors => st_reader::read_model(path),
+    }
+}
+
+/// Reads what this rank can see of a checkpoint of a known format (see [`Catalog::merge`]).
+/// A DCP checkpoint's metadata comes as bytes, since it may live on another rank's disk.
+pub fn open_partial(
+    path: &Path,
+    format: Detected,
+    dcp_metadata: &[(String, Vec<u8>)],
+) -> Result<Catalog> {
+    match format {
+        Detected::Dcp => dcp::read_partial(path, dcp_metadata),
+        Detected::DcpHf => st_reader::read_hf_partial(path),
+        Detected::Safetensors => st_reader::read_model_partial(path),
     }
 }
 

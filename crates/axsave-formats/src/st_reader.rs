@@ -42,8 +42,18 @@ pub fn hf_shards(dir: &Path) -> Result<Vec<PathBuf>> {
 
 /// Reads DCP's Hugging Face mode: every `shard-*` file of `dir`.
 pub fn read_hf(dir: &Path) -> Result<Catalog> {
+    read_hf_with(dir, false)
+}
+
+/// Reads the `shard-*` files one rank can see; tiling is checked after every rank's part is
+/// merged (global shapes are only known then).
+pub fn read_hf_partial(dir: &Path) -> Result<Catalog> {
+    read_hf_with(dir, true)
+}
+
+fn read_hf_with(dir: &Path, partial: bool) -> Result<Catalog> {
     let shards = hf_shards(dir)?;
-    if shards.is_empty() {
+    if shards.is_empty() && !partial {
         return Err(FormatError::NotACheckpoint {
             path: dir.to_path_buf(),
             why: "no shard-NNNNN-model-NNNNN-of-NNNNN.safetensors files".into(),
@@ -139,9 +149,11 @@ pub fn read_hf(dir: &Path) -> Result<Catalog> {
             size: map.len() as u64,
         });
     }
-    for t in &tensors {
-        t.check_coverage()
-            .map_err(|m| FormatError::invalid(dir, format!("tensor {}: {m}", t.name)))?;
+    if !partial {
+        for t in &tensors {
+            t.check_coverage()
+                .map_err(|m| FormatError::invalid(dir, format!("tensor {}: {m}", t.name)))?;
+        }
     }
     Ok(Catalog {
         format: Format::DcpHf,
@@ -252,7 +264,20 @@ fn index_files(index: &Path, root: &Path) -> Result<Vec<PathBuf>> {
 /// Reads a finished safetensors model (see [`model_files`]) into a catalog: every tensor is
 /// one whole piece. Tensors keep file order, then offset order within each file.
 pub fn read_model(path: &Path) -> Result<Catalog> {
-    let (root, paths) = model_files(path)?;
+    read_model_with(path, false)
+}
+
+/// Reads the files of a safetensors model that one rank can see (an index may name shards
+/// that live elsewhere).
+pub fn read_model_partial(path: &Path) -> Result<Catalog> {
+    read_model_with(path, true)
+}
+
+fn read_model_with(path: &Path, partial: bool) -> Result<Catalog> {
+    let (root, mut paths) = model_files(path)?;
+    if partial {
+        paths.retain(|p| p.exists());
+    }
     let mut files = Vec::new();
     let mut tensors = Vec::new();
     let mut seen: HashMap<String, PathBuf> = HashMap::new();

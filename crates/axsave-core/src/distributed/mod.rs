@@ -1,0 +1,814 @@
+//! A save with one process per rank.
+//!
+//! 1. **Rendezvous**: every rank says hello in the store (its world size and a fingerprint of
+//!    its arguments; rank 0 refuses a mismatch), rank 0 announces the run's tag.
+//! 2. **Inventory**: every rank lists what it sees of the source. When all see the same files
+//!    (a shared filesystem) rank 0 reads the catalog alone; otherwise every rank reads the part
+//!    it sees (DCP metadata travels from the rank that holds it) and rank 0 merges the parts.
+//! 3. **Plan**: rank 0 makes the layout and the plan and broadcasts them.
+//! 4. **Execute**: writers create their files under temporary names and listen; every rank
+//!    copies the pieces it reads, into its own files or over TCP to their writer.
+//! 5. **Commit**: each rank reports success; once all have, rank 0 renames every file into place
+//!    and says so; only then do the ranks exit 0.
+//!
+//! A watchdog thread per rank beats a heartbeat and watches the failure flag and the others'
+//! heartbeats; any failure anywhere cancels every rank, which then removes the temporaries it
+//! can see and exits non-zero. No final-named file appears unless every rank succeeded.
+
+pub mod inventory;
+pub mod remote;
+pub mod watchdog;
+
+use std::net::{IpAddr, SocketAddr, UdpSocket};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use axsave_dist::store::rendezvous::{
+    broadcast_bytes, receive_broadcast, report_failure, wait_watching_failure,
+};
+use axsave_dist::transport::{Receiver, TcpOptions};
+use axsave_dist::{ClientOptions, ServerOptions, StoreClient, StoreServer, World};
+use axsave_formats::detect::{self, Detected};
+use axsave_formats::{Catalog, DType};
+
+use crate::error::{CoreError, Result};
+use crate::execute::{self, CopyJob, ExecOptions, Sink};
+use crate::layout::{Layout, LayoutOptions, plan_layout};
+use crate::output::{self, OutputFiles};
+use crate::plan::{Mode, Plan, make_plan};
+use crate::save::{LocalSink, check_output, finalize};
+use crate::sources::SourceFiles;
+
+use inventory::Inventory;
+use remote::RemoteSink;
+use watchdog::{Shared, Watchdog};
+
+/// Options of a multi-rank save (identical on every rank, checked at the rendezvous).
+#[derive(Clone, Debug)]
+pub struct DistOptions {
+    /// `--source`, placeholders not yet expanded.
+    pub source: String,
+    /// The output directory.
+    pub output: PathBuf,
+    /// Output shape (`min_files` is raised to the world size in sharded mode).
+    pub layout: LayoutOptions,
+    /// Gather or sharded.
+    pub mode: Mode,
+    /// Memory the copy and network buffers may use.
+    pub memory_budget: u64,
+    /// Replace an existing model.
+    pub force: bool,
+    /// Copy threads.
+    pub workers: usize,
+    /// How long a silent peer is tolerated.
+    pub timeout: Duration,
+    /// How long to wait for every rank to join.
+    pub rendezvous_timeout: Duration,
+    /// Compute the SHA-256 of every output file.
+    pub checksums: bool,
+    /// A digest of the arguments that must agree across ranks.
+    pub fingerprint: String,
+}
+
+/// What rank 0 reports after a successful save.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct DistReport {
+    /// Output files: path, size, SHA-256 (when asked for).
+    pub files: Vec<OutputFileReport>,
+    /// Tensors written.
+    pub tensors: usize,
+    /// Tensor bytes written.
+    pub bytes: u64,
+    /// Bytes that crossed the network between ranks.
+    pub network_bytes: u64,
+    /// Wall time on rank 0.
+    pub seconds: f64,
+    /// Ranks.
+    pub world_size: usize,
+    /// The source format.
+    pub format: String,
+    /// How the work was spread.
+    pub mode: Mode,
+    /// Tensors left out of the output (not under `model`).
+    pub left_out: Vec<String>,
+    /// Files of a replaced model that were removed.
+    pub replaced: Vec<String>,
+    /// Output dtypes written, and how many tensors each.
+    pub dtypes: Vec<(DType, usize)>,
+    /// Notes from the reader.
+    pub notes: Vec<String>,
+    /// Whether rank 0 read the whole catalog itself (shared filesystem) or merged parts.
+    pub shared_source: bool,
+}
+
+/// One output file.
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
+pub struct OutputFileReport {
+    /// Full path.
+    pub path: PathBuf,
+    /// Size in bytes.
+    pub size: u64,
+    /// SHA-256 in hex, when computed.
+    pub sha256: Option<String>,
+}
+
+/// Progress of the whole run as this rank sees it (rank 0 sees all ranks).
+#[derive(Default)]
+pub struct Progress {
+    /// Total bytes to write (0 until the plan is known).
+    pub total: std::sync::atomic::AtomicU64,
+    /// Bytes written so far.
+    pub done: std::sync::atomic::AtomicU64,
+}
+
+/// Everything rank 0 decides and every rank needs.
+#[derive(serde::Serialize, serde::Deserialize)]
+struct Bundle {
+    catalog: Catalog,
+    readers: Vec<Vec<usize>>,
+    layout: Layout,
+    plan: Plan,
+    shared_source: bool,
+}
+
+#[derive(serde::Serialize, serde::Deserialize)]
+struct Hello {
+    world_size: usize,
+    fingerprint: String,
+    host: String,
+}
+
+#[derive(serde::Serialize, serde::Deserialize)]
+struct Done {
+    files: Vec<(usize, Option<String>)>,
+}
+
+/// The keys of the failure flag and the store live under this namespace.
+fn connect_store(world: &World, opts: &DistOptions) -> Result<(Option<StoreServer>, StoreClient)> {
+    let server = if world.hosts_store() {
+        let s = StoreServer::start(ServerOptions {
+            port: world.master_port,
+            ..ServerOptions::default()
+        })
+        .map_err(|e| {
+            CoreError::Remote(format!(
+                "rank 0 cannot host the rendezvous store on port {}: {e} (set MASTER_PORT to a free port)",
+                world.master_port
+            ))
+        })?;
+        Some(s)
+    } else {
+        None
+    };
+    let host = world.master_addr.clone().ok_or_else(|| {
+        CoreError::Remote(
+            "the launcher gives no MASTER_ADDR and none can be derived: set MASTER_ADDR to the host of rank 0".into(),
+        )
+    })?;
+    let client_opts = ClientOptions {
+        connect_timeout: opts.rendezvous_timeout,
+        io_timeout: opts.timeout,
+        ..ClientOptions::default()
+    };
+    let client = StoreClient::connect(&host, world.master_port, client_opts)
+        .map_err(|e| {
+            CoreError::Remote(format!(
+                "cannot reach the rendezvous store at {host}:{}: {e}",
+                world.master_port
+            ))
+        })?
+        .with_namespace(&world.store_namespace());
+    Ok((server, client))
+}
+
+fn remote(e: impl std::fmt::Display) -> CoreError {
+    CoreError::Remote(e.to_string())
+}
+
+fn json<T: serde::Serialize>(v: &T) -> Result<Vec<u8>> {
+    serde_json::to_vec(v).map_err(remote)
+}
+
+fn unjson<T: serde::de::DeserializeOwned>(b: &[u8], what: &str) -> Result<T> {
+    serde_json::from_slice(b)
+        .map_err(|e| CoreError::Remote(format!("malformed {what} from another rank: {e}")))
+}
+
+/// The address of this host that peers can reach: the one the kernel would use to reach the
+/// rendezvous host (no packet is sent), or `AXSAVE_ADDR` when set.
+fn reachable_ip(master: &str, port: u16) -> IpAddr {
+    if let Some(ip) = std::env::var("AXSAVE_ADDR")
+        .ok()
+        .and_then(|a| a.parse().ok())
+    {
+        return ip;
+    }
+    let probe = || -> std::io::Result<IpAddr> {
+        let target = std::net::ToSocketAddrs::to_socket_addrs(&(master, port))?
+            .next()
+            .ok_or_else(|| std::io::Error::other("no address"))?;
+        let bind: SocketAddr = if target.is_ipv6() {
+            "[::]:0".parse().map_err(std::io::Error::other)?
+        } else {
+            "0.0.0.0:0".parse().map_err(std::io::Error::other)?
+        };
+        let s = UdpSocket::bind(bind)?;
+        s.connect(target)?;
+        Ok(s.local_addr()?.ip())
+    };
+    probe().unwrap_or(IpAddr::from([127, 0, 0, 1]))
+}
+
+/// Runs this rank's part of a save. Returns the report on rank 0, `None` on the others.
+pub fn run(
+    world: &World,
+    opts: &DistOptions,
+    progress: Arc<Progress>,
+) -> Result<Option<DistReport>> {
+    let start = Instant::now();
+    let (server, mut client) = connect_store(world, opts)?;
+    let shared = Arc::new(Shared {
+        progress: progress.clone(),
+        ..Shared::default()
+    });
+    let mut rank = Rank {
+        world,
+        opts,
+        client: &mut client,
+        shared: shared.clone(),
+        temps: None,
+        token: None,
+    };
+    let result = rank.run(start, &progress);
+    if let Err(e) = &result {
+        // Tell everyone (unless it is someone else's failure we are echoing), then clean up.
+        let msg = e.to_string();
+        if !matches!(e, CoreError::Cancelled) && shared.failure().is_none() {
+            let _ = report_failure(rank.client, world.rank, &msg);
+        }
+        rank.cleanup();
+    }
+    // Our own connections go first, so that the server counts only the others'.
+    drop(rank);
+    drop(client);
+    if let Some(s) = server {
+        // Others may still be reading the last keys: give them a moment to leave.
+        let _ = s.wait_for_disconnects(Instant::now() + Duration::from_secs(5).min(opts.timeout));
+        s.shutdown();
+    }
+    match result {
+        Err(CoreError::Cancelled) => Err(CoreError::Remote(
+            shared.failure().unwrap_or_else(|| "cancelled".into()),
+        )),
+        other => other,
+    }
+}
+
+struct Rank<'a> {
+    world: &'a World,
+    opts: &'a DistOptions,
+    client: &'a mut StoreClient,
+    shared: Arc<Shared>,
+    /// Output directory, layout file names and tag, once temporaries may exist.
+    temps: Option<(PathBuf, Vec<String>, String)>,
+    /// Rank 0's marker file in the output directory (sharded mode).
+    token: Option<PathBuf>,
+}
+
+impl Rank<'_> {
+    fn deadline(&self) -> Instant {
+        Instant::now() + self.opts.rendezvous_timeout
+    }
+
+    /// A deadline for steps that only wait on peers that are alive: the watchdog cancels the
+    /// run when one is not, so this only bounds a store that answers but never delivers.
+    fn far(&self) -> Instant {
+        Instant::now() + Duration::from_secs(7 * 24 * 3600)
+    }
+
+    fn check_cancel(&self) -> Result<()> {
+        if self.shared.cancel.load(Ordering::SeqCst) {
+            return Err(CoreError::Cancelled);
+        }
+        Ok(())
+    }
+
+    /// Waits for keys, cancelled by the watchdog.
+    fn wait_keys(&mut self, keys: &[&str], deadline: Instant) -> Result<()> {
+        loop {
+            self.check_cancel()?;
+            let slice = deadline.min(Instant::now() + Duration::from_secs(1));
+            match wait_watching_failure(self.client, keys, slice) {
+                Ok(()) => return Ok(()),
+                Err(axsave_dist::store::CoordError::Timeout { .. })
+                    if Instant::now() < deadline =>
+                {
+                    continue;
+                }
+                Err(axsave_dist::store::CoordError::PeerFailed { rank, message }) => {
+                    self.shared.fail(format!("rank {rank} failed: {message}"));
+                    return Err(CoreError::Cancelled);
+                }
+                Err(e) => return Err(remote(e)),
+            }
+        }
+    }
+
+    fn receive(&mut self, key: &str, deadline: Instant) -> Result<Vec<u8>> {
+        let header = format!("bcast/{key}");
+        self.wait_keys(&[&header], deadline)?;
+        receive_broadcast(self.client, key, deadline).map_err(remote)
+    }
+
+    fn run(&mut self, start: Instant, progress: &Progress) -> Result<Option<DistReport>> {
+        let (me, n) = (self.world.rank, self.world.world_size);
+        let opts = self.opts;
+
+        // 1. Rendezvous.
+        let hello = Hello {
+            world_size: n,
+            fingerprint: opts.fingerprint.clone(),
+            host: hostname(),
+        };
+        self.client
+            .set(&format!("hello/{me}"), &json(&hello)?)
+            .map_err(remote)?;
+        let tag = if me == 0 {
+            self.check_hellos()?;
+            let tag = run_tag();
+            broadcast_bytes(self.client, "start", tag.as_bytes()).map_err(remote)?;
+            tag
+        } else {
+            let d = self.deadline();
+            String::from_utf8_lossy(&self.receive("start", d)?).into_owned()
+        };
+        tracing::debug!(rank = me, tag, "joined");
+        crate::fault::point("joined", me);
+        let watch: Vec<usize> = if me == 0 { (1..n).collect() } else { vec![0] };
+        let watchdog = Watchdog::start(
+            self.client.reconnect().map_err(remote)?,
+            me,
+            watch,
+            opts.timeout,
+            self.shared.clone(),
+        );
+
+        // 2. Inventory and catalog.
+        let source = PathBuf::from(inventory::expand_source(
+            &opts.source,
+            me,
+            self.world.local_rank,
+            self.world.node_rank,
+        )?);
+        let inv = inventory::take(&source)?;
+        broadcast_bytes(self.client, &format!("inv/{me}"), &json(&inv)?).map_err(remote)?;
+        let mut invs: Vec<Inventory> = Vec::with_capacity(n);
+        for r in 0..n {
+            let d = self.deadline();
+            let b = self.receive(&format!("inv/{r}"), d)?;
+            invs.push(unjson(&b, "inventory")?);
+        }
+        let shared_source =
+            invs.iter().all(|i| i.files == invs[0].files) && invs[0].detected.is_some();
+
+        let bundle: Bundle = if shared_source {
+            if me == 0 {
+                let catalog = detect::open(&source)?;
+                let readers = vec![(0..n).collect::<Vec<_>>(); catalog.files.len()];
+                self.plan_and_send(catalog, readers, true, &tag)?
+            } else {
+                let d = self.far();
+                unjson(&self.receive("bundle", d)?, "plan")?
+            }
+        } else {
+            let format = invs.iter().find_map(|i| i.detected).ok_or_else(|| {
+                CoreError::Remote(format!(
+                    "no rank finds a checkpoint at --source {} (rank {me} looked in {})",
+                    opts.source,
+                    source.display()
+                ))
+            })?;
+            let metadata = if format == Detected::Dcp {
+                let holder = invs
+                    .iter()
+                    .position(|i| !i.metadata.is_empty())
+                    .ok_or_else(|| {
+                        CoreError::Remote("no rank sees the DCP .metadata file".into())
+                    })?;
+                if holder == me {
+                    let m = axsave_formats::dcp::load_metadata(&source)?;
+                    broadcast_bytes(self.client, "meta", &json(&m)?).map_err(remote)?;
+                    m
+                } else {
+                    let d = self.deadline();
+                    unjson(&self.receive("meta", d)?, "metadata")?
+                }
+            } else {
+                Vec::new()
+            };
+            let part = detect::open_partial(&source, format, &metadata)?;
+            broadcast_bytes(self.client, &format!("part/{me}"), &json(&part)?).map_err(remote)?;
+            if me == 0 {
+                let mut parts = Vec::with_capacity(n);
+                for r in 0..n {
+                    let d = self.deadline();
+                    parts.push((
+                        r,
+                        unjson::<Catalog>(&self.receive(&format!("part/{r}"), d)?, "catalog part")?,
+                    ));
+                }
+                let merged = Catalog::merge(parts).map_err(|e| {
+                    CoreError::Format(axsave_formats::FormatError::invalid(&opts.source, e))
+                })?;
+                self.plan_and_send(merged.catalog, merged.readers, false, &tag)?
+            } else {
+                let d = self.far();
+                unjson(&self.receive("bundle", d)?, "plan")?
+            }
+        };
+        let Bundle {
+            mut catalog,
+            layout,
+            plan,
+            shared_source,
+            ..
+        } = bundle;
+        catalog.root = if source.is_file() {
+            source.parent().unwrap_or(Path::new(".")).to_path_buf()
+        } else {
+            source.clone()
+        };
+        let total = layout.total_size;
+        progress.total.store(total, Ordering::Relaxed);
+
+        // 3. Output: the shared-directory check, then this rank's files.
+        let writes = plan.is_writer(me);
+        let names = layout.final_names();
+        self.temps = Some((opts.output.clone(), names.clone(), tag.clone()));
+        if opts.mode == Mode::Sharded && writes && me != 0 {
+            let token = opts.output.join(token_name(&tag));
+            if !token.exists() {
+                return Err(CoreError::Remote(format!(
+                    "rank {me} on {} does not see rank 0's marker in {}: --mode sharded needs an output directory every rank shares (use --mode gather otherwise)",
+                    hostname(),
+                    opts.output.display()
+                )));
+            }
+        }
+        let files = if writes {
+            Some(Arc::new(OutputFiles::create(
+                &opts.output,
+                &layout,
+                &tag,
+                |f| plan.file_writers[f] == me,
+            )?))
+        } else {
+            None
+        };
+
+        // 4. Execute: listen, publish, copy, receive.
+        let expected = plan.bytes_received_by(me);
+        let tcp = TcpOptions {
+            session: session_of(&tag),
+            frame_bytes: frame_bytes(opts.memory_budget, n, opts.workers),
+            io_timeout: opts.timeout,
+        };
+        let mut receiver = None;
+        if expected > 0 {
+            let files = files
+                .clone()
+                .ok_or_else(|| CoreError::Remote("receiver without files".into()))?;
+            let mut r =
+                Receiver::listen(SocketAddr::new(IpAddr::from([0, 0, 0, 0]), 0), tcp.clone())
+                    .map_err(|e| CoreError::Remote(format!("cannot listen for peers: {e}")))?;
+            let ip = reachable_ip(
+                self.world.master_addr.as_deref().unwrap_or("127.0.0.1"),
+                self.world.master_port,
+            );
+            let addr = SocketAddr::new(ip, r.local_addr().port());
+            let sink: axsave_dist::transport::Sink = Arc::new(move |_from, file, offset, data| {
+                files
+                    .write_at(file as usize, offset, data)
+                    .map_err(|e| e.to_string())
+            });
+            let cancel = Arc::new(std::sync::atomic::AtomicBool::new(false));
+            r.start(sink, cancel.clone()).map_err(remote)?;
+            self.client
+                .set(&format!("addr/{me}"), addr.to_string().as_bytes())
+                .map_err(remote)?;
+            receiver = Some((r, cancel));
+        }
+        let tasks = plan.tasks_read_by(me);
+        let mut peers: Vec<Option<SocketAddr>> = vec![None; n];
+        for w in tasks
+            .iter()
+            .map(|t| plan.file_writers[layout.tensors[t.out].file])
+        {
+            if w != me && peers[w].is_none() {
+                let key = format!("addr/{w}");
+                let d = self.far();
+                self.wait_keys(&[&key], d)?;
+                let a = self.client.get(&key, d).map_err(remote)?;
+                let a: SocketAddr = String::from_utf8_lossy(&a).parse().map_err(|e| {
+                    CoreError::Remote(format!("rank {w} published a bad address: {e}"))
+                })?;
+                peers[w] = Some(a);
+            }
+        }
+        let sources = SourceFiles::new(&catalog, &catalog.root);
+        let job = CopyJob {
+            catalog: &catalog,
+            layout: &layout,
+            sources: &sources,
+            tasks: &tasks,
+            opts: ExecOptions::for_budget(opts.memory_budget, opts.workers),
+        };
+        let writer_of = |t: &execute::Task| {
+            crate::fault::point("copying", me);
+            plan.file_writers[layout.tensors[t.out].file]
+        };
+        let copy = execute::run(
+            job,
+            &writer_of,
+            &|w| -> Result<Box<dyn Sink + '_>> {
+                if w == me {
+                    let f = files
+                        .as_ref()
+                        .ok_or_else(|| CoreError::Remote("no local files".into()))?;
+                    Ok(Box::new(LocalSink(f.as_ref())))
+                } else {
+                    let addr = peers[w]
+                        .ok_or_else(|| CoreError::Remote(format!("no address for rank {w}")))?;
+                    Ok(Box::new(RemoteSink::connect(addr, me, w, &tcp)?))
+                }
+            },
+            &self.shared.local_written,
+            &self.shared.cancel,
+        );
+        let received = match (&receiver, &copy) {
+            (Some((r, _)), Ok(())) => r
+                .wait(expected)
+                .map(|_| ())
+                .map_err(|e| CoreError::Remote(e.to_string())),
+            _ => Ok(()),
+        };
+        if let Some((r, cancel)) = receiver.take() {
+            cancel.store(true, Ordering::SeqCst);
+            r.shutdown();
+        }
+        copy?;
+        received?;
+        self.check_cancel()?;
+
+        // 5. Durable, then reported; rank 0 commits once everyone has reported.
+        let mut done = Done { files: Vec::new() };
+        if let Some(f) = &files {
+            f.sync()?;
+            for (i, w) in plan.file_writers.iter().enumerate() {
+                if *w == me {
+                    let sha = if opts.checksums {
+                        Some(sha256_file(
+                            &opts
+                                .output
+                                .join(output::temp_name(&layout.files[i].name, &tag)),
+                        )?)
+                    } else {
+                        None
+                    };
+                    done.files.push((i, sha));
+                }
+            }
+        }
+        crate::fault::point("synced", me);
+        self.client
+            .set(&format!("ok/{me}"), &json(&done)?)
+            .map_err(remote)?;
+        progress.done.store(total, Ordering::Relaxed);
+        if me != 0 {
+            let d = self.far();
+            self.wait_keys(&["committed"], d)?;
+            watchdog.stop();
+            self.temps = None;
+            return Ok(None);
+        }
+        let mut shas: Vec<Option<String>> = vec![None; layout.files.len()];
+        for r in 0..n {
+            let key = format!("ok/{r}");
+            let d = self.far();
+            self.wait_keys(&[&key], d)?;
+            let b = self.client.get(&key, d).map_err(remote)?;
+            let d: Done = unjson(&b, "report")?;
+            for (i, s) in d.files {
+                if let Some(slot) = shas.get_mut(i) {
+                    *slot = s;
+                }
+            }
+        }
+        self.check_cancel()?;
+        let existing = check_output(&opts.output, &opts.layout.stem, opts.force)?;
+        let index = match layout.index_json() {
+            Some(text) => {
+                let name = layout.index_name().unwrap_or_default();
+                Some((
+                    output::write_small(&opts.output, &name, &tag, text.as_bytes())?,
+                    name,
+                ))
+            }
+            None => None,
+        };
+        // Rank 0 renames every file, its own and (in sharded mode, in the shared directory) the
+        // others', so the commit happens in one place.
+        drop(files);
+        let replaced = finalize(&opts.output, &layout, &tag, index, &existing)?;
+        self.temps = None;
+        self.client.set("committed", b"1").map_err(remote)?;
+        watchdog.stop();
+        if let Some(t) = self.token.take() {
+            let _ = std::fs::remove_file(t);
+        }
+        let mut dtypes: Vec<(DType, usize)> = Vec::new();
+        for t in &layout.tensors {
+            match dtypes.iter_mut().find(|(d, _)| *d == t.dtype) {
+                Some((_, c)) => *c += 1,
+                None => dtypes.push((t.dtype, 1)),
+            }
+        }
+        let mut files_report: Vec<OutputFileReport> = layout
+            .files
+            .iter()
+            .zip(shas)
+            .map(|(f, sha)| OutputFileReport {
+                path: opts.output.join(&f.name),
+                size: f.size,
+                sha256: sha,
+            })
+            .collect();
+        if let Some(name) = layout.index_name() {
+            let p = opts.output.join(&name);
+            files_report.push(OutputFileReport {
+                size: std::fs::metadata(&p).map(|m| m.len()).unwrap_or(0),
+                sha256: if opts.checksums {
+                    Some(sha256_file(&p)?)
+                } else {
+                    None
+                },
+                path: p,
+            });
+        }
+        Ok(Some(DistReport {
+            files: files_report,
+            tensors: layout.tensors.len(),
+            bytes: layout.total_size,
+            network_bytes: plan.network_bytes(),
+            seconds: start.elapsed().as_secs_f64(),
+            world_size: n,
+            format: catalog.format.to_string(),
+            mode: opts.mode,
+            left_out: layout.left_out.clone(),
+            replaced,
+            dtypes,
+            notes: catalog.notes.clone(),
+            shared_source,
+        }))
+    }
+
+    /// Rank 0: every hello must name the same world size and arguments.
+    fn check_hellos(&mut self) -> Result<()> {
+        let n = self.world.world_size;
+        let deadline = self.deadline();
+        let mut seen = vec![false; n];
+        loop {
+            for (r, seen_r) in seen.iter_mut().enumerate() {
+                if *seen_r {
+                    continue;
+                }
+                let key = format!("hello/{r}");
+                if !self.client.check(&[&key]).map_err(remote)? {
+                    continue;
+                }
+                let b = self.client.get(&key, deadline).map_err(remote)?;
+                let h: Hello = unjson(&b, "hello")?;
+                if h.world_size != n {
+                    return Err(CoreError::Remote(format!(
+                        "rank {r} (on {}) was started with a world size of {}, rank 0 with {n}: start every rank with the same WORLD_SIZE",
+                        h.host, h.world_size
+                    )));
+                }
+                if h.fingerprint != self.opts.fingerprint {
+                    return Err(CoreError::Remote(format!(
+                        "rank {r} (on {}) was started with different arguments than rank 0 ({} vs {}): every rank must get the same command line",
+                        h.host, h.fingerprint, self.opts.fingerprint
+                    )));
+                }
+                *seen_r = true;
+            }
+            if seen.iter().all(|&s| s) {
+                return Ok(());
+            }
+            if Instant::now() >= deadline {
+                let missing: Vec<usize> = (0..n).filter(|&r| !seen[r]).collect();
+                return Err(CoreError::Remote(format!(
+                    "ranks {missing:?} did not join within {}s",
+                    self.opts.rendezvous_timeout.as_secs()
+                )));
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Rank 0: layout, plan, the output checks, and the broadcast of it all.
+    fn plan_and_send(
+        &mut self,
+        catalog: Catalog,
+        readers: Vec<Vec<usize>>,
+        shared_source: bool,
+        tag: &str,
+    ) -> Result<Bundle> {
+        let n = self.world.world_size;
+        let mut lopts = self.opts.layout.clone();
+        if self.opts.mode == Mode::Sharded {
+            lopts.min_files = lopts.min_files.max(n);
+        }
+        let layout = plan_layout(&catalog, &lopts)?;
+        let plan = make_plan(&catalog, &layout, &readers, n, self.opts.mode)
+            .map_err(|e| CoreError::Layout(e.to_string()))?;
+        check_output(&self.opts.output, &self.opts.layout.stem, self.opts.force)?;
+        std::fs::create_dir_all(&self.opts.output)
+            .map_err(|e| CoreError::io(&self.opts.output, e))?;
+        if self.opts.mode == Mode::Sharded {
+            let token = self.opts.output.join(token_name(tag));
+            std::fs::write(&token, hostname()).map_err(|e| CoreError::io(&token, e))?;
+            self.token = Some(token);
+        }
+        let bundle = Bundle {
+            catalog,
+            readers,
+            layout,
+            plan,
+            shared_source,
+        };
+        broadcast_bytes(self.client, "bundle", &json(&bundle)?).map_err(remote)?;
+        Ok(bundle)
+    }
+
+    /// After a failure: remove every temporary of this run that this rank can see (a dead
+    /// writer's too, when the directory is shared), and rank 0's marker.
+    fn cleanup(&mut self) {
+        if let Some((dir, names, tag)) = self.temps.take() {
+            output::remove_temps(&dir, &names, &tag);
+        }
+        if let Some(t) = self.token.take() {
+            let _ = std::fs::remove_file(t);
+        }
+    }
+}
+
+/// The marker rank 0 leaves in the output directory for the sharded-mode check.
+fn token_name(tag: &str) -> String {
+    format!(".axsave-{tag}.shared")
+}
+
+/// Frame size for the network: small enough that every rank's buffers stay within the budget.
+fn frame_bytes(budget: u64, world: usize, workers: usize) -> usize {
+    let per = budget / 4 / (world.max(2) as u64 * workers.max(1) as u64);
+    per.clamp(64 * 1024, 4 << 20) as usize
+}
+
+fn session_of(tag: &str) -> u64 {
+    let mut h = crc32fast::Hasher::new();
+    h.update(tag.as_bytes());
+    (h.finalize() as u64) << 32 | tag.len() as u64
+}
+
+fn run_tag() -> String {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos())
+        .unwrap_or(0);
+    format!("{:x}{:06x}", std::process::id(), (nanos & 0xff_ffff) as u64)
+}
+
+fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|s| s.trim().to_string())
+        .unwrap_or_else(|_| "?".into())
+}
+
+/// SHA-256 of a file, in hex.
+pub fn sha256_file(path: &Path) -> Result<String> {
+    use sha2::Digest;
+    use std::io::Read;
+    let mut f = std::fs::File::open(path).map_err(|e| CoreError::io(path, e))?;
+    let mut h = sha2::Sha256::new();
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        let n = f.read(&mut buf).map_err(|e| CoreError::io(path, e))?;
+        if n == 0 {
+            break;
+        }
+        h.update(&buf[..n]);
+    }
+    Ok(h.finalize().iter().map(|b| format!("{b:02x}")).collect())
+}

@@ -1,0 +1,139 @@
+//! A thread per rank that keeps the run honest: it beats a heartbeat in the store, watches the
+//! heartbeats of the ranks it depends on and the failure flag, and reports progress. When
+//! anything goes wrong it raises `cancel`, so every blocking step of the rank gives up.
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use axsave_dist::StoreClient;
+use axsave_dist::store::rendezvous::{check_failure, report_failure};
+
+/// How often the watchdog wakes up.
+const TICK: Duration = Duration::from_millis(500);
+
+/// State shared between a rank's threads and its watchdog.
+#[derive(Default)]
+pub struct Shared {
+    /// Set when the run must stop.
+    pub cancel: AtomicBool,
+    /// Why it stopped, when the watchdog found out first.
+    pub failure: Mutex<Option<String>>,
+    /// Bytes this rank has handed to writers (its own files or peers).
+    pub local_written: AtomicU64,
+    /// Where the watchdog puts the bytes written by all ranks, as last read from the store.
+    pub progress: Arc<super::Progress>,
+}
+
+impl Shared {
+    /// Records the first reason to stop and raises `cancel`.
+    pub fn fail(&self, why: String) {
+        let mut f = self.failure.lock().unwrap_or_else(|e| e.into_inner());
+        if f.is_none() {
+            *f = Some(why);
+        }
+        self.cancel.store(true, Ordering::SeqCst);
+    }
+
+    /// The recorded reason, if any.
+    pub fn failure(&self) -> Option<String> {
+        self.failure
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+}
+
+/// The running watchdog.
+pub struct Watchdog {
+    stop: Arc<AtomicBool>,
+    handle: Option<JoinHandle<()>>,
+}
+
+impl Watchdog {
+    /// Starts watching. `watch` lists the ranks whose silence for `timeout` fails the run (rank 0
+    /// watches everyone; the others watch rank 0).
+    pub fn start(
+        mut client: StoreClient,
+        rank: usize,
+        watch: Vec<usize>,
+        timeout: Duration,
+        shared: Arc<Shared>,
+    ) -> Watchdog {
+        let stop = Arc::new(AtomicBool::new(false));
+        let s = stop.clone();
+        let handle = std::thread::spawn(move || {
+            let mut last_seen: Vec<(usize, i64, Instant)> =
+                watch.iter().map(|&r| (r, -1, Instant::now())).collect();
+            let mut reported = 0u64;
+            while !s.load(Ordering::SeqCst) {
+                let tick = (|| -> Result<(), String> {
+                    client
+                        .add(&format!("hb/{rank}"), 1)
+                        .map_err(|e| e.to_string())?;
+                    let local = shared.local_written.load(Ordering::Relaxed);
+                    let total = client
+                        .add("progress", (local - reported) as i64)
+                        .map_err(|e| e.to_string())?;
+                    reported = local;
+                    shared
+                        .progress
+                        .done
+                        .store(total.max(0) as u64, Ordering::Relaxed);
+                    if let Some(f) = check_failure(&mut client).map_err(|e| e.to_string())?
+                        && f.rank != rank
+                    {
+                        shared.fail(format!("rank {} failed: {}", f.rank, f.message));
+                    }
+                    for (r, value, since) in &mut last_seen {
+                        let v = client
+                            .add(&format!("hb/{r}"), 0)
+                            .map_err(|e| e.to_string())?;
+                        if v != *value {
+                            *value = v;
+                            *since = Instant::now();
+                        } else if since.elapsed() > timeout {
+                            let why = format!(
+                                "rank {r} has not been heard from for {}s (killed or hung?)",
+                                timeout.as_secs()
+                            );
+                            let _ = report_failure(&mut client, rank, &why);
+                            shared.fail(why);
+                        }
+                    }
+                    Ok(())
+                })();
+                if let Err(e) = tick {
+                    shared.fail(format!(
+                        "lost the rendezvous store ({e}); the rank hosting it (rank 0) may have died"
+                    ));
+                    break;
+                }
+                std::thread::sleep(TICK);
+            }
+        });
+        Watchdog {
+            stop,
+            handle: Some(handle),
+        }
+    }
+
+    /// Stops the thread.
+    pub fn stop(mut self) {
+        self.halt();
+    }
+
+    fn halt(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        if let Some(h) = self.handle.take() {
+            let _ = h.join();
+        }
+    }
+}
+
+impl Drop for Watchdog {
+    fn drop(&mut self) {
+        self.halt();
+    }
+}

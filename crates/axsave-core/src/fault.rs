@@ -1,0 +1,34 @@
+//! A test hook for the fault tests: stop a chosen rank at a chosen point so a test can kill it
+//! there. With `AXSAVE_FAULT=<point>@<rank>` that rank creates the file named by
+//! `AXSAVE_FAULT_FILE` (if set) when it reaches `<point>` and then sleeps for an hour. Without
+//! the variable (always, outside tests) this does nothing.
+//!
+//! Points: `joined` (after the rendezvous), `copying` (at its first piece), `synced` (its
+//! files are on disk, success not yet reported). A rank that dies after reporting success
+//! does not stop the commit: its part of the model is complete and durable by then.
+
+use std::sync::OnceLock;
+
+fn target() -> Option<&'static (String, usize)> {
+    static T: OnceLock<Option<(String, usize)>> = OnceLock::new();
+    T.get_or_init(|| {
+        let v = std::env::var("AXSAVE_FAULT").ok()?;
+        let (point, rank) = v.split_once('@')?;
+        Some((point.to_string(), rank.parse().ok()?))
+    })
+    .as_ref()
+}
+
+/// Stops here if the hook names this point and rank.
+pub fn point(name: &str, rank: usize) {
+    if let Some((p, r)) = target()
+        && p == name
+        && *r == rank
+    {
+        if let Ok(f) = std::env::var("AXSAVE_FAULT_FILE") {
+            let _ = std::fs::write(f, name);
+        }
+        eprintln!("fault hook: rank {rank} stalls at {name}");
+        std::thread::sleep(std::time::Duration::from_secs(3600));
+    }
+}

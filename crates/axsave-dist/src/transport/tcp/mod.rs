@@ -1,0 +1,375 @@
+//! TCP transport: blocking `std::net` sockets, one thread per accepted connection.
+//!
+//! A writer rank runs one [`Receiver`]: it listens, publishes [`Receiver::local_addr`] in the
+//! store, [`starts`](Receiver::start) serving with a *sink* that performs positioned writes, and
+//! [`waits`](Receiver::wait) until every byte the plan sends it has been written. A reading rank
+//! opens a [`Sender`] to each writer it has data for (several per writer when several worker
+//! threads send), [`pushes`](Sender::push) runs, and [`finishes`](Sender::finish): only the
+//! receiver's acknowledgement, which comes after its sink handled every byte, means delivered.
+//!
+//! # Wire format
+//!
+//! Every integer is little-endian. The sender speaks first and streams; the receiver answers
+//! exactly twice: once after the hello, once after the end marker (or once, early, in place of
+//! the final answer when something failed).
+//!
+//! **Hello** (sender → receiver, 40 bytes, first on the connection):
+//!
+//! | bytes | field |
+//! |---|---|
+//! | 8 | magic `AXSVTCP\0` |
+//! | 4 | protocol version, [`PROTOCOL_VERSION`] |
+//! | 4 | flags, must be 0 |
+//! | 8 | session token ([`TcpOptions::session`]) |
+//! | 8 | sender rank |
+//! | 8 | the sender's [`TcpOptions::frame_bytes`]: no frame payload will exceed it |
+//!
+//! A wrong magic closes the connection without an answer (whatever connected does not speak
+//! this protocol). A wrong version, session or flags, or a frame size above the receiver's
+//! own, gets an error reply, then the connection is closed. Either way the connection counts
+//! as rejected ([`ReceiveStats::rejected`]) and nothing else: a stray connection never fails
+//! the run. Otherwise the receiver answers OK and the sender may stream.
+//!
+//! **Frame** (sender → receiver, any number):
+//!
+//! | bytes | field |
+//! |---|---|
+//! | 4 | magic `AXFR` |
+//! | 4 | file index |
+//! | 4 | run count `n`, 1 ..= [`MAX_RUNS_PER_FRAME`] |
+//! | 8 | payload length `p`, 1 ..= the frame size announced in the hello |
+//! | 12 × n | run table: `u64` offset in the file, `u32` length (≥ 1) |
+//! | p | payload: the runs' bytes, back to back in table order |
+//!
+//! The lengths in the table must add up to `p`, and no run may end past `u64::MAX`. All runs
+//! of a frame belong to the same file.
+//!
+//! **End** (sender → receiver, last, 12 bytes): magic `AXEN`, then the `u64` total of payload
+//! bytes this connection sent. The receiver checks it against what it received.
+//!
+//! **Reply** (receiver → sender): magic `AXRP`, a `u8` code (0 OK, 1 error), a `u32` message
+//! length (at most 4 KiB) and the UTF-8 message (empty for OK). After the end marker an OK
+//! reply means every byte of the connection was handed to the sink, which returned success.
+//! When a frame fails (malformed, the sink failed, more bytes than expected) the receiver sends
+//! the error reply at once, stops writing, and discards whatever else arrives, so the sender
+//! learns the reason at its next frame or at [`Sender::finish`] rather than from a reset.
+//!
+//! # Timeouts, failures, cancellation
+//!
+//! Sockets use short read/write timeouts and loop, so a blocked call notices a cancel flag and
+//! measures progress. *No progress for [`TcpOptions::io_timeout`]* is an error:
+//! * on a [`Sender`], when a write makes no headway (the receiver stopped reading) or a reply
+//!   does not come;
+//! * on a receiving connection, when a message stops arriving half way (the sender hangs);
+//! * in [`Receiver::wait`], when no byte arrived on any connection while data is still missing
+//!   or a connection is still open (checked a little later than the above, so that a
+//!   connection's own, more precise error wins). Between messages a connection may be idle (its sender is
+//!   busy elsewhere), so executors whose senders may legitimately go quiet longer than that
+//!   must raise `io_timeout`.
+//!
+//! A peer process that dies closes its sockets, which the other side sees at once: a receiver
+//! reports [`TransportError::SenderDied`] naming the rank, a sender [`TransportError::Closed`].
+//! A [`Sender`] dropped without [`Sender::finish`] looks exactly like a dead sender.
+//!
+//! # Memory and throughput
+//!
+//! A sender buffers at most one frame (`frame_bytes` of payload plus its table); a run that
+//! fills whole frames by itself is sent straight from the caller's slice without a copy. A
+//! receiving connection holds at most one frame, sized by what actually arrives, and every
+//! length read from the wire is checked against the limits before anything is allocated.
+//! Header, table and payload go out in one vectored write; `TCP_NODELAY` is set so the last
+//! frame and the replies are not held back. Socket buffer sizes are left to the kernel's
+//! autotuning (std cannot set them; on Linux autotuning reaches several MiB).
+//!
+//! Vectored writes use `writev`, which raises `SIGPIPE` on a closed connection unless the
+//! signal is ignored; Rust binaries ignore it before `main`, so this matters only to hosts that
+//! embed the library in a non-Rust process.
+
+use std::io;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use thiserror::Error;
+
+mod net;
+mod receiver;
+mod sender;
+mod wire;
+
+pub use receiver::{Receiver, Sink};
+pub use sender::Sender;
+pub use wire::{MAX_FRAME_BYTES, MAX_RUNS_PER_FRAME, PROTOCOL_VERSION};
+
+/// Options of one transfer, identical on every rank of a run.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TcpOptions {
+    /// A token every rank of one run shares (from the rendezvous). Connections that present
+    /// another one are rejected, so a leftover sender of an earlier run cannot write into this
+    /// run's files.
+    pub session: u64,
+    /// Largest frame payload a sender buffers before sending, and the largest a receiver
+    /// accepts. Bounds memory on both sides; 1 ..= [`MAX_FRAME_BYTES`].
+    pub frame_bytes: usize,
+    /// No progress on a socket for this long means the peer is dead or hung: an error instead
+    /// of a hang. Also bounds how long [`Sender::connect`] retries.
+    pub io_timeout: Duration,
+}
+
+impl Default for TcpOptions {
+    fn default() -> Self {
+        TcpOptions {
+            session: 0,
+            frame_bytes: 1024 * 1024,
+            io_timeout: Duration::from_secs(60),
+        }
+    }
+}
+
+impl TcpOptions {
+    /// Checks that the options are usable; every constructor calls it.
+    pub fn validate(&self) -> Result<(), TransportError> {
+        if self.frame_bytes == 0 || self.frame_bytes > MAX_FRAME_BYTES {
+            return Err(TransportError::InvalidOptions {
+                detail: format!(
+                    "frame_bytes is {}, it must be 1 ..= {MAX_FRAME_BYTES}",
+                    self.frame_bytes
+                ),
+            });
+        }
+        if self.io_timeout < net::MIN_TIMEOUT {
+            return Err(TransportError::InvalidOptions {
+                detail: format!(
+                    "io_timeout is {:?}, it must be at least {:?}",
+                    self.io_timeout,
+                    net::MIN_TIMEOUT
+                ),
+            });
+        }
+        Ok(())
+    }
+}
+
+/// What a [`Receiver`] has received (returned by [`Receiver::wait`] and [`Receiver::stats`]).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ReceiveStats {
+    /// Payload bytes handed to the sink, which returned success.
+    pub bytes: u64,
+    /// The same, per sender rank (ranks that sent nothing are absent).
+    pub bytes_by_rank: std::collections::BTreeMap<usize, u64>,
+    /// Connections that ended with a valid end marker.
+    pub connections: usize,
+    /// Connections turned away at the hello (not our protocol, another session or version).
+    pub rejected: usize,
+}
+
+/// Why a transfer failed.
+///
+/// Cloneable so that the first failure a receiver records can be returned by every
+/// [`Receiver::wait`] call and a broken [`Sender`] can repeat its error.
+#[derive(Debug, Clone, Error)]
+pub enum TransportError {
+    /// [`TcpOptions`] out of range.
+    #[error("invalid TCP transport options: {detail}")]
+    InvalidOptions {
+        /// What is wrong.
+        detail: String,
+    },
+    /// A pushed run would end past byte `u64::MAX`; nothing was queued.
+    #[error("a run of {len} bytes at offset {offset} of file {file} would end past 2^64")]
+    InvalidRun {
+        /// File index.
+        file: u32,
+        /// Offset given.
+        offset: u64,
+        /// Its length.
+        len: usize,
+    },
+    /// Binding or configuring the listening socket failed.
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        /// The address.
+        addr: SocketAddr,
+        /// The error.
+        source: Arc<io::Error>,
+    },
+    /// A transport thread could not be started (out of threads or memory).
+    #[error("cannot start a transport thread: {source}")]
+    Spawn {
+        /// The error.
+        source: Arc<io::Error>,
+    },
+    /// [`Receiver::start`] was called twice.
+    #[error("the transport receiver was already started")]
+    AlreadyStarted,
+    /// [`Receiver::wait`] was called before [`Receiver::start`].
+    #[error("the transport receiver was not started")]
+    NotStarted,
+    /// No connection could be made within [`TcpOptions::io_timeout`]: nothing listens there,
+    /// the host is unreachable, or a firewall drops the packets.
+    #[error("could not connect to the receiver at {addr} within {waited:?}: {last_error}")]
+    Connect {
+        /// The address.
+        addr: SocketAddr,
+        /// How long we tried.
+        waited: Duration,
+        /// The last failure seen.
+        last_error: String,
+    },
+    /// The receiver refused the hello: another session or protocol version, or a frame size
+    /// above its limit (the ranks disagree on their options).
+    #[error("the receiver at {peer} rejected the connection: {reason}")]
+    Rejected {
+        /// The receiver's address.
+        peer: SocketAddr,
+        /// Its reason.
+        reason: String,
+    },
+    /// What answered at that address is not an axsave transport receiver.
+    #[error("the peer at {peer} does not speak axsave's TCP transport: {detail}")]
+    NotTransport {
+        /// The address.
+        peer: SocketAddr,
+        /// What was wrong.
+        detail: String,
+    },
+    /// The receiver closed the connection without telling why: its process died, or it shut
+    /// down or was cancelled.
+    #[error("the receiver at {peer} closed the connection while {during} (it died or gave up)")]
+    Closed {
+        /// The receiver's address.
+        peer: SocketAddr,
+        /// What the sender was doing.
+        during: &'static str,
+    },
+    /// The receiver reported a failure in place of an acknowledgement (its sink failed, it
+    /// got more bytes than expected, or it found our data malformed).
+    #[error("the receiver at {peer} reported an error: {message}")]
+    Remote {
+        /// The receiver's address.
+        peer: SocketAddr,
+        /// Its message.
+        message: String,
+    },
+    /// No progress on the connection for [`TcpOptions::io_timeout`]: the receiver is hung
+    /// (not reading) or unreachable.
+    #[error(
+        "no progress with the receiver at {peer} for {timeout:?} while {during}: it is hung or unreachable"
+    )]
+    Timeout {
+        /// The receiver's address.
+        peer: SocketAddr,
+        /// What the sender was doing.
+        during: &'static str,
+        /// The timeout that expired.
+        timeout: Duration,
+    },
+    /// Another socket error.
+    #[error("I/O error with {peer} while {during}: {source}")]
+    Io {
+        /// The peer's address.
+        peer: SocketAddr,
+        /// What was going on.
+        during: &'static str,
+        /// The error.
+        source: Arc<io::Error>,
+    },
+    /// The cancel flag was set (by another part of this process, usually because another
+    /// rank or thread failed).
+    #[error("the transfer was cancelled")]
+    Cancelled,
+    /// A sender closed its connection without the end marker: its process died, or it
+    /// dropped its [`Sender`] without finishing.
+    #[error("sender rank {rank} ({peer}) {detail}: it died or gave up")]
+    SenderDied {
+        /// The sender's rank.
+        rank: usize,
+        /// Its address.
+        peer: SocketAddr,
+        /// What happened.
+        detail: String,
+    },
+    /// A sender stopped in the middle of a message for [`TcpOptions::io_timeout`]: it is hung
+    /// or unreachable.
+    #[error(
+        "sender rank {rank} ({peer}) sent nothing for {timeout:?} in the middle of a message: it is hung or unreachable"
+    )]
+    SenderHung {
+        /// The sender's rank.
+        rank: usize,
+        /// Its address.
+        peer: SocketAddr,
+        /// The timeout that expired.
+        timeout: Duration,
+    },
+    /// A sender that passed the hello then sent something the protocol does not allow.
+    #[error("malformed data from sender rank {rank} ({peer}): {detail}")]
+    Malformed {
+        /// The sender's rank.
+        rank: usize,
+        /// Its address.
+        peer: SocketAddr,
+        /// What was wrong.
+        detail: String,
+    },
+    /// The sink returned an error (or panicked) for a run.
+    #[error(
+        "writing {len} bytes at offset {offset} of file {file} from sender rank {rank} failed: {message}"
+    )]
+    Sink {
+        /// The sender's rank.
+        rank: usize,
+        /// File index.
+        file: u32,
+        /// Offset of the run.
+        offset: u64,
+        /// Length of the run.
+        len: u64,
+        /// The sink's message.
+        message: String,
+    },
+    /// More payload bytes arrived than [`Receiver::wait`] expects: the plans of the ranks
+    /// disagree.
+    #[error("{received} payload bytes arrived, more than the {expected} expected{}",
+        .rank.map_or(String::new(), |r| format!(" (the excess from sender rank {r})")))]
+    TooManyBytes {
+        /// Bytes expected in total.
+        expected: u64,
+        /// Bytes that arrived (or were about to be handed to the sink).
+        received: u64,
+        /// The rank whose frame went over, when known.
+        rank: Option<usize>,
+    },
+    /// A sender's end marker announced a different byte total than arrived on its
+    /// connection.
+    #[error(
+        "sender rank {rank} ({peer}) announced {announced} bytes at its end but {received} arrived"
+    )]
+    CountMismatch {
+        /// The sender's rank.
+        rank: usize,
+        /// Its address.
+        peer: SocketAddr,
+        /// The total in the end marker.
+        announced: u64,
+        /// What this connection delivered.
+        received: u64,
+    },
+    /// Nothing arrived on any connection for [`TcpOptions::io_timeout`] while bytes were
+    /// still missing or connections still open: a sender is hung, died before connecting, or
+    /// never got its share of the plan.
+    #[error(
+        "nothing arrived for {idle:?}: {received} of {expected} bytes received; sender ranks with unfinished connections: {open:?}"
+    )]
+    Stalled {
+        /// How long nothing arrived.
+        idle: Duration,
+        /// Bytes received so far.
+        received: u64,
+        /// Bytes expected.
+        expected: u64,
+        /// Ranks of the connections that are open and not finished (one entry per
+        /// connection).
+        open: Vec<usize>,
+    },
+}
