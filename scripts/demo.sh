@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Builds axsave, saves the small 4-rank FSDP checkpoint that ships in tests/fixtures (written by
-# torch: a tiny Llama-shaped model, bf16, sharded over 4 ranks), checks the result byte for byte
-# against the reference the safetensors library wrote, and prints a short summary.
+# torch: a tiny Llama-shaped model, bf16, sharded over 4 ranks) with 4 axsave ranks started by
+# `axsave launch` (as torchrun would start them), checks the result byte for byte against the
+# reference the safetensors library wrote, and prints a short summary.
 # Needs only Rust; no torch.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -18,8 +19,8 @@ trap 'rm -rf "$out"' EXIT
 echo "==> the checkpoint"
 "$bin" inspect "$src" | head -n 6
 
-echo "==> saving"
-"$bin" --source "$src" --output "$out"
+echo "==> saving with 4 ranks"
+"$bin" launch -n 4 -- --source "$src" --output "$out"
 
 echo "==> checking"
 "$bin" verify --source "$src" --output "$out"

@@ -21,8 +21,10 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
     after_help = "Examples:\n  \
         axsave --source out/checkpoint-500/pytorch_model_fsdp_0 --output out/final\n  \
         axsave --source ckpt --output final --dtype bf16 --max-shard-size 2GB\n  \
+        mpirun -n 8 axsave --config cfg.yml\n  \
         torchrun --nproc-per-node 8 --no-python axsave --source ckpt --output final\n  \
         srun axsave --source /scratch/{node_rank}/ckpt --output /shared/final --mode sharded\n  \
+        axsave launch -n 4 -- --source ckpt --output final\n  \
         axsave inspect out/checkpoint-500/pytorch_model_fsdp_0\n  \
         axsave verify --source ckpt --output final\n\n\
         Exit codes: 0 success, 1 failure, 2 bad usage. Logs go to stderr; RUST_LOG=debug shows more."
@@ -52,56 +54,83 @@ pub enum Command {
     ///
     /// Example: axsave verify --source ckpt --output final
     Verify(VerifyArgs),
+    // No `///` here: a doc comment on the variant would replace the long help and examples
+    // that `LaunchArgs` carries.
+    Launch(crate::launch::LaunchArgs),
 }
 
 /// Options of a save.
 #[derive(Args, Debug, Clone)]
 pub struct SaveArgs {
-    /// Checkpoint directory: DCP (`.metadata` + `*.distcp`, e.g. `pytorch_model_fsdp_0`),
-    /// DCP Hugging Face shards (`shard-*-model-*.safetensors`), or a safetensors model (a
-    /// directory, a `.safetensors` file or an index).
-    #[arg(long, value_name = "DIR", required = true)]
+    /// The Axolotl config the training ran with (`cfg.yml`). axsave then finds the checkpoint in
+    /// `output_dir` (the final FSDP save, else the newest complete `checkpoint-N`, or DeepSpeed's
+    /// `latest`), writes into `output_dir`, picks the dtype from `bf16`/`fp16`, writes only the
+    /// adapter for `adapter: lora|qlora`, and copies the tokenizer and config files. Its
+    /// `axsave:` section may set source, output, mode, dtype, max_shard_size, transport,
+    /// memory_budget, timeout and cleanup; flags given here override it.
+    #[arg(long, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+
+    /// Checkpoint directory: DCP (`.metadata` + `*.distcp`, e.g. `pytorch_model_fsdp_0`), DCP
+    /// Hugging Face shards (`shard-*-model-*.safetensors`), or a safetensors model (a
+    /// directory, a `.safetensors` file or an index). `{rank}`, `{local_rank}` and
+    /// `{node_rank}` are replaced per rank, for node-local disks.
+    #[arg(long, value_name = "DIR", required_unless_present = "config")]
     pub source: Option<PathBuf>,
 
     /// Directory to write the model into (created if missing).
-    #[arg(long, value_name = "DIR", required = true)]
+    #[arg(long, value_name = "DIR", required_unless_present = "config")]
     pub output: Option<PathBuf>,
 
-    /// Dtype of floating tensors in the output; integer and bool tensors always keep theirs.
-    /// `bf16`/`fp16` round to nearest even exactly as torch's `.to()` does.
-    #[arg(long, value_enum, default_value = "keep")]
-    pub dtype: DtypeArg,
+    /// Dtype of floating tensors in the output (default: keep, or what the config implies);
+    /// integer and bool tensors always keep theirs. `bf16`/`fp16` round to nearest even exactly
+    /// as torch's `.to()` does.
+    #[arg(long, value_enum)]
+    pub dtype: Option<DtypeArg>,
 
-    /// Largest output file before the model is split into shards plus an index. Decimal units
-    /// as transformers reads them (KB, MB, GB = powers of 1000; KiB, MiB, GiB = powers of 1024).
-    #[arg(long, value_name = "SIZE", default_value = "5GB")]
-    pub max_shard_size: String,
+    /// Largest output file before the model is split into shards plus an index (default 5GB).
+    /// Decimal units as transformers reads them (KB, MB, GB = powers of 1000; KiB, MiB, GiB =
+    /// powers of 1024).
+    #[arg(long, value_name = "SIZE")]
+    pub max_shard_size: Option<String>,
 
-    /// Memory the copy buffers may use; peak memory stays near this whatever the model size.
-    #[arg(long, value_name = "SIZE", default_value = "256MiB")]
-    pub memory_budget: String,
+    /// Memory the copy buffers may use (default 256MiB); peak memory stays near this whatever
+    /// the model size.
+    #[arg(long, value_name = "SIZE")]
+    pub memory_budget: Option<String>,
 
     /// Replace a model already in the output directory (files of an older save that the new
     /// one does not have are removed once the new one is in place).
     #[arg(long)]
     pub force: bool,
 
+    /// After a successful save, remove the checkpoint directory it read (for DeepSpeed, the
+    /// tag directory and `latest`), and nothing else.
+    #[arg(long)]
+    pub cleanup: bool,
+
+    /// Print what would be read and written (and what --cleanup would remove), and write
+    /// nothing.
+    #[arg(long)]
+    pub dry_run: bool,
+
     /// How the ranks share the work when several processes run (torchrun, srun, mpirun,
-    /// `axsave launch`): `gather` has rank 0 write every file, receiving over the network only
-    /// the pieces it cannot read itself; `sharded` splits the output into at least one file per
-    /// rank, each written by one rank in parallel into a directory every rank shares.
-    #[arg(long, value_enum, default_value = "gather")]
-    pub mode: ModeArg,
+    /// `axsave launch`): `gather` (default) has rank 0 write every file, receiving over the
+    /// network only the pieces it cannot read itself; `sharded` splits the output into at least
+    /// one file per rank, each written by one rank in parallel into a directory every rank
+    /// shares.
+    #[arg(long, value_enum)]
+    pub mode: Option<ModeArg>,
 
     /// How pieces travel between ranks: `auto` or `tcp` (direct connections between ranks;
     /// the rendezvous goes through PyTorch's TCPStore protocol at MASTER_ADDR:MASTER_PORT).
     #[arg(long, value_enum, default_value = "auto")]
     pub transport: TransportArg,
 
-    /// Seconds a rank may go unheard before the others give up (a killed or hung rank makes
-    /// every rank exit non-zero within about this long).
-    #[arg(long, value_name = "SECONDS", default_value_t = 60)]
-    pub timeout: u64,
+    /// Seconds a rank may go unheard before the others give up (default 60): a killed or hung
+    /// rank makes every rank exit non-zero within about this long.
+    #[arg(long, value_name = "SECONDS")]
+    pub timeout: Option<u64>,
 
     /// Seconds to wait for every rank to join at the start.
     #[arg(long, value_name = "SECONDS", default_value_t = 300)]
@@ -115,7 +144,8 @@ pub struct SaveArgs {
     #[arg(long, short)]
     pub quiet: bool,
 
-    /// Print a JSON summary on stdout when done.
+    /// Print a JSON summary on stdout when done (files with sizes and SHA-256, tensors, dtypes,
+    /// seconds, bytes that crossed the network, transport, world size, launcher).
     #[arg(long)]
     pub json: bool,
 }

@@ -1,6 +1,5 @@
 //! The subcommands, each a thin layer over the library crates.
 
-use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::AtomicU64;
 
@@ -8,14 +7,34 @@ use std::time::Duration;
 
 use anyhow::{Context, Result};
 use axsave_core::distributed::{self, DistOptions, Progress as DistProgress, sha256_file};
-use axsave_core::layout::LayoutOptions;
-use axsave_core::plan::Mode;
 use axsave_core::save::{SaveOptions, save_local};
 use axsave_core::size::{human, parse_size};
 use axsave_formats::detect;
 
-use crate::cli::{InspectArgs, ModeArg, SaveArgs, VerifyArgs};
+use crate::cli::{InspectArgs, SaveArgs, VerifyArgs};
 use crate::progress::Progress;
+use crate::resolve::{Resolved, resolve_save};
+
+/// Appends a formatted line to a `String` (writing to a `String` cannot fail).
+macro_rules! outln {
+    ($o:expr) => {
+        $o.push('\n')
+    };
+    ($o:expr, $($arg:tt)*) => {{
+        use std::fmt::Write as _;
+        let _ = writeln!($o, $($arg)*);
+    }};
+}
+
+/// Writes to stdout; a reader that went away (`| head`) is not an error.
+fn print_stdout(text: &str) -> Result<()> {
+    use std::io::Write as _;
+    let mut out = std::io::stdout().lock();
+    match out.write_all(text.as_bytes()).and_then(|()| out.flush()) {
+        Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => Err(e.into()),
+        _ => Ok(()),
+    }
+}
 
 /// A mistake in how axsave was called (exit code 2).
 #[derive(Debug, thiserror::Error)]
@@ -44,61 +63,47 @@ fn run_tag() -> String {
 
 /// The default command: a save by this process alone, or this rank's part of a save by several.
 pub fn save(a: &SaveArgs) -> Result<()> {
-    let source: PathBuf = a
-        .source
-        .clone()
-        .ok_or_else(|| UsageError("--source is required".into()))?;
-    let output: PathBuf = a
-        .output
-        .clone()
-        .ok_or_else(|| UsageError("--output is required".into()))?;
-    let layout = LayoutOptions {
-        dtype: a.dtype.into(),
-        max_shard_size: size_arg("--max-shard-size", &a.max_shard_size)?,
-        min_files: 1,
-        stem: "model".into(),
-    };
-    let memory_budget = size_arg("--memory-budget", &a.memory_budget)?;
-    let workers = a.workers.unwrap_or_else(default_workers);
     let world = axsave_dist::detect_from_process_env()?;
     world.log_detected();
     let started = std::time::Instant::now();
+    let r = resolve_save(a, world.rank == 0)?;
+    if world.rank == 0 {
+        for n in &r.notes {
+            tracing::info!("{n}");
+        }
+        for w in &r.warnings {
+            tracing::warn!("{w}");
+        }
+    }
+    if a.dry_run {
+        // A plan needs no other rank: rank 0 prints it, the others have nothing to do.
+        return if world.rank == 0 { dry_run(&r) } else { Ok(()) };
+    }
+    let workers = a.workers.unwrap_or_else(default_workers);
     if world.world_size == 1 {
-        return save_alone(
-            a,
-            &source,
-            &output,
-            layout,
-            memory_budget,
-            workers,
-            &world,
-            started,
-        );
+        return save_alone(a, &r, workers, &world, started);
     }
     let _span = tracing::info_span!("rank", r = world.rank).entered();
-    let mode = match a.mode {
-        ModeArg::Gather => Mode::Gather,
-        ModeArg::Sharded => Mode::Sharded,
-    };
     let opts = DistOptions {
-        source: source.to_string_lossy().into_owned(),
-        output: output.clone(),
-        layout,
-        mode,
-        memory_budget,
+        source: r.source.clone(),
+        output: r.output.clone(),
+        layout: r.layout.clone(),
+        mode: r.mode,
+        memory_budget: r.memory_budget,
         force: a.force,
         workers,
-        timeout: Duration::from_secs(a.timeout.max(1)),
+        timeout: Duration::from_secs(r.timeout.max(1)),
         rendezvous_timeout: Duration::from_secs(a.rendezvous_timeout.max(1)),
         checksums: a.json,
-        fingerprint: fingerprint(a),
+        fingerprint: fingerprint(a, &r),
+        extras: r.extras.clone(),
     };
     if world.rank == 0 {
         tracing::info!(
             "{} ranks ({}), {} mode over tcp",
             world.world_size,
             world.launcher,
-            mode.as_str()
+            r.mode.as_str()
         );
     }
     let progress = Arc::new(DistProgress::default());
@@ -108,6 +113,10 @@ pub fn save(a: &SaveArgs) -> Result<()> {
         d.finish();
     }
     let Some(report) = result? else {
+        // Each rank removes its own view of the source when it is not shared.
+        if r.cleanup {
+            cleanup(&r, &world)?;
+        }
         return Ok(());
     };
     for n in &report.notes {
@@ -120,13 +129,13 @@ pub fn save(a: &SaveArgs) -> Result<()> {
             report.left_out[0]
         );
     }
-    for r in &report.replaced {
-        tracing::info!("removed {r} of the model this save replaced");
+    for x in &report.replaced {
+        tracing::info!("removed {x} of the model this save replaced");
     }
     let data_files = report
         .files
         .iter()
-        .filter(|f| !f.path.to_string_lossy().ends_with(".json"))
+        .filter(|f| f.path.to_string_lossy().ends_with(".safetensors"))
         .count();
     tracing::info!(
         "wrote {} tensors, {} in {} file{} to {} in {:.2}s ({}/s); {} crossed the network",
@@ -134,14 +143,17 @@ pub fn save(a: &SaveArgs) -> Result<()> {
         human(report.bytes),
         data_files,
         if data_files == 1 { "" } else { "s" },
-        output.display(),
+        r.output.display(),
         report.seconds,
         human((report.bytes as f64 / report.seconds.max(1e-9)) as u64),
         human(report.network_bytes),
     );
+    if r.cleanup && (report.shared_source || world.rank == 0) {
+        cleanup(&r, &world)?;
+    }
     if a.json {
         let summary = serde_json::json!({
-            "output": output,
+            "output": r.output,
             "files": report.files,
             "tensors": report.tensors,
             "bytes": report.bytes,
@@ -154,31 +166,104 @@ pub fn save(a: &SaveArgs) -> Result<()> {
             "world_size": report.world_size,
             "launcher": world.launcher.to_string(),
         });
-        println!("{}", serde_json::to_string_pretty(&summary)?);
+        print_stdout(&format!("{}\n", serde_json::to_string_pretty(&summary)?))?;
     }
     Ok(())
 }
 
+/// `--cleanup`: this rank's view of the source, once the save is committed.
+fn cleanup(r: &Resolved, world: &axsave_dist::World) -> Result<()> {
+    let src = axsave_core::distributed::inventory::expand_source(
+        &r.source,
+        world.rank,
+        world.local_rank,
+        world.node_rank,
+    )?;
+    let src = std::path::Path::new(&src);
+    if src.exists() {
+        for removed in axsave_core::axolotl::cleanup_source(src, &r.output)? {
+            tracing::info!("cleanup: removed {removed}");
+        }
+    }
+    Ok(())
+}
+
+/// `--dry-run`: what would be read and written.
+fn dry_run(r: &Resolved) -> Result<()> {
+    let source = std::path::PathBuf::from(&r.source);
+    let catalog = detect::open(&source)?;
+    let layout = axsave_core::layout::plan_layout(&catalog, &r.layout)?;
+    let mut o = String::new();
+    outln!(o, "dry run: nothing is written");
+    outln!(
+        o,
+        "source:  {} ({}, {} tensors, {})",
+        source.display(),
+        catalog.format,
+        catalog.tensors.len(),
+        human(catalog.total_bytes())
+    );
+    outln!(
+        o,
+        "output:  {} ({} tensors, {}, dtype {})",
+        r.output.display(),
+        layout.tensors.len(),
+        human(layout.total_size),
+        r.layout.dtype.as_str()
+    );
+    outln!(o, "mode:    {}", r.mode.as_str());
+    for f in &layout.files {
+        outln!(
+            o,
+            "  would write {} ({} bytes, {} tensors)",
+            f.name,
+            f.size,
+            f.tensors.len()
+        );
+    }
+    if let Some(name) = layout.index_name() {
+        outln!(o, "  would write {name}");
+    }
+    for (name, from) in r.extras.sources() {
+        outln!(o, "  would write {name} (from {from})");
+    }
+    let existing = axsave_core::output::existing_model_files(&r.output, &r.layout.stem)?;
+    if !existing.is_empty() {
+        outln!(
+            o,
+            "  {} already holds {} (a save would need --force)",
+            r.output.display(),
+            existing.join(", ")
+        );
+    }
+    if r.cleanup {
+        outln!(
+            o,
+            "cleanup: would remove {} after success",
+            source.display()
+        );
+    }
+    print_stdout(&o)
+}
+
 /// One process, no rendezvous.
-#[allow(clippy::too_many_arguments)]
 fn save_alone(
     a: &SaveArgs,
-    source: &std::path::Path,
-    output: &std::path::Path,
-    layout: LayoutOptions,
-    memory_budget: u64,
+    r: &Resolved,
     workers: usize,
     world: &axsave_dist::World,
     started: std::time::Instant,
 ) -> Result<()> {
     let opts = SaveOptions {
-        output: output.to_path_buf(),
-        layout,
-        memory_budget,
+        output: r.output.clone(),
+        layout: r.layout.clone(),
+        memory_budget: r.memory_budget,
         force: a.force,
         workers,
         tag: run_tag(),
+        extras: r.extras.clone(),
     };
+    let source = std::path::Path::new(&r.source);
     let catalog = detect::open(source)?;
     tracing::info!(
         "{}: {} ({} tensors, {}{})",
@@ -206,8 +291,8 @@ fn save_alone(
             layout.left_out[0]
         );
     }
-    for r in &report.replaced {
-        tracing::info!("removed {r} of the model this save replaced");
+    for x in &report.replaced {
+        tracing::info!("removed {x} of the model this save replaced");
     }
     tracing::info!(
         "wrote {} tensors, {} in {} file{} to {} in {:.2}s ({}/s)",
@@ -215,10 +300,13 @@ fn save_alone(
         human(report.bytes),
         layout.files.len(),
         if layout.files.len() == 1 { "" } else { "s" },
-        output.display(),
+        r.output.display(),
         report.seconds,
         human((report.bytes as f64 / report.seconds.max(1e-9)) as u64)
     );
+    if r.cleanup {
+        cleanup(r, world)?;
+    }
     if a.json {
         let mut files = Vec::new();
         for (p, size) in &report.files {
@@ -232,7 +320,7 @@ fn save_alone(
             }
         }
         let summary = serde_json::json!({
-            "output": output,
+            "output": r.output,
             "files": files,
             "tensors": report.tensors,
             "bytes": report.bytes,
@@ -245,7 +333,7 @@ fn save_alone(
             "world_size": 1,
             "launcher": world.launcher.to_string(),
         });
-        println!("{}", serde_json::to_string_pretty(&summary)?);
+        print_stdout(&format!("{}\n", serde_json::to_string_pretty(&summary)?))?;
     }
     Ok(())
 }
@@ -259,11 +347,17 @@ fn dtype_summary(d: &[(axsave_formats::DType, usize)]) -> serde_json::Value {
     )
 }
 
-/// A digest of the arguments every rank must agree on (what and where to save, and how).
-fn fingerprint(a: &SaveArgs) -> String {
+/// A digest of what every rank must agree on: what and where to save, and how.
+fn fingerprint(a: &SaveArgs, r: &Resolved) -> String {
     let key = format!(
-        "{:?}|{:?}|{:?}|{}|{:?}|{}|{:?}",
-        a.source, a.output, a.dtype, a.max_shard_size, a.mode, a.force, a.transport
+        "{}|{}|{:?}|{:?}|{}|{}|{:?}",
+        r.source,
+        r.output.display(),
+        r.layout,
+        r.mode,
+        a.force,
+        r.cleanup,
+        a.transport
     );
     let mut h = crc32fast::Hasher::new();
     h.update(key.as_bytes());
@@ -303,31 +397,33 @@ pub fn inspect(a: &InspectArgs) -> Result<()> {
             "skipped": c.skipped,
             "notes": c.notes,
         });
-        println!("{}", serde_json::to_string_pretty(&v)?);
-        return Ok(());
+        return print_stdout(&format!("{}\n", serde_json::to_string_pretty(&v)?));
     }
-    println!("format:       {}", c.format);
+    let mut o = String::new();
+    outln!(o, "format:       {}", c.format);
     if let Some(r) = c.writer_ranks {
-        println!("written by:   {r} rank{}", if r == 1 { "" } else { "s" });
+        outln!(o, "written by:   {r} rank{}", if r == 1 { "" } else { "s" });
     }
-    println!("files:        {}", c.files.len());
-    println!("tensors:      {}", c.tensors.len());
-    println!(
+    outln!(o, "files:        {}", c.files.len());
+    outln!(o, "tensors:      {}", c.tensors.len());
+    outln!(
+        o,
         "total:        {} ({} bytes)",
         human(c.total_bytes()),
         c.total_bytes()
     );
     if !c.skipped.is_empty() {
-        println!(
+        outln!(
+            o,
             "non-tensors:  {} skipped ({})",
             c.skipped.len(),
             c.skipped.join(", ")
         );
     }
     for n in &c.notes {
-        println!("note:         {n}");
+        outln!(o, "note:         {n}");
     }
-    println!();
+    outln!(o);
     let width = c
         .tensors
         .iter()
@@ -335,12 +431,18 @@ pub fn inspect(a: &InspectArgs) -> Result<()> {
         .max()
         .unwrap_or(4)
         .max(4);
-    println!(
+    outln!(
+        o,
         "{:<width$}  {:<7}  {:<20}  {:>6}  {:>12}",
-        "name", "dtype", "shape", "pieces", "bytes"
+        "name",
+        "dtype",
+        "shape",
+        "pieces",
+        "bytes"
     );
     for t in &c.tensors {
-        println!(
+        outln!(
+            o,
             "{:<width$}  {:<7}  {:<20}  {:>6}  {:>12}",
             t.name,
             t.dtype.to_string(),
@@ -349,7 +451,7 @@ pub fn inspect(a: &InspectArgs) -> Result<()> {
             t.nbytes()
         );
     }
-    Ok(())
+    print_stdout(&o)
 }
 
 /// `axsave verify`.

@@ -3,7 +3,9 @@
 
 mod cli;
 mod commands;
+mod launch;
 mod progress;
+mod resolve;
 
 use std::process::ExitCode;
 
@@ -16,6 +18,11 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Some(cli::Command::Inspect(a)) => commands::inspect(&a),
         Some(cli::Command::Verify(a)) => commands::verify(&a),
+        // The launcher's exit code is its ranks' (or 128 + a signal), not just 0 or 1.
+        Some(cli::Command::Launch(a)) => match launch::run(&a) {
+            Ok(code) => return code,
+            Err(e) => Err(e),
+        },
         None => commands::save(&cli.save),
     };
     match result {

@@ -17,7 +17,8 @@ def main() -> int:
     label = sys.argv[1]
     cmd = sys.argv[sys.argv.index("--") + 1 :]
     start = time.perf_counter()
-    proc = subprocess.Popen(cmd)
+    # The command's own output goes to stderr, so stdout carries only the JSON line.
+    proc = subprocess.Popen(cmd, stdout=sys.stderr)
     _, status, usage = os.wait4(proc.pid, 0)
     wall = time.perf_counter() - start
     children = resource.getrusage(resource.RUSAGE_CHILDREN)

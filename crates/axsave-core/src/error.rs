@@ -30,6 +30,9 @@ pub enum CoreError {
         /// The files found.
         names: Vec<String>,
     },
+    /// The Axolotl config (or a file it names) is wrong, or what it describes cannot be found.
+    #[error("{0}")]
+    Config(String),
     /// A dtype conversion the executor cannot do.
     #[error("cannot convert tensor {tensor} from {from} to {to}")]
     Convert {

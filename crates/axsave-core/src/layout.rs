@@ -60,6 +60,8 @@ pub struct LayoutOptions {
     pub min_files: usize,
     /// File name stem: `model` gives `model.safetensors` / `model-00001-of-00002.safetensors`.
     pub stem: String,
+    /// Write only a PEFT adapter, under the names PEFT's `save_pretrained` gives it.
+    pub adapter: bool,
 }
 
 impl Default for LayoutOptions {
@@ -69,6 +71,7 @@ impl Default for LayoutOptions {
             max_shard_size: 5_000_000_000,
             min_files: 1,
             stem: "model".into(),
+            adapter: false,
         }
     }
 }
@@ -186,13 +189,28 @@ pub fn split_greedy(sizes: &[u64], max: u64) -> Vec<Vec<usize>> {
 
 /// Computes the output layout of a catalog.
 pub fn plan_layout(catalog: &Catalog, opts: &LayoutOptions) -> Result<Layout> {
-    let names = output_names(catalog);
+    let mut names = output_names(catalog);
+    if opts.adapter {
+        let adapter = crate::axolotl::peft::adapter_name(names.iter().flatten().map(String::as_str))
+            .ok_or_else(|| {
+                CoreError::Layout(
+                    "the checkpoint holds no LoRA tensors (lora_A / lora_B / lora_embedding_*): it is not an adapter run"
+                        .into(),
+                )
+            })?;
+        names = names
+            .into_iter()
+            .map(|n| n.and_then(|n| crate::axolotl::peft::saved_name(&n, &adapter)))
+            .collect();
+    }
     let mut tensors = Vec::new();
     let mut left_out = Vec::new();
     let mut seen: HashMap<String, usize> = HashMap::new();
     for (i, (t, name)) in catalog.tensors.iter().zip(names).enumerate() {
         let Some(name) = name else {
-            left_out.push(t.name.clone());
+            if !opts.adapter {
+                left_out.push(t.name.clone());
+            }
             continue;
         };
         if let Some(&j) = seen.get(&name) {
@@ -219,9 +237,11 @@ pub fn plan_layout(catalog: &Catalog, opts: &LayoutOptions) -> Result<Layout> {
         });
     }
     if tensors.is_empty() {
-        return Err(CoreError::Layout(
-            "the checkpoint holds no tensors to write".into(),
-        ));
+        return Err(CoreError::Layout(if opts.adapter {
+            "the adapter has no tensors: nothing to write".into()
+        } else {
+            "the checkpoint holds no tensors to write".into()
+        }));
     }
     let sizes: Vec<u64> = tensors.iter().map(|t| t.nbytes).collect();
     let total_size: u64 = sizes.iter().sum();

@@ -2,6 +2,7 @@
 //! will be), the plan (who reads and writes what), the executor (moving bytes with bounded
 //! memory) and finalization (temporary names, fsync, atomic renames).
 
+pub mod axolotl;
 pub mod distributed;
 pub mod error;
 pub mod execute;

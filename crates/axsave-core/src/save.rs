@@ -27,6 +27,8 @@ pub struct SaveOptions {
     pub workers: usize,
     /// A tag that makes this run's temporary names unique.
     pub tag: String,
+    /// Files written beside the weights (tokenizer, config).
+    pub extras: crate::axolotl::Extras,
 }
 
 /// What a finished save wrote.
@@ -122,27 +124,25 @@ pub fn save_local(
         files.discard();
         return Err(e);
     }
-    let index = match layout.index_json() {
-        Some(json) => {
-            let name = layout.index_name().unwrap_or_default();
-            match output::write_small(&opts.output, &name, &opts.tag, json.as_bytes()) {
-                Ok(p) => Some((p, name)),
-                Err(e) => {
-                    files.discard();
-                    return Err(e);
-                }
-            }
+    let extras = match opts.extras.render(&layout) {
+        Ok(e) => e,
+        Err(e) => {
+            files.discard();
+            return Err(e);
         }
-        None => None,
     };
     drop(files);
-    let replaced = finalize(&opts.output, &layout, &opts.tag, index, &existing)?;
+    let replaced = finalize(&opts.output, &layout, &opts.tag, &extras, &existing)?;
     let mut report_files: Vec<(PathBuf, u64)> = layout
         .files
         .iter()
         .map(|f| (opts.output.join(&f.name), f.size))
         .collect();
-    if let Some(name) = layout.index_name() {
+    for name in layout
+        .index_name()
+        .into_iter()
+        .chain(extras.iter().map(|(n, _)| n.clone()))
+    {
         let p = opts.output.join(&name);
         let size = std::fs::metadata(&p).map(|m| m.len()).unwrap_or(0);
         report_files.push((p, size));
@@ -158,15 +158,34 @@ pub fn save_local(
 }
 
 /// Puts a finished output in place, in an order that never shows a whole-looking mix of old
-/// and new: the old index goes first, then the new data files are renamed in, then old data
-/// files the new model does not have are removed, then the new index is renamed in.
+/// and new: the small files (the index, `extras` such as the tokenizer) are written under
+/// temporary names first; then the old index goes, the new data files are renamed in, old data
+/// files the new model does not have are removed, the extras are renamed in, and the new index
+/// comes last.
 pub fn finalize(
     dir: &Path,
     layout: &Layout,
     tag: &str,
-    index: Option<(PathBuf, String)>,
+    extras: &[(String, Vec<u8>)],
     existing: &[String],
 ) -> Result<Vec<String>> {
+    let mut small: Vec<(PathBuf, String)> = Vec::new();
+    let written = (|| -> Result<()> {
+        for (name, bytes) in extras {
+            small.push((output::write_small(dir, name, tag, bytes)?, name.clone()));
+        }
+        if let (Some(name), Some(json)) = (layout.index_name(), layout.index_json()) {
+            small.push((output::write_small(dir, &name, tag, json.as_bytes())?, name));
+        }
+        Ok(())
+    })();
+    if let Err(e) = written {
+        for (p, _) in &small {
+            let _ = std::fs::remove_file(p);
+        }
+        output::remove_temps(dir, &layout.final_names(), tag);
+        return Err(e);
+    }
     let new_names = layout.final_names();
     let mut replaced = Vec::new();
     for old in existing.iter().filter(|n| n.ends_with(".index.json")) {
@@ -181,8 +200,9 @@ pub fn finalize(
         std::fs::remove_file(dir.join(old)).map_err(|e| CoreError::io(dir.join(old), e))?;
         replaced.push(old.clone());
     }
-    if let Some((temp, name)) = index {
-        output::commit_small(dir, &temp, &name)?;
+    // The index was pushed last, so it is renamed last.
+    for (temp, name) in &small {
+        output::commit_small(dir, temp, name)?;
     }
     output::sync_dir(dir)?;
     Ok(replaced)

@@ -70,6 +70,8 @@ pub struct DistOptions {
     pub checksums: bool,
     /// A digest of the arguments that must agree across ranks.
     pub fingerprint: String,
+    /// Files rank 0 writes beside the weights (tokenizer, config).
+    pub extras: crate::axolotl::Extras,
 }
 
 /// What rank 0 reports after a successful save.
@@ -608,20 +610,11 @@ impl Rank<'_> {
         }
         self.check_cancel()?;
         let existing = check_output(&opts.output, &opts.layout.stem, opts.force)?;
-        let index = match layout.index_json() {
-            Some(text) => {
-                let name = layout.index_name().unwrap_or_default();
-                Some((
-                    output::write_small(&opts.output, &name, &tag, text.as_bytes())?,
-                    name,
-                ))
-            }
-            None => None,
-        };
+        let extras = opts.extras.render(&layout)?;
         // Rank 0 renames every file, its own and (in sharded mode, in the shared directory) the
         // others', so the commit happens in one place.
         drop(files);
-        let replaced = finalize(&opts.output, &layout, &tag, index, &existing)?;
+        let replaced = finalize(&opts.output, &layout, &tag, &extras, &existing)?;
         self.temps = None;
         self.client.set("committed", b"1").map_err(remote)?;
         watchdog.stop();
@@ -645,7 +638,11 @@ impl Rank<'_> {
                 sha256: sha,
             })
             .collect();
-        if let Some(name) = layout.index_name() {
+        for name in layout
+            .index_name()
+            .into_iter()
+            .chain(extras.iter().map(|(n, _)| n.clone()))
+        {
             let p = opts.output.join(&name);
             files_report.push(OutputFileReport {
                 size: std::fs::metadata(&p).map(|m| m.len()).unwrap_or(0),

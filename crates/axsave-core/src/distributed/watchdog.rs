@@ -110,7 +110,8 @@ impl Watchdog {
                     ));
                     break;
                 }
-                std::thread::sleep(TICK);
+                // Parked rather than asleep, so that `stop` wakes it at once.
+                std::thread::park_timeout(TICK);
             }
         });
         Watchdog {
@@ -127,6 +128,7 @@ impl Watchdog {
     fn halt(&mut self) {
         self.stop.store(true, Ordering::SeqCst);
         if let Some(h) = self.handle.take() {
+            h.thread().unpark();
             let _ = h.join();
         }
     }
