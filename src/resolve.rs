@@ -249,7 +249,10 @@ fn gather_extras(
             .find(|p| p.is_file())
         {
             Some(p) => {
-                let bytes = std::fs::read(&p).with_context(|| p.display().to_string())?;
+                let raw = std::fs::read(&p).with_context(|| p.display().to_string())?;
+                let bytes = peft::saved_adapter_config(&raw)
+                    .ok_or_else(|| anyhow::anyhow!("{}: not a JSON object", p.display()))?
+                    .into_bytes();
                 notes.push(format!("adapter_config.json from {}", p.display()));
                 files.push(Extra {
                     name: "adapter_config.json".into(),

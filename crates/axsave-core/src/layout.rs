@@ -191,17 +191,12 @@ pub fn split_greedy(sizes: &[u64], max: u64) -> Vec<Vec<usize>> {
 pub fn plan_layout(catalog: &Catalog, opts: &LayoutOptions) -> Result<Layout> {
     let mut names = output_names(catalog);
     if opts.adapter {
-        let adapter = crate::axolotl::peft::adapter_name(names.iter().flatten().map(String::as_str))
-            .ok_or_else(|| {
-                CoreError::Layout(
-                    "the checkpoint holds no LoRA tensors (lora_A / lora_B / lora_embedding_*): it is not an adapter run"
-                        .into(),
-                )
-            })?;
-        names = names
-            .into_iter()
-            .map(|n| n.and_then(|n| crate::axolotl::peft::saved_name(&n, &adapter)))
-            .collect();
+        names = crate::axolotl::peft::adapter_names(&names).ok_or_else(|| {
+            CoreError::Layout(
+                "the checkpoint holds no LoRA tensors (lora_A / lora_B / lora_embedding_*): the adapter has no tensors"
+                    .into(),
+            )
+        })?;
     }
     let mut tensors = Vec::new();
     let mut left_out = Vec::new();

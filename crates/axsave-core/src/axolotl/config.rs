@@ -21,24 +21,35 @@ pub enum BoolOrAuto {
 
 impl<'de> Deserialize<'de> for BoolOrAuto {
     fn deserialize<D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
-        #[derive(Deserialize)]
-        #[serde(untagged)]
-        enum Raw {
-            Bool(bool),
-            Text(String),
+        struct V;
+        impl serde::de::Visitor<'_> for V {
+            type Value = BoolOrAuto;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("true, false or auto")
+            }
+            fn visit_bool<E: serde::de::Error>(
+                self,
+                b: bool,
+            ) -> std::result::Result<BoolOrAuto, E> {
+                Ok(if b {
+                    BoolOrAuto::True
+                } else {
+                    BoolOrAuto::False
+                })
+            }
+            fn visit_str<E: serde::de::Error>(self, s: &str) -> std::result::Result<BoolOrAuto, E> {
+                match s.to_ascii_lowercase().as_str() {
+                    "auto" => Ok(BoolOrAuto::Auto),
+                    "true" => Ok(BoolOrAuto::True),
+                    "false" => Ok(BoolOrAuto::False),
+                    _ => Err(E::invalid_value(serde::de::Unexpected::Str(s), &self)),
+                }
+            }
+            fn visit_unit<E: serde::de::Error>(self) -> std::result::Result<BoolOrAuto, E> {
+                Ok(BoolOrAuto::False)
+            }
         }
-        match Raw::deserialize(d)? {
-            Raw::Bool(true) => Ok(BoolOrAuto::True),
-            Raw::Bool(false) => Ok(BoolOrAuto::False),
-            Raw::Text(s) => match s.to_ascii_lowercase().as_str() {
-                "auto" => Ok(BoolOrAuto::Auto),
-                "true" => Ok(BoolOrAuto::True),
-                "false" => Ok(BoolOrAuto::False),
-                _ => Err(serde::de::Error::custom(format!(
-                    "expected true, false or auto, found {s:?}"
-                ))),
-            },
-        }
+        d.deserialize_any(V)
     }
 }
 

@@ -92,27 +92,22 @@ pub fn find_tokenizer(search: &[PathBuf]) -> Result<Vec<Extra>> {
     Ok(Vec::new())
 }
 
-/// Reads `config.json` and `generation_config.json` from the first directory of `search` that
-/// has a `config.json`.
+/// Reads `config.json` and `generation_config.json`, each from the first directory of `search`
+/// that has it (Axolotl's output_dir has a `config.json` but no `generation_config.json`; the
+/// base model has both).
 pub fn find_model_config(search: &[PathBuf]) -> Result<Vec<Extra>> {
-    for dir in search {
-        if dir.join("config.json").is_file() {
-            let mut out = Vec::new();
-            for f in ["config.json", "generation_config.json"] {
-                let from = dir.join(f);
-                if from.is_file() {
-                    let bytes = std::fs::read(&from).map_err(|e| CoreError::io(&from, e))?;
-                    out.push(Extra {
-                        name: f.to_string(),
-                        bytes,
-                        from,
-                    });
-                }
-            }
-            return Ok(out);
+    let mut out = Vec::new();
+    for f in ["config.json", "generation_config.json"] {
+        if let Some(from) = search.iter().map(|d| d.join(f)).find(|p| p.is_file()) {
+            let bytes = std::fs::read(&from).map_err(|e| CoreError::io(&from, e))?;
+            out.push(Extra {
+                name: f.to_string(),
+                bytes,
+                from,
+            });
         }
     }
-    Ok(Vec::new())
+    Ok(out)
 }
 
 /// Drops FSDP2's `FSDP` class prefix from one architecture name: exactly that prefix, once

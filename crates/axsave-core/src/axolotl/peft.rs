@@ -29,16 +29,56 @@ pub fn adapter_name<'a>(names: impl IntoIterator<Item = &'a str>) -> Option<Stri
     None
 }
 
-/// PEFT's saved name for a tensor of the state dict, or `None` when it is not part of the
-/// adapter (a frozen base weight, another adapter's tensor, a `modules_to_save` original).
+/// The adapter's tensors of a state dict, under the names PEFT's `save_pretrained` gives them;
+/// `None` for tensors that are not part of the adapter.
+///
+/// Two inputs occur. A full `PeftModel` state dict (what `Accelerator.save_state` and raw FSDP
+/// saves hold) has names with the adapter name (`...lora_A.default.weight`) and every frozen base
+/// weight; it is filtered as `get_peft_model_state_dict` does. A Trainer checkpoint was already
+/// saved through that function (`adapter_only=True`): no adapter name, nothing to filter, and
+/// the names are kept. `None` overall when there is no LoRA tensor at all.
+pub fn adapter_names(names: &[Option<String>]) -> Option<Vec<Option<String>>> {
+    let all = || names.iter().flatten().map(String::as_str);
+    if let Some(adapter) = adapter_name(all()) {
+        // Embedding layers that are LoRA targets are saved whole too (PEFT's
+        // `save_embedding_layers="auto"`): their base weight goes along.
+        let embedding_bases: Vec<String> = all()
+            .filter_map(|n| {
+                n.split_once(".lora_embedding_A")
+                    .map(|(p, _)| format!("{p}.base_layer.weight"))
+            })
+            .collect();
+        return Some(
+            names
+                .iter()
+                .map(|n| {
+                    let n = n.as_deref()?;
+                    if embedding_bases.iter().any(|b| b == n) {
+                        return Some(n.to_string());
+                    }
+                    saved_name(n, &adapter)
+                })
+                .collect(),
+        );
+    }
+    all().any(|n| n.contains("lora_")).then(|| names.to_vec())
+}
+
+/// PEFT's saved name for one tensor of a full `PeftModel` state dict, or `None` when it is not
+/// part of the adapter (a frozen base weight, another adapter's tensor, a `modules_to_save`
+/// original).
 ///
 /// This follows `get_peft_model_state_dict` (bias `none`): keep LoRA tensors of this adapter and
-/// the `modules_to_save` copies (without their `modules_to_save.` segment), then remove
-/// `.<adapter>` from the name. The `base_model.model.` prefix stays.
+/// the `modules_to_save` copies (without their `modules_to_save.` segment), drop DoRA's
+/// `.weight` after `lora_magnitude_vector.<adapter>`, then remove `.<adapter>` from the name.
+/// The `base_model.model.` prefix stays.
 pub fn saved_name(name: &str, adapter: &str) -> Option<String> {
     let tag = format!(".{adapter}");
+    let dora = format!("lora_magnitude_vector.{adapter}.weight");
     let kept = if name.contains(&format!(".modules_to_save.{adapter}")) {
         name.replacen("modules_to_save.", "", 1)
+    } else if name.ends_with(&dora) {
+        name[..name.len() - ".weight".len()].to_string()
     } else if name.contains("lora_") && name.contains(adapter) && !name.contains("original_module")
     {
         name.to_string()
@@ -46,6 +86,20 @@ pub fn saved_name(name: &str, adapter: &str) -> Option<String> {
         return None;
     };
     Some(kept.replace(&tag, ""))
+}
+
+/// JSON as PEFT writes `adapter_config.json`: sorted keys, indent 2, no final newline.
+fn peft_json(v: &Value) -> String {
+    super::json_sorted(v).trim_end().to_string()
+}
+
+/// The run's own `adapter_config.json` as PEFT's `save_pretrained` writes it: the config Axolotl
+/// wrote before training has `inference_mode: false`; a saved adapter has `true`.
+pub fn saved_adapter_config(bytes: &[u8]) -> Option<String> {
+    let mut v: Value = serde_json::from_slice(bytes).ok()?;
+    v.as_object_mut()?
+        .insert("inference_mode".into(), Value::from(true));
+    Some(peft_json(&v))
 }
 
 /// An `adapter_config.json` built from the Axolotl config, with the keys PEFT needs to load the
@@ -87,7 +141,7 @@ pub fn build_adapter_config(cfg: &AxolotlConfig) -> String {
     );
     m.insert("fan_in_fan_out".into(), Value::from(false));
     m.insert("inference_mode".into(), Value::from(true));
-    super::json_sorted(&Value::Object(m))
+    peft_json(&Value::Object(m))
 }
 
 #[cfg(test)]
@@ -129,8 +183,37 @@ mod tests {
             None
         );
         assert_eq!(
+            saved_name(
+                "base_model.model.model.layers.0.self_attn.q_proj.lora_magnitude_vector.default.weight",
+                a
+            )
+            .as_deref(),
+            Some("base_model.model.model.layers.0.self_attn.q_proj.lora_magnitude_vector")
+        );
+        assert_eq!(
             adapter_name(["x.weight", "m.q_proj.lora_B.mine.weight"]).as_deref(),
             Some("mine")
+        );
+        // A Trainer checkpoint: already PEFT's names, kept whole.
+        let saved = vec![
+            Some("base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight".to_string()),
+            Some("base_model.model.lm_head.weight".to_string()),
+        ];
+        assert_eq!(adapter_names(&saved), Some(saved.clone()));
+        assert_eq!(adapter_names(&[Some("model.w".to_string())]), None);
+        // Embedding targets take their base weight along.
+        let full = vec![
+            Some("base_model.model.model.embed_tokens.base_layer.weight".to_string()),
+            Some("base_model.model.model.embed_tokens.lora_embedding_A.default".to_string()),
+            Some("base_model.model.model.norm.weight".to_string()),
+        ];
+        assert_eq!(
+            adapter_names(&full).unwrap(),
+            vec![
+                Some("base_model.model.model.embed_tokens.base_layer.weight".to_string()),
+                Some("base_model.model.model.embed_tokens.lora_embedding_A".to_string()),
+                None
+            ]
         );
     }
 
