@@ -4,7 +4,7 @@ use std::path::Path;
 
 use crate::catalog::Catalog;
 use crate::error::{FormatError, Result};
-use crate::{dcp, st_reader};
+use crate::{dcp, st_reader, zero};
 
 /// What kind of checkpoint a path holds, without reading it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -15,6 +15,8 @@ pub enum Detected {
     DcpHf,
     /// A finished safetensors model.
     Safetensors,
+    /// DeepSpeed ZeRO (`latest` + `global_stepN/*_optim_states.pt`, or a tag directory).
+    DeepSpeed,
 }
 
 /// Detects the format of `path` (a directory, or a single safetensors file / index).
@@ -38,6 +40,9 @@ pub fn detect(path: &Path) -> Result<Detected> {
     if dcp::is_dcp(path) {
         return Ok(Detected::Dcp);
     }
+    if zero::is_zero(path) {
+        return Ok(Detected::DeepSpeed);
+    }
     if !st_reader::hf_shards(path)?.is_empty() {
         return Ok(Detected::DcpHf);
     }
@@ -56,6 +61,7 @@ pub fn open(path: &Path) -> Result<Catalog> {
         Detected::Dcp => dcp::read(path),
         Detected::DcpHf => st_reader::read_hf(path),
         Detected::Safetensors => st_reader::read_model(path),
+        Detected::DeepSpeed => zero::read(path),
     }
 }
 
@@ -70,6 +76,7 @@ pub fn open_partial(
         Detected::Dcp => dcp::read_partial(path, dcp_metadata),
         Detected::DcpHf => st_reader::read_hf_partial(path),
         Detected::Safetensors => st_reader::read_model_partial(path),
+        Detected::DeepSpeed => zero::read_partial(path),
     }
 }
 
@@ -84,15 +91,16 @@ fn hint(dir: &Path) -> String {
             .collect();
         names.sort();
         for sub in names {
-            let holds =
-                dcp::is_dcp(&sub) || st_reader::hf_shards(&sub).is_ok_and(|s| !s.is_empty());
+            let holds = dcp::is_dcp(&sub)
+                || zero::is_zero(&sub)
+                || st_reader::hf_shards(&sub).is_ok_and(|s| !s.is_empty());
             if holds {
                 found.push(sub.display().to_string());
             }
         }
     }
     if found.is_empty() {
-        "looked for DCP (.metadata + .distcp), DCP Hugging Face shards (shard-*-model-*.safetensors) and safetensors (model.safetensors or an index)".into()
+        "looked for DCP (.metadata + .distcp), DeepSpeed ZeRO (latest + global_stepN/*_optim_states.pt), DCP Hugging Face shards (shard-*-model-*.safetensors) and safetensors (model.safetensors or an index)".into()
     } else {
         format!(
             "it holds none itself, but these subdirectories do: {}",

@@ -7,6 +7,7 @@
 //! - [`pickle`]: a pickle machine that builds values and never executes anything;
 //! - [`zip`] and [`torchsave`]: `torch.save` archives read in place;
 //! - [`dcp`]: PyTorch Distributed Checkpoint (`.metadata` + `.distcp`);
+//! - [`zero`]: DeepSpeed ZeRO 1/2/3 checkpoints, read as `zero_to_fp32.py` consolidates them;
 //! - [`convert`]: dtype conversions bit-identical to torch's `.to()`.
 
 pub mod catalog;
@@ -20,6 +21,7 @@ pub mod pickle;
 pub mod st_header;
 pub mod st_reader;
 pub mod torchsave;
+pub mod zero;
 pub mod zip;
 
 pub use catalog::{Catalog, Checksum, Encoding, Format, Piece, Region, SourceFile, TensorEntry};

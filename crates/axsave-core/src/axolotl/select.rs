@@ -35,7 +35,7 @@ fn checkpoints(dir: &Path) -> Vec<(u64, PathBuf)> {
         })
         .collect();
     // By number: checkpoint-20 is newer than checkpoint-9.
-    v.sort_by(|a, b| b.0.cmp(&a.0));
+    v.sort_by_key(|e| std::cmp::Reverse(e.0));
     v
 }
 
