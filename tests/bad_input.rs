@@ -239,3 +239,50 @@ fn bad_usage_exits_2() {
     let o = axsave(&["--source", "x", "--output", "y", "--dtype", "int4"]);
     assert_eq!(o.status.code(), Some(2));
 }
+
+/// A shard rewritten while the save reads it: the identity check refuses the result.
+#[test]
+fn source_rewritten_during_the_save_is_refused() {
+    let (_t, ckpt) = copy_of("fsdp_w2");
+    let out = tempfile::tempdir().unwrap();
+    let flags = tempfile::tempdir().unwrap();
+    let reached = flags.path().join("reached");
+    let release = flags.path().join("release");
+    let mut c = std::process::Command::new(bin());
+    clean_env(&mut c);
+    let child = c
+        .args([
+            "--source",
+            s(&ckpt),
+            "--output",
+            s(out.path()),
+            "-q",
+            "--workers",
+            "1",
+        ])
+        .env("AXSAVE_FAULT", "copying@0")
+        .env("AXSAVE_FAULT_FILE", &reached)
+        .env("AXSAVE_FAULT_RELEASE", &release)
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let start = std::time::Instant::now();
+    while !reached.exists() {
+        assert!(start.elapsed().as_secs() < 60, "never reached the copy");
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    // Rewrite one shard in place, same bytes: only its identity (mtime) changes.
+    let shard = ckpt.join("__1_0.distcp");
+    let bytes = std::fs::read(&shard).unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(20));
+    std::fs::write(&shard, &bytes).unwrap();
+    std::fs::write(&release, b"go").unwrap();
+    let o = child.wait_with_output().unwrap();
+    let err = stderr(&o);
+    assert_eq!(o.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("__1_0.distcp") && err.contains("changed while it was being read"),
+        "{err}"
+    );
+    assert_no_output(out.path());
+}

@@ -199,6 +199,7 @@ pub fn run<S: Sink>(
     if let Some(e) = first_error.into_inner().unwrap_or_else(|e| e.into_inner()) {
         return Err(e);
     }
+    sources.check_unchanged()?;
     // Every checksummed piece: combine the parts in order and compare.
     let crcs = crcs.into_inner().unwrap_or_else(|e| e.into_inner());
     for (ti, mut parts) in crcs {

@@ -1,7 +1,8 @@
 //! A test hook for the fault tests: stop a chosen rank at a chosen point so a test can kill it
-//! there. With `AXSAVE_FAULT=<point>@<rank>` that rank creates the file named by
-//! `AXSAVE_FAULT_FILE` (if set) when it reaches `<point>` and then sleeps for an hour. Without
-//! the variable (always, outside tests) this does nothing.
+//! there, or change something under it. With `AXSAVE_FAULT=<point>@<rank>` that rank creates the
+//! file named by `AXSAVE_FAULT_FILE` (if set) when it reaches `<point>`, then waits until the
+//! file named by `AXSAVE_FAULT_RELEASE` exists (if set; else it sleeps for an hour). Without the
+//! variable (always, outside tests) this does nothing.
 //!
 //! Points: `joined` (after the rendezvous), `copying` (at its first piece), `synced` (its
 //! files are on disk, success not yet reported). A rank that dies after reporting success
@@ -19,16 +20,25 @@ fn target() -> Option<&'static (String, usize)> {
     .as_ref()
 }
 
-/// Stops here if the hook names this point and rank.
+/// Stops here if the hook names this point and rank (once per process).
 pub fn point(name: &str, rank: usize) {
+    static FIRED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
     if let Some((p, r)) = target()
         && p == name
         && *r == rank
+        && !FIRED.swap(true, std::sync::atomic::Ordering::SeqCst)
     {
         if let Ok(f) = std::env::var("AXSAVE_FAULT_FILE") {
             let _ = std::fs::write(f, name);
         }
         eprintln!("fault hook: rank {rank} stalls at {name}");
-        std::thread::sleep(std::time::Duration::from_secs(3600));
+        match std::env::var("AXSAVE_FAULT_RELEASE") {
+            Ok(release) => {
+                while !std::path::Path::new(&release).exists() {
+                    std::thread::sleep(std::time::Duration::from_millis(20));
+                }
+            }
+            Err(_) => std::thread::sleep(std::time::Duration::from_secs(3600)),
+        }
     }
 }

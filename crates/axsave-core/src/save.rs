@@ -110,7 +110,11 @@ pub fn save_local(
             tasks: &tasks,
             opts: ExecOptions::for_budget(opts.memory_budget, opts.workers),
         };
-        execute::run(job, &|_| 0, &|_| Ok(LocalSink(&files)), written, &cancel)?;
+        let sink_for = |_: &Task| {
+            crate::fault::point("copying", 0);
+            0
+        };
+        execute::run(job, &sink_for, &|_| Ok(LocalSink(&files)), written, &cancel)?;
         let sync_start = Instant::now();
         files.sync()?;
         tracing::debug!(

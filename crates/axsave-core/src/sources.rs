@@ -10,20 +10,58 @@ use axsave_formats::Catalog;
 
 use crate::error::{CoreError, Result};
 
-/// The source files a rank reads, opened on first use.
+/// What identifies a file's content cheaply: if any of these change, the file was rewritten.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Identity {
+    dev: u64,
+    ino: u64,
+    size: u64,
+    mtime_ns: i128,
+}
+
+impl Identity {
+    fn of(meta: &std::fs::Metadata) -> Identity {
+        use std::os::unix::fs::MetadataExt;
+        Identity {
+            dev: meta.dev(),
+            ino: meta.ino(),
+            size: meta.len(),
+            mtime_ns: meta.mtime() as i128 * 1_000_000_000 + meta.mtime_nsec() as i128,
+        }
+    }
+}
+
+/// The source files a rank reads, opened on first use. Each file's identity (device, inode,
+/// size, modification time) is recorded when it is opened and checked again by
+/// [`SourceFiles::check_unchanged`], so a checkpoint rewritten during the save is refused rather
+/// than turned into a model that mixes two versions.
 pub struct SourceFiles {
     root: PathBuf,
     paths: Vec<PathBuf>,
-    files: Vec<std::sync::OnceLock<std::result::Result<File, String>>>,
+    sizes: Vec<u64>,
+    /// Identities when the save started (`None` for files this rank cannot see).
+    at_start: Vec<Option<Identity>>,
+    files: Vec<std::sync::OnceLock<std::result::Result<(File, Identity), String>>>,
 }
 
 impl SourceFiles {
     /// Prepares to read the files of `catalog`, found under `root` (the catalog's own root, or
-    /// this rank's view of it).
+    /// this rank's view of it), noting each visible file's identity now, just after the catalog
+    /// was read.
     pub fn new(catalog: &Catalog, root: &Path) -> Self {
         SourceFiles {
             root: root.to_path_buf(),
             paths: catalog.files.iter().map(|f| f.path.clone()).collect(),
+            sizes: catalog.files.iter().map(|f| f.size).collect(),
+            at_start: catalog
+                .files
+                .iter()
+                .map(|f| {
+                    std::fs::metadata(root.join(&f.path))
+                        .ok()
+                        .map(|m| Identity::of(&m))
+                })
+                .collect(),
             files: catalog
                 .files
                 .iter()
@@ -43,9 +81,45 @@ impl SourceFiles {
             .get(i)
             .ok_or_else(|| CoreError::Remote(format!("no source file {i}")))?;
         let path = self.path(i);
-        cell.get_or_init(|| File::open(&path).map_err(|e| e.to_string()))
-            .as_ref()
-            .map_err(|e| CoreError::io(&path, std::io::Error::other(e.clone())))
+        let expected = self.sizes.get(i).copied().unwrap_or(0);
+        let at_start = self.at_start.get(i).copied().flatten();
+        cell.get_or_init(|| {
+            let f = File::open(&path).map_err(|e| e.to_string())?;
+            let id = Identity::of(&f.metadata().map_err(|e| e.to_string())?);
+            if (expected > 0 && id.size != expected) || at_start.is_some_and(|s| s != id) {
+                return Err(format!(
+                    "changed while it was being read ({} bytes, was {expected}; rewritten or replaced since the save started): refusing to write a model that may mix two versions",
+                    id.size
+                ));
+            }
+            Ok((f, id))
+        })
+        .as_ref()
+        .map(|(f, _)| f)
+        .map_err(|e| CoreError::io(&path, std::io::Error::other(e.clone())))
+    }
+
+    /// Checks that every file read so far is still the one that was opened (same inode, size
+    /// and modification time).
+    pub fn check_unchanged(&self) -> Result<()> {
+        for (i, cell) in self.files.iter().enumerate() {
+            let Some(Ok((_, before))) = cell.get() else {
+                continue;
+            };
+            let path = self.path(i);
+            let now = std::fs::metadata(&path)
+                .map(|m| Identity::of(&m))
+                .map_err(|e| CoreError::io(&path, e))?;
+            if now != *before {
+                return Err(CoreError::io(
+                    &path,
+                    std::io::Error::other(
+                        "changed while it was being read (rewritten, replaced or appended to): refusing to write a model that may mix two versions",
+                    ),
+                ));
+            }
+        }
+        Ok(())
     }
 
     /// Reads exactly `buf.len()` bytes at `offset` of file `i`.
