@@ -176,3 +176,30 @@ fn axolotl_lora_with_zero3() {
     assert!(same(&run.join("adapter_model.safetensors"), &want));
     assert!(!run.join("model.safetensors").exists());
 }
+
+/// A bit flipped inside a ZeRO flat partition (bytes many parameters share, so no single piece
+/// covers the zip record) is found by the whole-record check before anything is committed.
+#[test]
+fn damaged_partition_bytes_are_detected() {
+    let t = tempfile::tempdir().unwrap();
+    let ckpt = t.path().join("ckpt");
+    copy_dir(&fixture("deepspeed/zero3_w2/checkpoint"), &ckpt);
+    let f = ckpt.join("global_step2/bf16_zero_pp_rank_1_mp_rank_00_optim_states.pt");
+    let mut data = std::fs::read(&f).unwrap();
+    // The fp32 flat group is the largest record: flip a bit in the middle of the file's data.
+    let zip = axsave_formats::zip::ZipIndex::parse(&data[..]).unwrap();
+    let group = zip
+        .entries()
+        .iter()
+        .filter(|e| e.name.contains("/data/"))
+        .max_by_key(|e| e.size)
+        .unwrap()
+        .clone();
+    data[(group.data_offset + group.size / 2) as usize] ^= 0x01;
+    std::fs::write(&f, &data).unwrap();
+    let out = tempfile::tempdir().unwrap();
+    let o = axsave(&["--source", s(&ckpt), "--output", s(out.path()), "-q"]);
+    assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
+    assert!(stderr(&o).contains("damaged (crc32"), "{}", stderr(&o));
+    assert_no_output(out.path());
+}

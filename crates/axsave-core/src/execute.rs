@@ -7,7 +7,7 @@ use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 
 use axsave_formats::convert;
-use axsave_formats::{Catalog, Encoding, FormatError, Piece};
+use axsave_formats::{Catalog, Encoding, FormatError, Piece, RecordCheck};
 
 use crate::error::{CoreError, Result};
 use crate::geometry::{Geometry, SubBox, gather, runs, split};
@@ -63,13 +63,16 @@ impl ExecOptions {
     }
 }
 
-/// One unit of work: a sub-box of a piece, or a whole compressed piece (decoded in order).
+/// One unit of work: a sub-box of a piece, or a whole compressed piece (decoded in order), or
+/// a record to check whole.
 struct Job {
     task: usize,
     /// The sub-boxes, processed in order by one worker.
     subs: Vec<SubBox>,
     /// Position of the first sub-box in the piece's sequence (for checksum assembly).
     seq: usize,
+    /// A record of the catalog to read whole and check instead.
+    check: Option<RecordCheck>,
 }
 
 /// What to copy: the pieces (`tasks`) of a catalog into a layout, read from `sources`.
@@ -131,6 +134,7 @@ pub fn run<S: Sink>(
                 task: ti,
                 subs,
                 seq: 0,
+                check: None,
             }),
             Encoding::Raw => {
                 for (k, b) in subs.into_iter().enumerate() {
@@ -138,10 +142,28 @@ pub fn run<S: Sink>(
                         task: ti,
                         subs: vec![b],
                         seq: k,
+                        check: None,
                     });
                 }
             }
         }
+    }
+    // Records that pieces read only in part: whole-record checks, for the files this rank reads.
+    let read_files: std::collections::HashSet<usize> = tasks
+        .iter()
+        .map(|t| piece_of(catalog, layout, t).file)
+        .collect();
+    for r in catalog
+        .records
+        .iter()
+        .filter(|r| read_files.contains(&r.file))
+    {
+        jobs.push(Job {
+            task: 0,
+            subs: Vec::new(),
+            seq: 0,
+            check: Some(*r),
+        });
     }
     let crcs: Mutex<HashMap<usize, Vec<(usize, crc32fast::Hasher)>>> = Mutex::new(HashMap::new());
     let next = AtomicUsize::new(0);
@@ -169,6 +191,10 @@ pub fn run<S: Sink>(
                         let Some(job) = jobs.get(j) else {
                             break;
                         };
+                        if let Some(r) = &job.check {
+                            w.check_record(r, chunk)?;
+                            continue;
+                        }
                         let key = sink_for(&tasks[job.task]);
                         let want_crc = checked.contains_key(&job.task);
                         let hashes = w.job(job, key, make_sink, want_crc, written)?;
@@ -248,6 +274,32 @@ struct Worker<'a, S> {
 }
 
 impl<S: Sink> Worker<'_, S> {
+    /// Reads a record whole, in chunks, and compares its CRC with the one recorded.
+    fn check_record(&mut self, r: &RecordCheck, chunk: usize) -> Result<()> {
+        let c = r.checksum;
+        let mut h = crc32fast::Hasher::new();
+        let mut at = c.offset;
+        let end = c.offset + c.len;
+        while at < end {
+            let n = (end - at).min(chunk as u64) as usize;
+            self.inbuf.resize(n, 0);
+            self.sources.read_at(r.file, at, &mut self.inbuf)?;
+            h.update(&self.inbuf);
+            at += n as u64;
+        }
+        let found = h.finalize();
+        if found != c.crc32 {
+            return Err(CoreError::Format(FormatError::Checksum {
+                path: self.sources.path(r.file),
+                offset: c.offset,
+                end,
+                expected: c.crc32,
+                found,
+            }));
+        }
+        Ok(())
+    }
+
     /// Runs one job; returns the CRC of each sub-box's stored span when asked.
     fn job(
         &mut self,

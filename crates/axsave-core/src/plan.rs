@@ -224,6 +224,7 @@ mod tests {
             writer_ranks: Some(w),
             skipped: vec![],
             notes: vec![],
+            records: vec![],
         }
     }
 

@@ -300,6 +300,21 @@ pub struct Catalog {
     pub skipped: Vec<String>,
     /// Things the reader did that a user should hear about (one line each).
     pub notes: Vec<String>,
+    /// Checksummed records that pieces read only parts of (ZeRO's flat partitions, shared by
+    /// many parameters): each must be read whole and checked, so that damaged bytes anywhere in
+    /// them are found before the output is committed. Pieces that cover a whole record carry
+    /// their own [`Piece::checksum`] instead.
+    #[serde(default)]
+    pub records: Vec<RecordCheck>,
+}
+
+/// A checksummed byte range of a source file to verify as a whole.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct RecordCheck {
+    /// Index into [`Catalog::files`].
+    pub file: usize,
+    /// The range and its CRC-32.
+    pub checksum: Checksum,
 }
 
 impl Catalog {
@@ -366,6 +381,7 @@ impl Catalog {
         let mut skipped: Vec<String> = Vec::new();
         let mut notes: Vec<String> = Vec::new();
         let mut writer_ranks = None;
+        let mut records: Vec<RecordCheck> = Vec::new();
         for (rank, part) in &parts {
             if part.format != format {
                 return Err(format!(
@@ -431,6 +447,15 @@ impl Catalog {
                     }
                 }
             }
+            for r in &part.records {
+                let r = RecordCheck {
+                    file: remap[r.file],
+                    checksum: r.checksum,
+                };
+                if !records.contains(&r) {
+                    records.push(r);
+                }
+            }
             for s in &part.skipped {
                 if !skipped.contains(s) {
                     skipped.push(s.clone());
@@ -474,6 +499,7 @@ impl Catalog {
                 writer_ranks,
                 skipped,
                 notes,
+                records,
             },
             readers,
         })

@@ -252,6 +252,7 @@ fn read_with(dir: &Path, metas: &[(String, Vec<u8>)], partial: bool) -> Result<C
         writer_ranks,
         skipped,
         notes,
+        records: Vec::new(),
     })
 }
 

@@ -24,6 +24,8 @@ pub mod torchsave;
 pub mod zero;
 pub mod zip;
 
-pub use catalog::{Catalog, Checksum, Encoding, Format, Piece, Region, SourceFile, TensorEntry};
+pub use catalog::{
+    Catalog, Checksum, Encoding, Format, Piece, RecordCheck, Region, SourceFile, TensorEntry,
+};
 pub use dtype::DType;
 pub use error::{FormatError, Result};

@@ -163,6 +163,7 @@ fn read_hf_with(dir: &Path, partial: bool) -> Result<Catalog> {
         tensors,
         skipped: Vec::new(),
         notes: Vec::new(),
+        records: Vec::new(),
     })
 }
 
@@ -327,5 +328,6 @@ fn read_model_with(path: &Path, partial: bool) -> Result<Catalog> {
         writer_ranks: None,
         skipped: Vec::new(),
         notes: Vec::new(),
+        records: Vec::new(),
     })
 }

@@ -33,7 +33,9 @@
 use std::collections::{HashMap, HashSet};
 use std::path::{Component, Path, PathBuf};
 
-use crate::catalog::{Catalog, Checksum, Encoding, Format, Piece, Region, SourceFile, TensorEntry};
+use crate::catalog::{
+    Catalog, Checksum, Encoding, Format, Piece, RecordCheck, Region, SourceFile, TensorEntry,
+};
 use crate::dtype::DType;
 use crate::error::{FormatError, Result};
 use crate::mapped::{self, Mapped};
@@ -789,6 +791,21 @@ fn read_in(root: &Path, tdir: &Path, partial: bool) -> Result<Catalog> {
                 .map_err(|msg| b.bad(format!("tensor {}: {msg}", t.name)))?;
         }
     }
+    // The flat partitions are read in slices by many pieces: each whole record is checked.
+    let mut records = Vec::new();
+    for f in optims.iter().flat_map(|o| o.groups.iter()) {
+        let r = RecordCheck {
+            file: f.file,
+            checksum: Checksum {
+                offset: f.record.data_offset,
+                len: f.record.size,
+                crc32: f.record.crc32,
+            },
+        };
+        if f.record.size > 0 && !records.contains(&r) {
+            records.push(r);
+        }
+    }
     Ok(Catalog {
         format: Format::DeepSpeed { stage },
         root: root.to_path_buf(),
@@ -797,6 +814,7 @@ fn read_in(root: &Path, tdir: &Path, partial: bool) -> Result<Catalog> {
         writer_ranks: usize::try_from(world).ok(),
         skipped: Vec::new(),
         notes: b.notes,
+        records,
     })
 }
 

@@ -1,0 +1,378 @@
+//! MPI transport (feature `mpi`): the same data plane as [`tcp`](super::tcp), over MPI
+//! point-to-point messages, for jobs started by `mpirun`/`srun --mpi`; plus the few
+//! collectives the bootstrap needs (rank 0 broadcasts the address of the store it hosts, so
+//! no `MASTER_ADDR` is needed).
+//!
+//! ```text
+//! let ctx = MpiContext::init()?;                       // once per process, every rank
+//! let addr = ctx.broadcast(0, (ctx.rank() == 0).then_some(b"10.0.0.1:29500".as_slice()))?;
+//! let net = ctx.transport(MpiOptions { session, ..MpiOptions::default() })?;
+//! let rx = net.start_receiver(sink, cancel)?;         // writer ranks
+//! let mut tx = net.sender(writer_rank)?;               // per worker thread and writer
+//! tx.push(file, offset, bytes)?; tx.finish()?;
+//! rx.wait(expected_bytes)?;
+//! ```
+//!
+//! # Threads and ownership
+//!
+//! [`MpiContext::init`] starts one thread, the *progress thread* (`axsave-mpi`). That thread
+//! calls `MPI_Init_thread`, so it is MPI's "main thread"; it owns rsmpi's `Universe` and the
+//! communicator (both `!Send` handles stay on it), makes **every** MPI call of the process
+//! after that, and calls `MPI_Finalize` when the context is dropped. Everything else talks to
+//! it through a channel: [`MpiSender`]s hand it finished frames, the [`MpiReceiver`]
+//! registers a sink, [`MpiContext::broadcast`] and [`MpiContext::barrier`] queue a
+//! collective and wait for its answer. Correctness therefore never depends on
+//! `MPI_THREAD_MULTIPLE`: one thread at a time calls MPI, which even `MPI_THREAD_FUNNELED`
+//! would allow. We ask for MULTIPLE and require at least SERIALIZED
+//! ([`MIN_THREAD_LEVEL`]); the only call made off the progress thread is `MPI_Abort`, and
+//! only when the library granted MULTIPLE (otherwise the progress thread makes it).
+//!
+//! The progress thread never blocks inside MPI. It loops: take commands, start sends
+//! (`MPI_Isend`), test the sends in flight (`MPI_Test`), probe for incoming messages
+//! (`MPI_Improbe`, any source, any tag, then `MPI_Imrecv` into a buffer sized from the probed
+//! count), test the receives in flight, and advance the one collective in progress
+//! (`MPI_Ibcast`/`MPI_Ibarrier`). Sends and receives thus progress together, so a rank that
+//! is a reader and a writer at once cannot deadlock against a peer doing the same. When an
+//! iteration finds nothing to do the thread naps (20 µs growing to 1 ms, woken at once by a
+//! command), so an idle context costs next to no CPU.
+//!
+//! A receiver's sink runs on its own thread (`axsave-mpi-sink`), fed in arrival order, so a
+//! slow positioned write does not stall MPI progress; the sink is called from that one
+//! thread only.
+//!
+//! # Wire format
+//!
+//! All messages travel on a private duplicate of `MPI_COMM_WORLD` (so no other MPI user in
+//! the process can match them), as `MPI_UINT8_T` arrays, one message per frame. Integers are
+//! little-endian. The sender's rank is the message's MPI source.
+//!
+//! **Frame** (tag [`DATA_TAG`]): a 40-byte header, the payload, then the run table (after
+//! the payload so a sender fills the payload in place and appends the table when the frame
+//! closes):
+//!
+//! | bytes | field |
+//! |---|---|
+//! | 4 | magic `AXMF` |
+//! | 4 | protocol version, [`MPI_PROTOCOL_VERSION`] |
+//! | 8 | session ([`MpiOptions::session`]) |
+//! | 8 | stream: which [`MpiSender`] of the sending rank |
+//! | 4 | file index |
+//! | 4 | run count `n`, 1 ..= [`MAX_RUNS_PER_FRAME`] |
+//! | 8 | payload length `p`, 1 ..= [`MpiOptions::frame_bytes`] |
+//! | p | payload: the runs' bytes back to back in table order |
+//! | 12 × n | run table: `u64` offset in the file, `u32` length (≥ 1) |
+//!
+//! The message must be exactly `40 + p + 12n` bytes and the run lengths must add up to `p`.
+//! A frame is at most `40 + frame_bytes + 12 × min(65536, frame_bytes)` bytes, under 2^31
+//! for every allowed `frame_bytes` (≤ 1 GiB), so MPI's `int` count always suffices: runs
+//! longer than a frame are split over several frames, and a message that would still exceed
+//! `i32::MAX` bytes is refused with [`MpiError::TooLarge`] rather than truncated.
+//!
+//! **End** (tag [`END_TAG`], 40 bytes): magic `AXME`, version, session, stream, then the
+//! `u64` payload bytes and the `u64` frames this stream sent. Sent by [`MpiSender::finish`]
+//! after every frame of the stream was sent, and only when the stream sent something.
+//!
+//! The receiver probes with `MPI_ANY_TAG`, so MPI's non-overtaking rule (messages from one
+//! sender on one communicator match in the order they were sent, and all of a process's
+//! sends are issued by its one progress thread) delivers a stream's frames before its end
+//! message; the sink thread handles messages in probe order. The end's totals are checked
+//! against what arrived ([`MpiError::CountMismatch`]). A message of another session (a stray
+//! from an earlier transfer on this communicator) is dropped and counted in
+//! [`ReceiveStats::rejected`](super::ReceiveStats::rejected); any other violation is
+//! [`MpiError::Malformed`]. [`ReceiveStats::connections`](super::ReceiveStats::connections)
+//! counts the streams that ended.
+//!
+//! # Flow control, memory, timeouts
+//!
+//! A process has at most [`MpiOptions::max_in_flight`] frames queued for or inside
+//! `MPI_Isend`: a sender that closes a frame takes a slot first and blocks (polling cancel
+//! and the deadline) while all are taken. On the receiving side at most as many messages are
+//! being received or waiting for the sink; the progress thread probes for no more until the
+//! sink thread catches up, so a slow sink holds the senders back instead of filling memory.
+//! Each live [`MpiSender`] also holds the frame it is filling. Buffers are recycled, so
+//! after warm-up no frame is allocated or zeroed again.
+//!
+//! No MPI wait blocks: every wait is a poll that checks the cancel flag and the deadline.
+//! *No progress for [`MpiOptions::io_timeout`]* is an error: a sender waiting for a send slot
+//! or for its last frames ([`MpiError::Timeout`]), a receiver waiting for bytes or for a
+//! stream's end ([`MpiError::Stalled`]). Collectives time out after
+//! [`MpiContext::set_collective_timeout`]; since MPI cannot withdraw a started collective,
+//! the context then refuses further collectives ([`MpiError::Broken`]) and the caller should
+//! [`MpiContext::abort`].
+//!
+//! Unlike TCP there is no acknowledgement: [`MpiSender::finish`] returning `Ok` means every
+//! frame and the end message were handed over to MPI (the requests completed), not that the
+//! writer's sink accepted them. Delivery is confirmed by the writer's
+//! [`MpiReceiver::wait`] and reported through the store. A receiver that failed keeps
+//! receiving and discarding, so its senders finish instead of hanging.
+//!
+//! A peer that dies is not reported by MPI: in Open MPI's default mode `mpirun` notices the
+//! dead process and kills the whole job. [`MpiContext::abort`] is how a rank that cannot
+//! recover takes the job down itself.
+
+use std::io;
+use std::sync::Arc;
+use std::time::Duration;
+
+use thiserror::Error;
+
+mod context;
+mod progress;
+mod receiver;
+mod result;
+mod safe;
+mod sender;
+mod sys;
+mod wire;
+
+pub use super::tcp::{MAX_FRAME_BYTES, MAX_RUNS_PER_FRAME};
+pub use context::{MIN_THREAD_LEVEL, MpiContext};
+pub use receiver::MpiReceiver;
+pub use sender::{MpiSender, MpiTransport};
+pub use wire::{DATA_TAG, END_TAG, MAX_BROADCAST_BYTES, MPI_PROTOCOL_VERSION, RawMessage};
+
+/// Largest [`MpiOptions::max_in_flight`].
+pub const MAX_IN_FLIGHT: usize = 4096;
+
+/// Options of one transfer, identical on every rank of a run.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MpiOptions {
+    /// A token every rank of one run shares. Messages of another session (left over from an
+    /// earlier transfer on the same communicator) are dropped and counted, never written.
+    pub session: u64,
+    /// Largest frame payload a sender buffers before sending, and the largest a receiver
+    /// accepts; 1 ..= [`MAX_FRAME_BYTES`].
+    pub frame_bytes: usize,
+    /// No progress for this long while waiting is an error instead of a hang.
+    pub io_timeout: Duration,
+    /// Most frames this process has queued for or inside `MPI_Isend` at once, and most
+    /// messages it has being received or waiting for the sink; 1 ..= [`MAX_IN_FLIGHT`].
+    /// Memory is about `2 × max_in_flight × frame_bytes`, plus a frame per live sender.
+    pub max_in_flight: usize,
+}
+
+impl Default for MpiOptions {
+    fn default() -> Self {
+        MpiOptions {
+            session: 0,
+            frame_bytes: 1024 * 1024,
+            io_timeout: Duration::from_secs(60),
+            max_in_flight: 8,
+        }
+    }
+}
+
+impl MpiOptions {
+    /// Checks that the options are usable; [`MpiContext::transport`] calls it.
+    pub fn validate(&self) -> Result<(), MpiError> {
+        if self.frame_bytes == 0 || self.frame_bytes > MAX_FRAME_BYTES {
+            return Err(MpiError::InvalidOptions {
+                detail: format!(
+                    "frame_bytes is {}, it must be 1 ..= {MAX_FRAME_BYTES}",
+                    self.frame_bytes
+                ),
+            });
+        }
+        if self.io_timeout < Duration::from_millis(1) {
+            return Err(MpiError::InvalidOptions {
+                detail: format!(
+                    "io_timeout is {:?}, it must be at least 1 ms",
+                    self.io_timeout
+                ),
+            });
+        }
+        if self.max_in_flight == 0 || self.max_in_flight > MAX_IN_FLIGHT {
+            return Err(MpiError::InvalidOptions {
+                detail: format!(
+                    "max_in_flight is {}, it must be 1 ..= {MAX_IN_FLIGHT}",
+                    self.max_in_flight
+                ),
+            });
+        }
+        Ok(())
+    }
+}
+
+/// Why an MPI operation failed.
+///
+/// Cloneable so that a receiver's first failure can be returned by every
+/// [`MpiReceiver::wait`] and a broken [`MpiSender`] can repeat its error.
+#[derive(Debug, Clone, Error)]
+pub enum MpiError {
+    /// MPI is already initialized in this process (by another [`MpiContext`] or other code),
+    /// or was finalized: it can be initialized once per process.
+    #[error("MPI is already initialized (or was finalized) in this process")]
+    AlreadyInitialized,
+    /// The MPI library grants less thread support than [`MIN_THREAD_LEVEL`].
+    #[error(
+        "the MPI library provides thread level {provided}, this program needs at least {MIN_THREAD_LEVEL:?}"
+    )]
+    ThreadSupport {
+        /// What it provides.
+        provided: String,
+    },
+    /// An MPI call returned an error code (only possible on our communicator, which returns
+    /// errors instead of aborting).
+    #[error("{function} failed with MPI error {code}: {message}")]
+    Call {
+        /// The MPI function.
+        function: &'static str,
+        /// Its return code.
+        code: i32,
+        /// `MPI_Error_string` of it.
+        message: String,
+    },
+    /// [`MpiOptions`] out of range.
+    #[error("invalid MPI transport options: {detail}")]
+    InvalidOptions {
+        /// What is wrong.
+        detail: String,
+    },
+    /// An argument out of range: a rank not in the world, a broadcast root without a value.
+    #[error("invalid argument: {detail}")]
+    InvalidArgument {
+        /// What is wrong.
+        detail: String,
+    },
+    /// A pushed run would end past byte `u64::MAX`; nothing was queued.
+    #[error("a run of {len} bytes at offset {offset} of file {file} would end past 2^64")]
+    InvalidRun {
+        /// File index.
+        file: u32,
+        /// Offset given.
+        offset: u64,
+        /// Its length.
+        len: usize,
+    },
+    /// A message or broadcast is longer than MPI's `int` count or our limit allows.
+    #[error("{what} of {len} bytes exceeds the limit of {max} bytes")]
+    TooLarge {
+        /// What was too large.
+        what: &'static str,
+        /// Its length.
+        len: u64,
+        /// The limit.
+        max: u64,
+    },
+    /// The broadcast root refused to broadcast (it had no value, or one too large); every
+    /// rank gets this error so none waits for data that will not come.
+    #[error("broadcast from rank {root} failed at the root: {detail}")]
+    Broadcast {
+        /// The root.
+        root: usize,
+        /// Why.
+        detail: String,
+    },
+    /// A thread could not be started.
+    #[error("cannot start an MPI transport thread: {source}")]
+    Spawn {
+        /// The error.
+        source: Arc<io::Error>,
+    },
+    /// The progress thread is gone: the context is shutting down, or the thread failed.
+    #[error("the MPI progress thread is gone (context shut down or failed)")]
+    Gone,
+    /// A collective did not complete in time: a rank did not join (it died, hangs, or calls
+    /// collectives in another order).
+    #[error("MPI {what} did not complete within {timeout:?}: a rank did not join")]
+    CollectiveTimeout {
+        /// `barrier` or `broadcast`.
+        what: &'static str,
+        /// The timeout.
+        timeout: Duration,
+    },
+    /// An earlier collective failed and may still be pending inside MPI, so the ranks can no
+    /// longer agree on collectives; abort.
+    #[error("MPI collectives are unusable after an earlier failure: {detail}")]
+    Broken {
+        /// The earlier failure.
+        detail: String,
+    },
+    /// [`MpiTransport::start_receiver`] while this context already has a live receiver.
+    #[error("this MPI context already has a running receiver")]
+    AlreadyReceiving,
+    /// The cancel flag was set (by another part of this process, usually because another
+    /// rank or thread failed).
+    #[error("the transfer was cancelled")]
+    Cancelled,
+    /// A sender made no progress for [`MpiOptions::io_timeout`]: no send of this process
+    /// completed, so the writer is not receiving (hung, dead, or not started).
+    #[error("no progress sending to rank {dest} for {timeout:?} while {during}")]
+    Timeout {
+        /// The destination rank.
+        dest: usize,
+        /// What the sender was doing.
+        during: &'static str,
+        /// The timeout that expired.
+        timeout: Duration,
+    },
+    /// A message that the protocol does not allow.
+    #[error("malformed message from rank {rank}: {detail}")]
+    Malformed {
+        /// The sending rank.
+        rank: usize,
+        /// What was wrong.
+        detail: String,
+    },
+    /// The sink returned an error (or panicked) for a run.
+    #[error(
+        "writing {len} bytes at offset {offset} of file {file} from rank {rank} failed: {message}"
+    )]
+    Sink {
+        /// The sending rank.
+        rank: usize,
+        /// File index.
+        file: u32,
+        /// Offset of the run.
+        offset: u64,
+        /// Length of the run.
+        len: u64,
+        /// The sink's message.
+        message: String,
+    },
+    /// More payload bytes arrived than [`MpiReceiver::wait`] expects: the plans of the ranks
+    /// disagree.
+    #[error("{received} payload bytes arrived, more than the {expected} expected{}",
+        .rank.map_or(String::new(), |r| format!(" (the excess from rank {r})")))]
+    TooManyBytes {
+        /// Bytes expected in total.
+        expected: u64,
+        /// Bytes that arrived (or were about to be handed to the sink).
+        received: u64,
+        /// The rank whose frame went over, when known.
+        rank: Option<usize>,
+    },
+    /// A stream's end message announced other totals than arrived from it.
+    #[error(
+        "rank {rank} stream {stream} announced {announced_bytes} bytes in {announced_frames} frames at its end, but {received_bytes} bytes in {received_frames} frames arrived"
+    )]
+    CountMismatch {
+        /// The sending rank.
+        rank: usize,
+        /// Its stream.
+        stream: u64,
+        /// Bytes in the end message.
+        announced_bytes: u64,
+        /// Frames in the end message.
+        announced_frames: u64,
+        /// Bytes that arrived.
+        received_bytes: u64,
+        /// Frames that arrived.
+        received_frames: u64,
+    },
+    /// Nothing arrived for [`MpiOptions::io_timeout`] while bytes were missing or streams
+    /// unfinished: a sender hangs, died, or never got its share of the plan.
+    #[error(
+        "nothing arrived for {idle:?}: {received} of {expected} bytes received; ranks with unfinished streams: {open:?}"
+    )]
+    Stalled {
+        /// How long nothing arrived.
+        idle: Duration,
+        /// Bytes received so far.
+        received: u64,
+        /// Bytes expected.
+        expected: u64,
+        /// Ranks of the streams that sent data but not their end (one entry per stream).
+        open: Vec<usize>,
+    },
+}
