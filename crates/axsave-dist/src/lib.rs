@@ -11,8 +11,16 @@
 //!   broadcast and a failure flag on top.
 //! * [`transport`] — moves tensor bytes from the rank that reads a piece to the rank that
 //!   writes its output file: runs of `(file, offset, bytes)` over plain TCP ([`Sender`] →
-//!   [`Receiver`], handed to a sink that writes them). MPI and NCCL transports come later; the
-//!   store only carries small rendezvous data.
+//!   [`Receiver`], handed to a sink that writes them). The store only carries small
+//!   rendezvous data.
+//!
+//! With the `mpi` feature (needs an MPI library and libclang at build time), `transport::mpi`
+//! adds the same data plane over MPI for jobs started by `mpirun`/`srun --mpi`:
+//! `MpiContext::init` brings MPI up on a progress thread that makes every MPI call of the
+//! process, `MpiContext::broadcast` bootstraps the store (rank 0 broadcasts its address, so no
+//! `MASTER_ADDR` is needed), and `MpiTransport` hands out `MpiSender`s and an `MpiReceiver`
+//! that take the same [`Sink`] as TCP. `MpiContext::abort` takes the whole job down when a
+//! rank cannot recover. NCCL comes later.
 
 #![warn(missing_docs)]
 

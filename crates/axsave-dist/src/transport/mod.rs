@@ -7,7 +7,12 @@
 //!
 //! * [`tcp`] — plain `std::net` TCP: a [`Receiver`] per writer rank, one [`Sender`] per
 //!   connection to it. Needs nothing but an address published in the store.
+//! * `mpi` (feature `mpi`) — MPI point-to-point messages for jobs started by an MPI
+//!   launcher, with the same shape: an `MpiReceiver` per writer rank, an `MpiSender` per
+//!   worker thread and writer, the same [`Sink`].
 
+#[cfg(feature = "mpi")]
+pub mod mpi;
 pub mod tcp;
 
 pub use tcp::*;

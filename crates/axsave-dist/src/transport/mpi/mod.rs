@@ -23,9 +23,13 @@
 //! registers a sink, [`MpiContext::broadcast`] and [`MpiContext::barrier`] queue a
 //! collective and wait for its answer. Correctness therefore never depends on
 //! `MPI_THREAD_MULTIPLE`: one thread at a time calls MPI, which even `MPI_THREAD_FUNNELED`
-//! would allow. We ask for MULTIPLE and require at least SERIALIZED
-//! ([`MIN_THREAD_LEVEL`]); the only call made off the progress thread is `MPI_Abort`, and
-//! only when the library granted MULTIPLE (otherwise the progress thread makes it).
+//! would allow. We ask for MULTIPLE (or what [`MpiContext::init_with_thread_level`] asks)
+//! and require at least SERIALIZED ([`MIN_THREAD_LEVEL`]); the only call made off the
+//! progress thread is `MPI_Abort`, and only when the library granted MULTIPLE (otherwise the
+//! progress thread makes it). rsmpi's handles never leave the progress thread: the types
+//! that hold them there are `!Send` by construction, whatever the MPI library's handle
+//! types are. What callers hold ([`MpiContext`], [`MpiTransport`], [`MpiReceiver`],
+//! [`MpiSender`]) holds only channels, counters and buffers, and is `Send`.
 //!
 //! The progress thread never blocks inside MPI. It loops: take commands, start sends
 //! (`MPI_Isend`), test the sends in flight (`MPI_Test`), probe for incoming messages
@@ -70,7 +74,7 @@
 //!
 //! **End** (tag [`END_TAG`], 40 bytes): magic `AXME`, version, session, stream, then the
 //! `u64` payload bytes and the `u64` frames this stream sent. Sent by [`MpiSender::finish`]
-//! after every frame of the stream was sent, and only when the stream sent something.
+//! after the stream's last frame, and only when the stream sent something.
 //!
 //! The receiver probes with `MPI_ANY_TAG`, so MPI's non-overtaking rule (messages from one
 //! sender on one communicator match in the order they were sent, and all of a process's
@@ -84,13 +88,20 @@
 //!
 //! # Flow control, memory, timeouts
 //!
-//! A process has at most [`MpiOptions::max_in_flight`] frames queued for or inside
+//! A transport ([`MpiContext::transport`], all clones of the handle together; one per
+//! transfer) has at most [`MpiOptions::max_in_flight`] frames queued for or inside
 //! `MPI_Isend`: a sender that closes a frame takes a slot first and blocks (polling cancel
 //! and the deadline) while all are taken. On the receiving side at most as many messages are
 //! being received or waiting for the sink; the progress thread probes for no more until the
 //! sink thread catches up, so a slow sink holds the senders back instead of filling memory.
 //! Each live [`MpiSender`] also holds the frame it is filling. Buffers are recycled, so
 //! after warm-up no frame is allocated or zeroed again.
+//!
+//! The send slots bound memory only for messages MPI cannot buffer by itself: a message
+//! under the library's eager limit (4 KiB for Open MPI's shared memory, 64 KiB for its TCP
+//! path) completes at the sender before any receive is posted, and waits in the receiving
+//! process's memory. Keep `frame_bytes` well above that (the default is 1 MiB), and start
+//! the receiver before its peers send much.
 //!
 //! No MPI wait blocks: every wait is a poll that checks the cancel flag and the deadline.
 //! *No progress for [`MpiOptions::io_timeout`]* is an error: a sender waiting for a send slot
@@ -127,9 +138,11 @@ mod wire;
 
 pub use super::tcp::{MAX_FRAME_BYTES, MAX_RUNS_PER_FRAME};
 pub use context::{MIN_THREAD_LEVEL, MpiContext};
+/// MPI thread support levels (rsmpi's), for [`MpiContext::init_with_thread_level`].
+pub use mpi::Threading;
 pub use receiver::MpiReceiver;
 pub use sender::{MpiSender, MpiTransport};
-pub use wire::{DATA_TAG, END_TAG, MAX_BROADCAST_BYTES, MPI_PROTOCOL_VERSION, RawMessage};
+pub use wire::{DATA_TAG, END_TAG, MAX_BROADCAST_BYTES, MPI_PROTOCOL_VERSION};
 
 /// Largest [`MpiOptions::max_in_flight`].
 pub const MAX_IN_FLIGHT: usize = 4096;
@@ -145,8 +158,9 @@ pub struct MpiOptions {
     pub frame_bytes: usize,
     /// No progress for this long while waiting is an error instead of a hang.
     pub io_timeout: Duration,
-    /// Most frames this process has queued for or inside `MPI_Isend` at once, and most
-    /// messages it has being received or waiting for the sink; 1 ..= [`MAX_IN_FLIGHT`].
+    /// Most frames the transport (all clones of one [`MpiTransport`]) has queued for or
+    /// inside `MPI_Isend` at once, and most messages its receiver has being received or
+    /// waiting for the sink; 1 ..= [`MAX_IN_FLIGHT`].
     /// Memory is about `2 × max_in_flight × frame_bytes`, plus a frame per live sender.
     pub max_in_flight: usize,
 }
@@ -297,10 +311,11 @@ pub enum MpiError {
     Cancelled,
     /// A sender made no progress for [`MpiOptions::io_timeout`]: no send of this process
     /// completed, so the writer is not receiving (hung, dead, or not started).
-    #[error("no progress sending to rank {dest} for {timeout:?} while {during}")]
+    #[error("no progress sending{} for {timeout:?} while {during}",
+        .dest.map_or(String::new(), |d| format!(" to rank {d}")))]
     Timeout {
-        /// The destination rank.
-        dest: usize,
+        /// The destination rank, when one sender timed out.
+        dest: Option<usize>,
         /// What the sender was doing.
         during: &'static str,
         /// The timeout that expired.
@@ -375,4 +390,62 @@ pub enum MpiError {
         /// Ranks of the streams that sent data but not their end (one entry per stream).
         open: Vec<usize>,
     },
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn send_sync<T: Send + Sync>() {}
+    fn send<T: Send>() {}
+
+    #[test]
+    fn handles_can_move_between_threads() {
+        // MPI's own handles stay on the progress thread; what callers hold can travel.
+        send_sync::<MpiContext>();
+        send_sync::<MpiTransport>();
+        send_sync::<MpiReceiver>();
+        send::<MpiSender>();
+        send_sync::<MpiError>();
+    }
+
+    #[test]
+    fn options_out_of_range_are_refused() {
+        let ok = MpiOptions::default();
+        ok.validate().unwrap();
+        for bad in [
+            MpiOptions {
+                frame_bytes: 0,
+                ..ok.clone()
+            },
+            MpiOptions {
+                frame_bytes: MAX_FRAME_BYTES + 1,
+                ..ok.clone()
+            },
+            MpiOptions {
+                io_timeout: Duration::ZERO,
+                ..ok.clone()
+            },
+            MpiOptions {
+                max_in_flight: 0,
+                ..ok.clone()
+            },
+            MpiOptions {
+                max_in_flight: MAX_IN_FLIGHT + 1,
+                ..ok.clone()
+            },
+        ] {
+            assert!(
+                matches!(bad.validate(), Err(MpiError::InvalidOptions { .. })),
+                "{bad:?}"
+            );
+        }
+        MpiOptions {
+            frame_bytes: MAX_FRAME_BYTES,
+            max_in_flight: MAX_IN_FLIGHT,
+            ..ok
+        }
+        .validate()
+        .unwrap();
+    }
 }
