@@ -122,8 +122,10 @@ pub struct SaveArgs {
     #[arg(long, value_enum)]
     pub mode: Option<ModeArg>,
 
-    /// How pieces travel between ranks: `auto` or `tcp` (direct connections between ranks;
-    /// the rendezvous goes through PyTorch's TCPStore protocol at MASTER_ADDR:MASTER_PORT).
+    /// How pieces travel between ranks: `tcp` (direct connections; the rendezvous goes through
+    /// PyTorch's TCPStore protocol at MASTER_ADDR:MASTER_PORT), `mpi` (MPI messages, and MPI
+    /// tells the ranks where rank 0's store is: no MASTER_ADDR needed; needs a build with
+    /// `--features mpi` and mpirun), or `auto` (mpi when both hold, else tcp).
     #[arg(long, value_enum, default_value = "auto")]
     pub transport: TransportArg,
 
@@ -162,10 +164,12 @@ pub enum ModeArg {
 /// `--transport` values.
 #[derive(ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
 pub enum TransportArg {
-    /// The best available (TCP for now).
+    /// MPI when built with it and started by mpirun, else TCP.
     Auto,
     /// TCP connections between ranks.
     Tcp,
+    /// MPI messages (needs `--features mpi` and mpirun).
+    Mpi,
 }
 
 /// `--dtype` values.

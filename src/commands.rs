@@ -14,6 +14,7 @@ use axsave_formats::detect;
 use crate::cli::{InspectArgs, SaveArgs, VerifyArgs};
 use crate::progress::Progress;
 use crate::resolve::{Resolved, resolve_save};
+use crate::transport;
 
 /// Appends a formatted line to a `String` (writing to a `String` cannot fail).
 macro_rules! outln {
@@ -63,7 +64,7 @@ fn run_tag() -> String {
 
 /// The default command: a save by this process alone, or this rank's part of a save by several.
 pub fn save(a: &SaveArgs) -> Result<()> {
-    let world = axsave_dist::detect_from_process_env()?;
+    let mut world = axsave_dist::detect_from_process_env()?;
     world.log_detected();
     let started = std::time::Instant::now();
     let r = resolve_save(a, world.rank == 0)?;
@@ -84,6 +85,8 @@ pub fn save(a: &SaveArgs) -> Result<()> {
         return save_alone(a, &r, workers, &world, started);
     }
     let _span = tracing::info_span!("rank", r = world.rank).entered();
+    let (choice, why) = transport::choose(a.transport, world.launcher, cfg!(feature = "mpi"))?;
+    let ready = transport::setup(choice, &mut world, Duration::from_secs(r.timeout.max(1)))?;
     let opts = DistOptions {
         source: r.source.clone(),
         output: r.output.clone(),
@@ -98,9 +101,10 @@ pub fn save(a: &SaveArgs) -> Result<()> {
         fingerprint: fingerprint(a, &r),
         extras: r.extras.clone(),
     };
+    let net_name = ready.net.name();
     if world.rank == 0 {
         tracing::info!(
-            "{} ranks ({}), {} mode over tcp",
+            "{} ranks ({}), {} mode over {net_name} ({why})",
             world.world_size,
             world.launcher,
             r.mode.as_str()
@@ -108,9 +112,12 @@ pub fn save(a: &SaveArgs) -> Result<()> {
     }
     let progress = Arc::new(DistProgress::default());
     let display = (world.rank == 0).then(|| Progress::start_dist(progress.clone(), a.quiet));
-    let result = distributed::run(&world, &opts, progress);
+    let result = distributed::run(&world, &opts, progress, ready.net.clone());
     if let Some(d) = display {
         d.finish();
+    }
+    if let Err(e) = &result {
+        ready.fail(e);
     }
     let Some(report) = result? else {
         // Each rank removes its own view of the source when it is not shared.
@@ -161,7 +168,7 @@ pub fn save(a: &SaveArgs) -> Result<()> {
             "format": report.format,
             "seconds": report.seconds,
             "network_bytes": report.network_bytes,
-            "transport": "tcp",
+            "transport": net_name,
             "mode": report.mode.as_str(),
             "world_size": report.world_size,
             "launcher": world.launcher.to_string(),

@@ -6,6 +6,7 @@ mod commands;
 mod launch;
 mod progress;
 mod resolve;
+mod transport;
 
 use std::process::ExitCode;
 

@@ -1,6 +1,7 @@
 //! A test hook for the fault tests: stop a chosen rank at a chosen point so a test can kill it
 //! there, or change something under it. With `AXSAVE_FAULT=<point>@<rank>` that rank creates the
-//! file named by `AXSAVE_FAULT_FILE` (if set) when it reaches `<point>`, then waits until the
+//! file named by `AXSAVE_FAULT_FILE` (if set; it holds the point and the process id) when it
+//! reaches `<point>`, then waits until the
 //! file named by `AXSAVE_FAULT_RELEASE` exists (if set; else it sleeps for an hour). Without the
 //! variable (always, outside tests) this does nothing.
 //!
@@ -29,7 +30,8 @@ pub fn point(name: &str, rank: usize) {
         && !FIRED.swap(true, std::sync::atomic::Ordering::SeqCst)
     {
         if let Ok(f) = std::env::var("AXSAVE_FAULT_FILE") {
-            let _ = std::fs::write(f, name);
+            // The process id, so that a test can kill this rank even when a launcher started it.
+            let _ = std::fs::write(f, format!("{name} {}", std::process::id()));
         }
         eprintln!("fault hook: rank {rank} stalls at {name}");
         match std::env::var("AXSAVE_FAULT_RELEASE") {

@@ -28,7 +28,7 @@ use std::time::{Duration, Instant};
 use axsave_dist::store::rendezvous::{
     broadcast_bytes, receive_broadcast, report_failure, wait_watching_failure,
 };
-use axsave_dist::transport::{Receiver, TcpOptions};
+use axsave_dist::transport::TcpOptions;
 use axsave_dist::{ClientOptions, ServerOptions, StoreClient, StoreServer, World};
 use axsave_formats::detect::{self, Detected};
 use axsave_formats::{Catalog, DType};
@@ -42,7 +42,8 @@ use crate::save::{LocalSink, check_output, finalize};
 use crate::sources::SourceFiles;
 
 use inventory::Inventory;
-use remote::RemoteSink;
+pub use remote::Net;
+use remote::{Incoming, RemoteSink};
 use watchdog::{Shared, Watchdog};
 
 /// Options of a multi-rank save (identical on every rank, checked at the rendezvous).
@@ -165,9 +166,10 @@ fn connect_store(world: &World, opts: &DistOptions) -> Result<(Option<StoreServe
         None
     };
     let host = world.master_addr.clone().ok_or_else(|| {
-        CoreError::Remote(
-            "the launcher gives no MASTER_ADDR and none can be derived: set MASTER_ADDR to the host of rank 0".into(),
-        )
+        CoreError::Remote(format!(
+            "{} started ranks on several nodes and gives no MASTER_ADDR: set MASTER_ADDR to the host of rank 0 (or, under mpirun, use an axsave built with --features mpi, which needs none)",
+            world.launcher
+        ))
     })?;
     let client_opts = ClientOptions {
         connect_timeout: opts.rendezvous_timeout,
@@ -228,6 +230,7 @@ pub fn run(
     world: &World,
     opts: &DistOptions,
     progress: Arc<Progress>,
+    net: Net,
 ) -> Result<Option<DistReport>> {
     let start = Instant::now();
     let (server, mut client) = connect_store(world, opts)?;
@@ -243,7 +246,7 @@ pub fn run(
         temps: None,
         token: None,
     };
-    let result = rank.run(start, &progress);
+    let result = rank.run(start, &progress, &net);
     if let Err(e) = &result {
         // Tell everyone (unless it is someone else's failure we are echoing), then clean up.
         let msg = e.to_string();
@@ -290,6 +293,12 @@ impl Rank<'_> {
         Instant::now() + Duration::from_secs(7 * 24 * 3600)
     }
 
+    /// The run's cancel flag, shared with transports that watch it.
+    #[cfg(feature = "mpi")]
+    fn shared_cancel(&self) -> Arc<std::sync::atomic::AtomicBool> {
+        self.shared.cancel.clone()
+    }
+
     fn check_cancel(&self) -> Result<()> {
         if self.shared.cancel.load(Ordering::SeqCst) {
             return Err(CoreError::Cancelled);
@@ -324,7 +333,12 @@ impl Rank<'_> {
         receive_broadcast(self.client, key, deadline).map_err(remote)
     }
 
-    fn run(&mut self, start: Instant, progress: &Progress) -> Result<Option<DistReport>> {
+    fn run(
+        &mut self,
+        start: Instant,
+        progress: &Progress,
+        net: &Net,
+    ) -> Result<Option<DistReport>> {
         let (me, n) = (self.world.rank, self.world.world_size);
         let opts = self.opts;
 
@@ -482,41 +496,45 @@ impl Rank<'_> {
             let files = files
                 .clone()
                 .ok_or_else(|| CoreError::Remote("receiver without files".into()))?;
-            let mut r =
-                Receiver::listen(SocketAddr::new(IpAddr::from([0, 0, 0, 0]), 0), tcp.clone())
-                    .map_err(|e| CoreError::Remote(format!("cannot listen for peers: {e}")))?;
-            let ip = reachable_ip(
-                self.world.master_addr.as_deref().unwrap_or("127.0.0.1"),
-                self.world.master_port,
-            );
-            let addr = SocketAddr::new(ip, r.local_addr().port());
             let sink: axsave_dist::transport::Sink = Arc::new(move |_from, file, offset, data| {
                 files
                     .write_at(file as usize, offset, data)
                     .map_err(|e| e.to_string())
             });
-            let cancel = Arc::new(std::sync::atomic::AtomicBool::new(false));
-            r.start(sink, cancel.clone()).map_err(remote)?;
-            self.client
-                .set(&format!("addr/{me}"), addr.to_string().as_bytes())
-                .map_err(remote)?;
-            receiver = Some((r, cancel));
+            match net {
+                Net::Tcp => {
+                    let (r, port) = Incoming::tcp(&tcp, sink)?;
+                    let ip = reachable_ip(
+                        self.world.master_addr.as_deref().unwrap_or("127.0.0.1"),
+                        self.world.master_port,
+                    );
+                    let addr = SocketAddr::new(ip, port);
+                    self.client
+                        .set(&format!("addr/{me}"), addr.to_string().as_bytes())
+                        .map_err(remote)?;
+                    receiver = Some(r);
+                }
+                #[cfg(feature = "mpi")]
+                Net::Mpi(t) => receiver = Some(Incoming::mpi(t, sink)?),
+            }
         }
         let tasks = plan.tasks_read_by(me);
         let mut peers: Vec<Option<SocketAddr>> = vec![None; n];
-        for w in tasks
-            .iter()
-            .map(|t| plan.file_writers[layout.tensors[t.out].file])
-        {
-            if w != me && peers[w].is_none() {
-                let key = format!("addr/{w}");
-                let d = self.far();
-                self.wait_keys(&[&key], d)?;
-                let a = self.client.get(&key, d).map_err(remote)?;
-                let a: SocketAddr = String::from_utf8_lossy(&a).parse().map_err(|e| {
-                    CoreError::Remote(format!("rank {w} published a bad address: {e}"))
-                })?;
-                peers[w] = Some(a);
+        if matches!(net, Net::Tcp) {
+            for w in tasks
+                .iter()
+                .map(|t| plan.file_writers[layout.tensors[t.out].file])
+            {
+                if w != me && peers[w].is_none() {
+                    let key = format!("addr/{w}");
+                    let d = self.far();
+                    self.wait_keys(&[&key], d)?;
+                    let a = self.client.get(&key, d).map_err(remote)?;
+                    let a: SocketAddr = String::from_utf8_lossy(&a).parse().map_err(|e| {
+                        CoreError::Remote(format!("rank {w} published a bad address: {e}"))
+                    })?;
+                    peers[w] = Some(a);
+                }
             }
         }
         let sources = SourceFiles::new(&catalog, &catalog.root);
@@ -539,25 +557,26 @@ impl Rank<'_> {
                     let f = files
                         .as_ref()
                         .ok_or_else(|| CoreError::Remote("no local files".into()))?;
-                    Ok(Box::new(LocalSink(f.as_ref())))
-                } else {
-                    let addr = peers[w]
-                        .ok_or_else(|| CoreError::Remote(format!("no address for rank {w}")))?;
-                    Ok(Box::new(RemoteSink::connect(addr, me, w, &tcp)?))
+                    return Ok(Box::new(LocalSink(f.as_ref())));
+                }
+                match net {
+                    Net::Tcp => {
+                        let addr = peers[w]
+                            .ok_or_else(|| CoreError::Remote(format!("no address for rank {w}")))?;
+                        Ok(Box::new(RemoteSink::tcp(addr, me, w, &tcp)?))
+                    }
+                    #[cfg(feature = "mpi")]
+                    Net::Mpi(t) => Ok(Box::new(RemoteSink::mpi(t, w, self.shared_cancel())?)),
                 }
             },
             &self.shared.local_written,
             &self.shared.cancel,
         );
         let received = match (&receiver, &copy) {
-            (Some((r, _)), Ok(())) => r
-                .wait(expected)
-                .map(|_| ())
-                .map_err(|e| CoreError::Remote(e.to_string())),
+            (Some(r), Ok(())) => r.wait(expected),
             _ => Ok(()),
         };
-        if let Some((r, cancel)) = receiver.take() {
-            cancel.store(true, Ordering::SeqCst);
+        if let Some(r) = receiver.take() {
             r.shutdown();
         }
         copy?;

@@ -1,49 +1,172 @@
-//! A sink that sends converted runs to the rank that writes them.
+//! The data plane between ranks, whichever transport carries it: TCP (always) or MPI (built
+//! with the `mpi` feature and launched by mpirun). Readers' workers hand runs to a
+//! [`RemoteSink`]; a writer's [`Incoming`] hands them to its output files.
 
 use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::AtomicBool;
 
-use axsave_dist::transport::{Sender, TcpOptions};
+use axsave_dist::transport::{Receiver, Sender, Sink as NetSink, TcpOptions};
 
 use crate::error::{CoreError, Result};
 use crate::execute::Sink;
 
-/// One worker's connection to one writer rank.
-pub struct RemoteSink {
-    sender: Option<Sender>,
-    peer: usize,
+/// Which transport moves pieces between ranks.
+#[derive(Clone)]
+pub enum Net {
+    /// Direct TCP connections; writers publish their address in the store.
+    Tcp,
+    /// MPI point-to-point messages.
+    #[cfg(feature = "mpi")]
+    Mpi(axsave_dist::transport::mpi::MpiTransport),
+}
+
+impl Net {
+    /// The name the log and `--json` use.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Net::Tcp => "tcp",
+            #[cfg(feature = "mpi")]
+            Net::Mpi(_) => "mpi",
+        }
+    }
+}
+
+/// One worker's channel to one writer rank.
+pub enum RemoteSink {
+    /// A TCP connection.
+    Tcp(Option<Sender>, usize),
+    /// An MPI stream.
+    #[cfg(feature = "mpi")]
+    Mpi(Option<axsave_dist::transport::mpi::MpiSender>, usize),
 }
 
 impl RemoteSink {
     /// Connects to writer `peer` listening at `addr`.
-    pub fn connect(addr: SocketAddr, me: usize, peer: usize, opts: &TcpOptions) -> Result<Self> {
+    pub fn tcp(addr: SocketAddr, me: usize, peer: usize, opts: &TcpOptions) -> Result<Self> {
         let sender = Sender::connect(addr, me, opts)
             .map_err(|e| CoreError::Remote(format!("cannot send to rank {peer} at {addr}: {e}")))?;
-        Ok(RemoteSink {
-            sender: Some(sender),
-            peer,
-        })
+        Ok(RemoteSink::Tcp(Some(sender), peer))
     }
 
-    fn err(&self, e: impl std::fmt::Display) -> CoreError {
-        CoreError::Remote(format!("sending to rank {}: {e}", self.peer))
+    /// Opens an MPI stream to writer `peer`.
+    #[cfg(feature = "mpi")]
+    pub fn mpi(
+        t: &axsave_dist::transport::mpi::MpiTransport,
+        peer: usize,
+        cancel: Arc<AtomicBool>,
+    ) -> Result<Self> {
+        let s = t
+            .sender_with_cancel(peer, Some(cancel))
+            .map_err(|e| CoreError::Remote(format!("cannot send to rank {peer} over MPI: {e}")))?;
+        Ok(RemoteSink::Mpi(Some(s), peer))
+    }
+
+    fn gone(peer: usize) -> CoreError {
+        CoreError::Remote(format!("stream to rank {peer} already finished"))
     }
 }
 
 impl Sink for RemoteSink {
     fn write(&mut self, file: usize, offset: u64, data: &[u8]) -> Result<()> {
-        let peer = self.peer;
-        let s = self.sender.as_mut().ok_or_else(|| {
-            CoreError::Remote(format!("connection to rank {peer} already finished"))
-        })?;
-        s.push(file as u32, offset, data)
-            .map_err(|e| CoreError::Remote(format!("sending to rank {peer}: {e}")))
+        let err = |peer: usize, e: &dyn std::fmt::Display| {
+            CoreError::Remote(format!("sending to rank {peer}: {e}"))
+        };
+        match self {
+            RemoteSink::Tcp(s, peer) => s
+                .as_mut()
+                .ok_or_else(|| Self::gone(*peer))?
+                .push(file as u32, offset, data)
+                .map_err(|e| err(*peer, &e)),
+            #[cfg(feature = "mpi")]
+            RemoteSink::Mpi(s, peer) => s
+                .as_mut()
+                .ok_or_else(|| Self::gone(*peer))?
+                .push(file as u32, offset, data)
+                .map_err(|e| err(*peer, &e)),
+        }
     }
 
-    /// Sends what is buffered and waits until the writer confirms it has every byte.
+    /// Sends what is buffered; over TCP, also waits until the writer confirms every byte.
     fn finish(&mut self) -> Result<()> {
-        match self.sender.take() {
-            Some(s) => s.finish().map(|_| ()).map_err(|e| self.err(e)),
-            None => Ok(()),
+        let err = |peer: usize, e: &dyn std::fmt::Display| {
+            CoreError::Remote(format!("sending to rank {peer}: {e}"))
+        };
+        match self {
+            RemoteSink::Tcp(s, peer) => match s.take() {
+                Some(s) => s.finish().map(|_| ()).map_err(|e| err(*peer, &e)),
+                None => Ok(()),
+            },
+            #[cfg(feature = "mpi")]
+            RemoteSink::Mpi(s, peer) => match s.take() {
+                Some(s) => s.finish().map(|_| ()).map_err(|e| err(*peer, &e)),
+                None => Ok(()),
+            },
+        }
+    }
+}
+
+/// A writer's receiving side.
+pub enum Incoming {
+    /// TCP connections from readers.
+    Tcp(Receiver, Arc<AtomicBool>),
+    /// MPI messages from readers.
+    #[cfg(feature = "mpi")]
+    Mpi(axsave_dist::transport::mpi::MpiReceiver, Arc<AtomicBool>),
+}
+
+impl Incoming {
+    /// Starts receiving over MPI into `sink`.
+    #[cfg(feature = "mpi")]
+    pub fn mpi(t: &axsave_dist::transport::mpi::MpiTransport, sink: NetSink) -> Result<Self> {
+        let cancel = Arc::new(AtomicBool::new(false));
+        let r = t
+            .start_receiver(sink, cancel.clone())
+            .map_err(|e| CoreError::Remote(format!("cannot receive over MPI: {e}")))?;
+        Ok(Incoming::Mpi(r, cancel))
+    }
+
+    /// Starts a TCP receiver on all interfaces; returns it and its port.
+    pub fn tcp(opts: &TcpOptions, sink: NetSink) -> Result<(Self, u16)> {
+        let mut r = Receiver::listen(
+            SocketAddr::new(std::net::IpAddr::from([0, 0, 0, 0]), 0),
+            opts.clone(),
+        )
+        .map_err(|e| CoreError::Remote(format!("cannot listen for peers: {e}")))?;
+        let port = r.local_addr().port();
+        let cancel = Arc::new(AtomicBool::new(false));
+        r.start(sink, cancel.clone())
+            .map_err(|e| CoreError::Remote(e.to_string()))?;
+        Ok((Incoming::Tcp(r, cancel), port))
+    }
+
+    /// Waits until `expected` bytes were written.
+    pub fn wait(&self, expected: u64) -> Result<()> {
+        match self {
+            Incoming::Tcp(r, _) => r
+                .wait(expected)
+                .map(|_| ())
+                .map_err(|e| CoreError::Remote(e.to_string())),
+            #[cfg(feature = "mpi")]
+            Incoming::Mpi(r, _) => r
+                .wait(expected)
+                .map(|_| ())
+                .map_err(|e| CoreError::Remote(e.to_string())),
+        }
+    }
+
+    /// Stops receiving.
+    pub fn shutdown(self) {
+        match self {
+            Incoming::Tcp(r, cancel) => {
+                cancel.store(true, std::sync::atomic::Ordering::SeqCst);
+                r.shutdown();
+            }
+            #[cfg(feature = "mpi")]
+            Incoming::Mpi(r, cancel) => {
+                cancel.store(true, std::sync::atomic::Ordering::SeqCst);
+                r.shutdown();
+            }
         }
     }
 }

@@ -16,8 +16,8 @@ const TICK: Duration = Duration::from_millis(500);
 /// State shared between a rank's threads and its watchdog.
 #[derive(Default)]
 pub struct Shared {
-    /// Set when the run must stop.
-    pub cancel: AtomicBool,
+    /// Set when the run must stop (shared with transports that watch it).
+    pub cancel: Arc<AtomicBool>,
     /// Why it stopped, when the watchdog found out first.
     pub failure: Mutex<Option<String>>,
     /// Bytes this rank has handed to writers (its own files or peers).
