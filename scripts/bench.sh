@@ -9,7 +9,8 @@
 # multi:  4 ranks, gather mode, node-local sources (each rank sees only its own .distcp, so
 #         bytes cross TCP) vs the classic gather: torchrun with 4 gloo ranks loading their
 #         DTensor shards with DCP, full_tensor() on each, rank 0 save_file (FSDP's
-#         FULL_STATE_DICT path on CPU); plus axsave's sharded mode.
+#         FULL_STATE_DICT path on CPU); plus the same gather over MPI (when Open MPI is
+#         installed; axsave is then built with --features mpi) and axsave's sharded mode.
 # Needs a python with torch and safetensors. Environment: BENCH_DIR (default ./bench-out,
 # git-ignored), RUNS (default 3; the median is reported), LAYERS (8), HIDDEN (2048).
 set -euo pipefail
@@ -24,7 +25,13 @@ if ! "$PYTHON" -c "import torch, safetensors" 2>/dev/null; then
   echo "bench.sh needs a python with torch and safetensors: PYTHON=/path/to/python $0" >&2
   exit 2
 fi
-cargo build --release --quiet
+# With Open MPI installed, build with MPI so the 4-rank rows can compare it with TCP.
+if command -v mpirun >/dev/null && pkg-config --exists ompi 2>/dev/null; then
+  features=(--features mpi)
+else
+  features=()
+fi
+cargo build --release --quiet "${features[@]}"
 bin=$PWD/target/release/axsave
 mkdir -p "$BENCH_DIR"
 BENCH_DIR=$(cd "$BENCH_DIR" && pwd)
@@ -99,6 +106,10 @@ if [ "$what" = multi ] || [ "$what" = all ]; then
     floors
     rm -rf "$BENCH_DIR/out-gather"
     measure "axsave, 4 ranks, gather, node-local sources (TCP)" -- "$bin" launch -n 4 -- --source "$nl/rank{rank}" --output "$BENCH_DIR/out-gather" --quiet
+    if [ ${#features[@]} -gt 0 ]; then
+      rm -rf "$BENCH_DIR/out-gather-mpi"
+      measure "axsave, 4 ranks, gather, node-local sources (MPI)" -- env OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1 mpirun --oversubscribe -n 4 "$bin" --source "$nl/rank{rank}" --output "$BENCH_DIR/out-gather-mpi" --quiet
+    fi
     rm -rf "$BENCH_DIR/out-sharded"
     measure "axsave, 4 ranks, sharded, shared source" -- "$bin" launch -n 4 -- --source "$ckpt" --output "$BENCH_DIR/out-sharded" --mode sharded --quiet
     fresh "$BENCH_DIR/out-classic"
