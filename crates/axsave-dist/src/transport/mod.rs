@@ -7,7 +7,15 @@
 //!
 //! * [`tcp`] — plain `std::net` TCP: a [`Receiver`] per writer rank, one [`Sender`] per
 //!   connection to it. Needs nothing but an address published in the store.
+//! * `nccl` (feature `cuda`) — NCCL point-to-point between the ranks' GPUs; the library is
+//!   opened at run time. The executor that drives it lives in axsave-core (`gpu`).
 
+#[cfg(feature = "cuda")]
+pub mod nccl;
 pub mod tcp;
+
+/// Whether this build has the MPI transport (feature `mpi`). Whether a run can use it also
+/// depends on how it was launched; see axsave-core's `transport::mpi_available`.
+pub const MPI_BUILT: bool = cfg!(feature = "mpi");
 
 pub use tcp::*;
