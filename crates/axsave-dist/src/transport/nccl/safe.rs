@@ -5,7 +5,7 @@
 //! `ncclInProgress` instead and the communicator is polled. A watchdog thread polls
 //! `ncclCommGetAsyncError` every [`CommOptions::tick`]; it calls `ncclCommAbort` when NCCL
 //! reports an error (a peer died: `ncclRemoteError`, a socket broke: `ncclSystemError`), when
-//! the caller's cancel flag rises, or when a wait announced with [`Comm::watch`] sees no
+//! the caller says the run is cancelled ([`CommOptions::cancelled`]), or when a wait announced with [`Comm::watch`] sees no
 //! progress for its limit. An abort also stops the communicator's kernels on the device, so
 //! streams that waited on them drain and the process can exit. The caller's own waits see the
 //! reason through [`Comm::check`].
@@ -71,14 +71,24 @@ impl UniqueId {
 }
 
 /// How a [`Comm`] is watched.
-#[derive(Clone, Debug)]
+#[derive(Clone)]
 pub struct CommOptions {
     /// How long every rank may take to join ([`Comm::init`]).
     pub init_timeout: Duration,
     /// How often the watchdog polls NCCL.
     pub tick: Duration,
-    /// Raised by the caller when the run must stop: the watchdog then aborts the communicator.
-    pub cancel: Arc<AtomicBool>,
+    /// Says whether the run must stop (another part failed): the watchdog then aborts the
+    /// communicator. Called from the watchdog thread every tick.
+    pub cancelled: Arc<dyn Fn() -> bool + Send + Sync>,
+}
+
+impl std::fmt::Debug for CommOptions {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CommOptions")
+            .field("init_timeout", &self.init_timeout)
+            .field("tick", &self.tick)
+            .finish_non_exhaustive()
+    }
 }
 
 impl Default for CommOptions {
@@ -86,7 +96,7 @@ impl Default for CommOptions {
         CommOptions {
             init_timeout: Duration::from_secs(300),
             tick: Duration::from_millis(50),
-            cancel: Arc::new(AtomicBool::new(false)),
+            cancelled: Arc::new(|| false),
         }
     }
 }
@@ -178,7 +188,7 @@ impl Shared {
         let Some(raw) = h.as_ref() else {
             return false;
         };
-        let why = if self.opts.cancel.load(Ordering::SeqCst) {
+        let why = if (self.opts.cancelled)() {
             Some(NcclError::Cancelled)
         } else {
             // SAFETY: the handle is live (in the slot) and the lock serialises NCCL calls.
@@ -241,7 +251,7 @@ impl std::fmt::Debug for Comm {
 impl Comm {
     /// Joins the communicator of `size` ranks as `rank`, on the CUDA device current on this
     /// thread (bind the device's context first). Returns when every rank has joined; gives up
-    /// after `opts.init_timeout`, or when `opts.cancel` rises.
+    /// after `opts.init_timeout`, or when `opts.cancelled` says so.
     ///
     /// `bind` is called first on any helper thread that makes NCCL calls for this (the
     /// blocking fallback for NCCL < 2.14 runs `ncclCommInitRank` on one), so that it sees the
@@ -582,7 +592,7 @@ fn blocking_init(
         match rx.recv_timeout(Duration::from_millis(100)) {
             Ok(r) => return r.map(|c| c.0),
             Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
-                if opts.cancel.load(Ordering::SeqCst) {
+                if (opts.cancelled)() {
                     return Err(NcclError::Cancelled);
                 }
                 if Instant::now() >= deadline {
