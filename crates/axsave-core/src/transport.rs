@@ -69,6 +69,10 @@ pub struct Caps {
     pub gpu: Result<String, String>,
     /// The NCCL it loaded (`"2.21.5 (libnccl.so.2)"`), or why not.
     pub nccl: Result<String, String>,
+    /// A globally unique id of the bound GPU (its UUID), to see ranks that share one.
+    pub gpu_id: Option<String>,
+    /// `NCCL_MULTI_RANK_GPU_ENABLE=1` is set here (NCCL ≥ 2.30.3 then lets ranks share a GPU).
+    pub shared_gpu_ok: bool,
 }
 
 impl Caps {
@@ -77,6 +81,8 @@ impl Caps {
         Caps {
             gpu: Err(why.to_string()),
             nccl: Err(why.to_string()),
+            gpu_id: None,
+            shared_gpu_ok: false,
         }
     }
 
@@ -102,17 +108,33 @@ pub struct Choice {
 /// Picks the transport from every rank's report (`caps[r]` is rank r's) and whether MPI is
 /// available ([`mpi_available`]). `Err` says why an explicit request cannot be met.
 pub fn select(request: TransportRequest, caps: &[Caps], mpi: bool) -> Result<Choice, String> {
-    let missing: Vec<(usize, String)> = caps
+    let mut missing: Vec<(usize, String)> = caps
         .iter()
         .enumerate()
         .filter_map(|(r, c)| c.nccl_missing().map(|m| (r, m)))
         .collect();
+    // NCCL refuses two ranks on one GPU ("Duplicate GPU detected") unless every rank allows
+    // it; a launcher that runs more ranks than a node has GPUs ends up there.
+    if missing.is_empty() && !caps.iter().all(|c| c.shared_gpu_ok) {
+        for (r, c) in caps.iter().enumerate() {
+            let Some(id) = &c.gpu_id else { continue };
+            if let Some(first) = caps[..r].iter().position(|o| o.gpu_id.as_ref() == Some(id)) {
+                missing.push((
+                    r,
+                    format!(
+                        "shares its GPU with rank {first} (NCCL needs one GPU per rank; NCCL ≥ 2.30.3 allows sharing with NCCL_MULTI_RANK_GPU_ENABLE=1)"
+                    ),
+                ));
+            }
+        }
+    }
     let who = |m: &[(usize, String)]| -> String {
         let Some((r, why)) = m.first() else {
             return "no rank reported what it has".into();
         };
         let others = m.len() - 1;
-        if caps.len() == 1 {
+        // Every rank short of NCCL for the same reason (no driver anywhere): just the reason.
+        if m.len() == caps.len() && m.iter().all(|(_, w)| w == why) {
             why.clone()
         } else if others == 0 {
             format!("rank {r}: {why}")
@@ -143,7 +165,12 @@ pub fn select(request: TransportRequest, caps: &[Caps], mpi: bool) -> Result<Cho
             why: "--transport nccl".into(),
         }),
         TransportRequest::Nccl => Err(format!(
-            "--transport nccl needs a GPU and NCCL on every rank: {}",
+            "--transport nccl needs a GPU and NCCL{}: {}",
+            if caps.len() == 1 {
+                ""
+            } else {
+                " on every rank"
+            },
             who(&missing)
         )),
         TransportRequest::Auto if nccl_ok => Ok(Choice {
@@ -187,9 +214,15 @@ mod tests {
     use super::*;
 
     fn gpu() -> Caps {
+        gpu_on("GPU-0")
+    }
+
+    fn gpu_on(id: &str) -> Caps {
         Caps {
             gpu: Ok("0: NVIDIA H200".into()),
             nccl: Ok("2.21.5 (libnccl.so.2)".into()),
+            gpu_id: Some(id.into()),
+            shared_gpu_ok: false,
         }
     }
 
@@ -201,23 +234,55 @@ mod tests {
         Caps {
             gpu: Ok("1: NVIDIA H200".into()),
             nccl: Err("NCCL not found".into()),
+            gpu_id: Some("GPU-1".into()),
+            shared_gpu_ok: false,
         }
     }
 
     #[test]
+    fn ranks_sharing_a_gpu_do_not_get_nccl_unless_allowed() {
+        let shared = [gpu_on("A"), gpu_on("B"), gpu_on("A")];
+        let c = select(TransportRequest::Auto, &shared, false).unwrap();
+        assert_eq!(c.transport, Transport::Tcp);
+        assert!(
+            c.why.starts_with("rank 2: shares its GPU with rank 0"),
+            "{}",
+            c.why
+        );
+        let e = select(TransportRequest::Nccl, &shared, false).unwrap_err();
+        assert!(e.contains("NCCL_MULTI_RANK_GPU_ENABLE"), "{e}");
+        let allowed: Vec<Caps> = shared
+            .iter()
+            .cloned()
+            .map(|mut c| {
+                c.shared_gpu_ok = true;
+                c
+            })
+            .collect();
+        assert_eq!(
+            select(TransportRequest::Auto, &allowed, false)
+                .unwrap()
+                .transport,
+            Transport::Nccl
+        );
+    }
+
+    #[test]
     fn auto_takes_nccl_only_when_every_rank_can() {
-        let c = select(TransportRequest::Auto, &[gpu(), gpu()], false).unwrap();
+        let c = select(TransportRequest::Auto, &[gpu_on("A"), gpu_on("B")], false).unwrap();
         assert_eq!(c.transport, Transport::Nccl);
         assert_eq!(c.why, "every rank has a GPU and NCCL: using nccl");
-        let c = select(TransportRequest::Auto, &[gpu(), no_nccl()], false).unwrap();
+        let c = select(TransportRequest::Auto, &[gpu_on("A"), no_nccl()], false).unwrap();
         assert_eq!(c.transport, Transport::Tcp);
         assert_eq!(c.why, "rank 1: NCCL not found: using tcp");
         let c = select(TransportRequest::Auto, &[no_driver()], false).unwrap();
         assert_eq!(c.transport, Transport::Tcp);
         assert_eq!(c.why, "no CUDA driver: using tcp");
+        let c = select(TransportRequest::Auto, &[no_driver(), no_driver()], false).unwrap();
+        assert_eq!(c.why, "no CUDA driver: using tcp");
         let c = select(
             TransportRequest::Auto,
-            &[gpu(), no_driver(), no_driver(), no_nccl()],
+            &[gpu_on("A"), no_driver(), no_driver(), no_nccl()],
             false,
         )
         .unwrap();
@@ -233,7 +298,7 @@ mod tests {
         assert_eq!(c.transport, Transport::Mpi);
         assert_eq!(c.why, "rank 0: no CUDA driver: using mpi");
         // NCCL still wins when everyone can.
-        let c = select(TransportRequest::Auto, &[gpu(), gpu()], true).unwrap();
+        let c = select(TransportRequest::Auto, &[gpu_on("A"), gpu_on("B")], true).unwrap();
         assert_eq!(c.transport, Transport::Nccl);
     }
 
@@ -246,7 +311,7 @@ mod tests {
             Transport::Tcp
         );
         assert_eq!(
-            select(TransportRequest::Nccl, &[gpu(), gpu()], false)
+            select(TransportRequest::Nccl, &[gpu_on("A"), gpu_on("B")], false)
                 .unwrap()
                 .transport,
             Transport::Nccl

@@ -427,7 +427,7 @@ pub fn self_test_inputs(from: DType) -> Vec<u8> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     //! The twins against torch (the fixtures that convert.rs is tested with) and against
     //! convert.rs; the CUDA C source compiled for the host against torch.
 
@@ -463,7 +463,7 @@ mod tests {
     }
 
     /// (from, to, input, torch's output) for every pair of the explicit fixtures.
-    fn explicit() -> Vec<(DType, DType, Vec<u8>, Vec<u8>)> {
+    pub(crate) fn explicit() -> Vec<(DType, DType, Vec<u8>, Vec<u8>)> {
         let m = manifest();
         let pairs: Vec<_> = m["pairs"]
             .as_array()
@@ -488,7 +488,7 @@ mod tests {
         pairs
     }
 
-    fn first_difference(size: usize, want: &[u8], got: &[u8]) -> Option<usize> {
+    pub(crate) fn first_difference(size: usize, want: &[u8], got: &[u8]) -> Option<usize> {
         (0..want.len() / size)
             .find(|&i| want[i * size..(i + 1) * size] != got[i * size..(i + 1) * size])
     }

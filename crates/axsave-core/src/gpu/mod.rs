@@ -93,14 +93,21 @@ pub fn local_caps(request: TransportRequest, device: Option<usize>, local_rank: 
     }
     #[cfg(feature = "cuda")]
     {
-        let gpu = cuda::device(device, local_rank).map(|d| d.describe());
+        let dev = cuda::device(device, local_rank);
+        let gpu = dev.as_ref().map(|d| d.describe()).map_err(Clone::clone);
         let nccl = match &gpu {
             Ok(_) => axsave_dist::transport::nccl::Comm::library()
                 .map(|(path, v)| format!("{} ({path})", nccl_version(v)))
                 .map_err(|e| e.to_string()),
             Err(e) => Err(e.clone()),
         };
-        Caps { gpu, nccl }
+        Caps {
+            gpu,
+            nccl,
+            gpu_id: dev.ok().map(|d| d.uuid.clone()),
+            shared_gpu_ok: std::env::var("NCCL_MULTI_RANK_GPU_ENABLE")
+                .is_ok_and(|v| v.trim() == "1"),
+        }
     }
     #[cfg(not(feature = "cuda"))]
     {
@@ -309,7 +316,7 @@ pub fn run_rank<E: Engine>(engine: Option<&mut E>, w: RankWork<'_>) -> Result<()
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::layout::{DtypeChoice, LayoutOptions, plan_layout};
     use crate::plan::{Mode, make_plan};
@@ -360,7 +367,7 @@ mod tests {
         }
     }
 
-    fn fixtures() -> PathBuf {
+    pub(crate) fn fixtures() -> PathBuf {
         std::env::var_os("AXSAVE_FIXTURES")
             .map(PathBuf::from)
             .unwrap_or_else(|| {
@@ -370,7 +377,7 @@ mod tests {
 
     /// The CPU executor's output for the same save: the reference every GPU-executor run
     /// must match byte for byte.
-    fn cpu_output(catalog: &Catalog, lopts: &LayoutOptions) -> Vec<(String, Vec<u8>)> {
+    pub(crate) fn cpu_output(catalog: &Catalog, lopts: &LayoutOptions) -> Vec<(String, Vec<u8>)> {
         let dir = tempfile::tempdir().unwrap();
         let opts = SaveOptions {
             output: dir.path().to_path_buf(),
@@ -494,7 +501,7 @@ mod tests {
             .collect()
     }
 
-    fn opts(dtype: DtypeChoice, min_files: usize) -> LayoutOptions {
+    pub(crate) fn opts(dtype: DtypeChoice, min_files: usize) -> LayoutOptions {
         LayoutOptions {
             dtype,
             min_files,
@@ -503,7 +510,7 @@ mod tests {
     }
 
     /// Tiny rounds: many units per piece, many rounds, every path of the packing.
-    const TINY: Sizing = Sizing {
+    pub(crate) const TINY: Sizing = Sizing {
         chunk_bytes: 48,
         round_bytes: 160,
     };
