@@ -46,10 +46,10 @@ typedef unsigned long long ax_u64;
 #define AX_F64_INF 0x7FF0000000000000ull
 #define AX_F64_MANTISSA 0x000FFFFFFFFFFFFFull
 
-/* f32 -> bf16, round to nearest even; every NaN becomes `nan`. */
-__device__ __forceinline__ ax_u16 ax_f32_to_bf16_nan(ax_u32 x, ax_u16 nan) {
+/* f32 -> bf16, round to nearest even; every NaN becomes `nan_bits`. */
+__device__ __forceinline__ ax_u16 ax_f32_to_bf16_nan(ax_u32 x, ax_u16 nan_bits) {
     ax_u32 rounded = (x + (0x7FFFu + ((x >> 16) & 1u))) >> 16;
-    return ((x & AX_F32_ABS) > AX_F32_INF) ? nan : (ax_u16)rounded;
+    return ((x & AX_F32_ABS) > AX_F32_INF) ? nan_bits : (ax_u16)rounded;
 }
 
 __device__ __forceinline__ ax_u16 ax_f32_to_bf16(ax_u32 x) {
@@ -61,29 +61,29 @@ __device__ __forceinline__ ax_u16 ax_f32_to_bf16(ax_u32 x) {
 __device__ __forceinline__ ax_u16 ax_f32_to_f16(ax_u32 x) {
     ax_u32 sign = (x >> 16) & 0x8000u;
     ax_u32 a = x & AX_F32_ABS;
-    ax_u32 nan = 0x7E00u | ((a & AX_F32_MANTISSA) >> 13);
+    ax_u32 nan_bits = 0x7E00u | ((a & AX_F32_MANTISSA) >> 13);
     ax_u32 n = ((a - ((127u - 15u) << 23)) + (0x0FFFu + ((a >> 13) & 1u))) >> 13;
     ax_u32 normal = n < 0x7C00u ? n : 0x7C00u;
     ax_u32 subnormal = __float_as_uint(__fadd_rn(__uint_as_float(a), 0.5f)) - 0x3F000000u;
-    ax_u32 body = (a > AX_F32_INF) ? nan : ((a < 0x38800000u) ? subnormal : normal);
+    ax_u32 body = (a > AX_F32_INF) ? nan_bits : ((a < 0x38800000u) ? subnormal : normal);
     return (ax_u16)(sign | (body & 0xFFFFu));
 }
 
 /* f32 -> f64, exact; a NaN keeps sign and payload and gets the quiet bit. */
 __device__ __forceinline__ ax_u64 ax_f32_to_f64(ax_u32 x) {
     ax_u64 x64 = (ax_u64)x;
-    ax_u64 nan = ((x64 & 0x80000000ull) << 32) | 0x7FF8000000000000ull
-               | ((x64 & (ax_u64)AX_F32_MANTISSA) << 29);
+    ax_u64 nan_bits = ((x64 & 0x80000000ull) << 32) | 0x7FF8000000000000ull
+                    | ((x64 & (ax_u64)AX_F32_MANTISSA) << 29);
     ax_u64 widened = (ax_u64)__double_as_longlong((double)__uint_as_float(x));
-    return ((x & AX_F32_ABS) > AX_F32_INF) ? nan : widened;
+    return ((x & AX_F32_ABS) > AX_F32_INF) ? nan_bits : widened;
 }
 
 /* f64 -> f32, round to nearest even; a NaN keeps its sign and top 22 payload bits, quiet bit set. */
 __device__ __forceinline__ ax_u32 ax_f64_to_f32(ax_u64 x) {
-    ax_u32 nan = ((ax_u32)(x >> 32) & 0x80000000u) | 0x7FC00000u
-               | (ax_u32)((x & AX_F64_MANTISSA) >> 29);
+    ax_u32 nan_bits = ((ax_u32)(x >> 32) & 0x80000000u) | 0x7FC00000u
+                    | (ax_u32)((x & AX_F64_MANTISSA) >> 29);
     ax_u32 narrowed = __float_as_uint(__double2float_rn(__longlong_as_double((long long)x)));
-    return ((x & AX_F64_ABS) > AX_F64_INF) ? nan : narrowed;
+    return ((x & AX_F64_ABS) > AX_F64_INF) ? nan_bits : narrowed;
 }
 
 __device__ __forceinline__ ax_u16 ax_f64_to_bf16(ax_u64 x) { return ax_f32_to_bf16(ax_f64_to_f32(x)); }
@@ -183,10 +183,10 @@ pub mod twin {
     const F64_MANTISSA: u64 = 0x000F_FFFF_FFFF_FFFF;
 
     /// `ax_f32_to_bf16_nan`.
-    pub fn f32_to_bf16_nan(x: u32, nan: u16) -> u16 {
+    pub fn f32_to_bf16_nan(x: u32, nan_bits: u16) -> u16 {
         let rounded = x.wrapping_add(0x7FFF + ((x >> 16) & 1)) >> 16;
         if (x & F32_ABS) > F32_INF {
-            nan
+            nan_bits
         } else {
             rounded as u16
         }
@@ -201,14 +201,14 @@ pub mod twin {
     pub fn f32_to_f16(x: u32) -> u16 {
         let sign = (x >> 16) & 0x8000;
         let a = x & F32_ABS;
-        let nan = 0x7E00 | ((a & F32_MANTISSA) >> 13);
+        let nan_bits = 0x7E00 | ((a & F32_MANTISSA) >> 13);
         let n = (a.wrapping_sub((127 - 15) << 23)).wrapping_add(0x0FFF + ((a >> 13) & 1)) >> 13;
         let normal = if n < 0x7C00 { n } else { 0x7C00 };
         let subnormal = (f32::from_bits(a) + 0.5f32)
             .to_bits()
             .wrapping_sub(0x3F00_0000);
         let body = if a > F32_INF {
-            nan
+            nan_bits
         } else if a < 0x3880_0000 {
             subnormal
         } else {
@@ -220,12 +220,12 @@ pub mod twin {
     /// `ax_f32_to_f64`.
     pub fn f32_to_f64(x: u32) -> u64 {
         let x64 = x as u64;
-        let nan = ((x64 & 0x8000_0000) << 32)
+        let nan_bits = ((x64 & 0x8000_0000) << 32)
             | 0x7FF8_0000_0000_0000
             | ((x64 & F32_MANTISSA as u64) << 29);
         let widened = (f32::from_bits(x) as f64).to_bits();
         if (x & F32_ABS) > F32_INF {
-            nan
+            nan_bits
         } else {
             widened
         }
@@ -233,11 +233,11 @@ pub mod twin {
 
     /// `ax_f64_to_f32`.
     pub fn f64_to_f32(x: u64) -> u32 {
-        let nan =
+        let nan_bits =
             ((x >> 32) as u32 & 0x8000_0000) | 0x7FC0_0000 | ((x & F64_MANTISSA) >> 29) as u32;
         let narrowed = (f64::from_bits(x) as f32).to_bits();
         if (x & F64_ABS) > F64_INF {
-            nan
+            nan_bits
         } else {
             narrowed
         }
@@ -714,6 +714,36 @@ static inline float __uint2float_rn(unsigned int u) { return (float)u; }
             "the kernel source does not compile as C:\n{}",
             String::from_utf8_lossy(&built.stderr)
         );
+        // The kernels themselves (CUDA only) as C++, with the CUDA built-ins declared: a
+        // syntax and type check of the whole NVRTC input, macros expanded.
+        let cxx = std::env::var("CXX").unwrap_or_else(|_| "c++".into());
+        let kernels_cpp = dir.path().join("kernels.cpp");
+        let cuda_shim = r#"
+#define __CUDACC_RTC__ 1
+#define __global__
+#define __restrict__ __restrict
+struct ax_dim3 { unsigned x, y, z; };
+static ax_dim3 blockIdx, blockDim, gridDim, threadIdx;
+"#;
+        std::fs::write(&kernels_cpp, format!("{shim}\n{cuda_shim}\n{SOURCE}\n")).unwrap();
+        match std::process::Command::new(&cxx)
+            .args([
+                "-std=c++14",
+                "-fsyntax-only",
+                "-Wall",
+                "-Werror",
+                "-Wno-unused-function",
+            ])
+            .arg(&kernels_cpp)
+            .output()
+        {
+            Ok(o) => assert!(
+                o.status.success(),
+                "the kernels do not compile as C++:\n{}",
+                String::from_utf8_lossy(&o.stderr)
+            ),
+            Err(e) => eprintln!("no C++ compiler ({cxx}: {e}): kernel syntax not checked here"),
+        }
         for (from, to, input, want) in explicit() {
             let name = kernel_name(from, to).unwrap();
             let mut child = std::process::Command::new(&exe)
