@@ -126,7 +126,9 @@ pub fn save_local(
                 files: Some(&files),
                 me: 0,
                 sizing: crate::gpu::schedule::Sizing::for_budget(opts.memory_budget),
-                exec: job.opts,
+                // Half the budget is the GPU executor's pinned buffers; the CPU copies get the
+                // rest.
+                exec: ExecOptions::for_budget(opts.memory_budget / 2, opts.workers),
                 written,
                 cancel: &cancel,
             };
