@@ -798,7 +798,7 @@ impl Rank<'_> {
         let (me, n) = (self.world.rank, self.world.world_size);
         let o = self.opts;
         if !o.transport.wants_gpu() {
-            return select(o.transport, &[], o.mpi_available).map_err(CoreError::Gpu);
+            return select(o.transport, &[], o.mpi_available).map_err(CoreError::Remote);
         }
         let caps = crate::gpu::local_caps(o.transport, o.device, self.world.local_rank);
         if o.transport == TransportRequest::Nccl
@@ -818,7 +818,7 @@ impl Rank<'_> {
                 "capabilities",
             )?);
         }
-        let choice = select(o.transport, &all, o.mpi_available).map_err(CoreError::Gpu)?;
+        let choice = select(o.transport, &all, o.mpi_available).map_err(CoreError::Remote)?;
         if me == 0 {
             tracing::info!("transport {}: {}", choice.transport.as_str(), choice.why);
         }

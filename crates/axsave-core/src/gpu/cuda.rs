@@ -697,9 +697,9 @@ impl Engine for CudaEngine<'_> {
 
 impl Drop for CudaEngine<'_> {
     fn drop(&mut self) {
-        // After a failure, abort first so no kernel keeps waiting on a peer; then let the
-        // streams drain before the buffers they use are freed.
-        if self.failed
+        // After a failure here or anywhere in the run, abort first so no kernel keeps waiting
+        // on a peer; then let the streams drain before the buffers they use are freed.
+        if (self.failed || self.cancel.load(Ordering::SeqCst))
             && let Some(c) = self.comm
         {
             c.abort(NcclError::Aborted("the GPU executor failed".into()));

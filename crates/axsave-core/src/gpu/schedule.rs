@@ -1,7 +1,7 @@
 //! Which bytes move in which order: the part of the GPU executor that every rank computes
 //! identically, so that each NCCL send meets a receive of the same size.
 //!
-//! * A **unit** is one sub-box of one piece (as [`geometry::split`] cuts it with the agreed
+//! * A **unit** is one sub-box of one piece (as [`crate::geometry::split`] cuts it with the agreed
 //!   chunk size): read by the piece's reader, converted, and written by the file's writer. The
 //!   units of a list of assignments come in *canonical order*: assignments in plan order, each
 //!   piece's sub-boxes in split order.

@@ -1,4 +1,4 @@
-//! NCCL return codes as `Result`s, and thin wrappers over the raw calls of [`sys`](super::sys).
+//! NCCL return codes as `Result`s, and thin wrappers over the raw calls of [`super::sys`].
 //!
 //! Every wrapper that takes a communicator is `unsafe`: the caller guarantees the handle is
 //! live (made by `ncclCommInitRank*`, not yet destroyed or aborted) and that no other thread
