@@ -360,3 +360,37 @@ fn ranks_over_nccl_write_the_reference() {
         }
     }
 }
+
+/// The Axolotl config's `axsave.transport` is read (the flag would win); a bad value is bad
+/// usage.
+#[test]
+fn the_config_can_ask_for_a_transport() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("cfg.yml");
+    let write = |transport: &str| {
+        std::fs::write(
+            &cfg,
+            format!(
+                "output_dir: ./out\naxsave:\n  source: {}\n  output: {}\n  transport: {transport}\n",
+                s(&fixture("dcp/fsdp_w2/checkpoint")),
+                s(&dir.path().join("o"))
+            ),
+        )
+        .unwrap();
+    };
+    write("gloo");
+    let o = axsave(&["--config", s(&cfg)]);
+    assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
+    assert!(stderr(&o).contains("axsave.transport"), "{}", stderr(&o));
+    write("nccl");
+    if gpu_here().is_err() {
+        let o = axsave(&["--config", s(&cfg)]);
+        assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
+        assert!(stderr(&o).contains("--transport nccl needs a GPU"));
+        // The flag overrides the config.
+        assert_ok(&axsave(&["--config", s(&cfg), "--transport", "tcp", "-q"]));
+    } else {
+        assert_ok(&axsave(&["--config", s(&cfg), "-q"]));
+    }
+    assert!(dir.path().join("o/model.safetensors").exists());
+}
