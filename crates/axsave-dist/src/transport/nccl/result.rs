@@ -167,6 +167,51 @@ pub fn get_unique_id(nccl: &Nccl) -> Result<ncclUniqueId, NcclError> {
     Ok(id)
 }
 
+/// `ncclCommInitRankConfig` with `blocking` (NCCL ≥ 2.14; `Ok(None)` when this NCCL lacks it):
+/// joins the communicator of `nranks` ranks as `rank`, on the calling thread's current CUDA
+/// device. Non-blocking, it returns at once with `Status::InProgress`; poll
+/// [`comm_get_async_error`] until the join is done. On an error, a handle NCCL returned anyway is
+/// aborted here.
+pub fn comm_init_rank_config(
+    nccl: &Nccl,
+    nranks: c_int,
+    id: ncclUniqueId,
+    rank: c_int,
+    blocking: bool,
+) -> Result<Option<(ncclComm_t, Status)>, NcclError> {
+    let Some(init) = nccl.comm_init_rank_config else {
+        return Ok(None);
+    };
+    let mut config = sys::ncclConfig_v21400::new(blocking);
+    let mut comm: ncclComm_t = std::ptr::null_mut();
+    // SAFETY: `comm` and `config` are valid for the call (NCCL copies the config); the id is
+    // passed by value as nccl.h declares.
+    let code = unsafe { init(&mut comm, nranks, id, rank, &mut config) };
+    match check(nccl, "ncclCommInitRankConfig", code, None) {
+        Ok(status) => Ok(Some((comm, status))),
+        Err(e) => {
+            if !comm.is_null() {
+                // SAFETY: NCCL returned a handle, so it is live; it is not used again.
+                let _ = unsafe { comm_abort(nccl, comm) };
+            }
+            Err(e)
+        }
+    }
+}
+
+/// `ncclCommInitRank`: the blocking join (it returns only when every rank has joined).
+pub fn comm_init_rank(
+    nccl: &Nccl,
+    nranks: c_int,
+    id: ncclUniqueId,
+    rank: c_int,
+) -> Result<ncclComm_t, NcclError> {
+    let mut comm: ncclComm_t = std::ptr::null_mut();
+    // SAFETY: a valid out-pointer; the id by value as nccl.h declares.
+    let code = unsafe { (nccl.comm_init_rank)(&mut comm, nranks, id, rank) };
+    check(nccl, "ncclCommInitRank", code, None).map(|_| comm)
+}
+
 /// `ncclCommGetAsyncError`: the communicator's state, `Ok(Done)` when idle and healthy,
 /// `Ok(InProgress)` while a non-blocking call is still running, else its error.
 ///

@@ -267,30 +267,14 @@ impl Comm {
         if size == 0 || rank >= size || size > c_int::MAX as usize {
             return Err(NcclError::Invalid(format!("rank {rank} of {size}")));
         }
-        let raw = match nccl.comm_init_rank_config {
-            Some(init) => {
-                let mut config = sys::ncclConfig_v21400::new(false);
-                let mut comm: ncclComm_t = std::ptr::null_mut();
-                // SAFETY: `comm` and `config` are valid for the call; the id is passed by value
-                // as nccl.h declares; rank and size were checked to fit an int.
-                let code = unsafe {
-                    init(
-                        &mut comm,
-                        size as c_int,
-                        id.raw(),
-                        rank as c_int,
-                        &mut config,
-                    )
-                };
-                if let Err(e) = result::check(nccl, "ncclCommInitRankConfig", code, None) {
-                    if !comm.is_null() {
-                        // SAFETY: NCCL returned a handle, so it is live; it is not used again.
-                        let _ = unsafe { result::comm_abort(nccl, comm) };
-                    }
-                    return Err(e);
-                }
-                comm
-            }
+        let raw = match result::comm_init_rank_config(
+            nccl,
+            size as c_int,
+            id.raw(),
+            rank as c_int,
+            false,
+        )? {
+            Some((comm, _)) => comm,
             None => blocking_init(nccl, id, rank, size, &opts, bind)?,
         };
         let shared = Arc::new(Shared {
@@ -577,12 +561,7 @@ fn blocking_init(
         .name("axsave-nccl-init".into())
         .spawn(move || {
             let r = bind().map_err(NcclError::Invalid).and_then(|()| {
-                let mut comm: ncclComm_t = std::ptr::null_mut();
-                // SAFETY: valid out-pointer; id by value; rank and size checked by the caller.
-                let code = unsafe {
-                    (nccl.comm_init_rank)(&mut comm, size as c_int, raw_id, rank as c_int)
-                };
-                result::check(nccl, "ncclCommInitRank", code, None).map(|_| RawComm(comm))
+                result::comm_init_rank(nccl, size as c_int, raw_id, rank as c_int).map(RawComm)
             });
             let _ = tx.send(r);
         })
