@@ -3,6 +3,7 @@
 use std::path::PathBuf;
 
 use axsave_core::layout::DtypeChoice;
+use axsave_core::transport::TransportRequest;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
 /// Save the model at the end of distributed training: turn PyTorch DCP / FSDP shards, DCP's
@@ -57,6 +58,24 @@ pub enum Command {
     // No `///` here: a doc comment on the variant would replace the long help and examples
     // that `LaunchArgs` carries.
     Launch(crate::launch::LaunchArgs),
+    /// Measure host-to-device, device-to-host and conversion bandwidth on this GPU (used by
+    /// scripts/gpu-check.sh).
+    #[command(hide = true)]
+    GpuBench(GpuBenchArgs),
+}
+
+/// `axsave gpu-bench` (hidden).
+#[derive(Args, Debug)]
+pub struct GpuBenchArgs {
+    /// Bytes per measurement.
+    #[arg(long, value_name = "SIZE", default_value = "2GiB")]
+    pub bytes: String,
+    /// The GPU to measure (default 0).
+    #[arg(long, value_name = "N")]
+    pub device: Option<usize>,
+    /// Print JSON instead of a table.
+    #[arg(long)]
+    pub json: bool,
 }
 
 /// Options of a save.
@@ -122,12 +141,19 @@ pub struct SaveArgs {
     #[arg(long, value_enum)]
     pub mode: Option<ModeArg>,
 
-    /// How pieces travel between ranks: `tcp` (direct connections; the rendezvous goes through
-    /// PyTorch's TCPStore protocol at MASTER_ADDR:MASTER_PORT), `mpi` (MPI messages, and MPI
-    /// tells the ranks where rank 0's store is: no MASTER_ADDR needed; needs a build with
-    /// `--features mpi` and mpirun), or `auto` (mpi when both hold, else tcp).
-    #[arg(long, value_enum, default_value = "auto")]
-    pub transport: TransportArg,
+    /// How pieces travel between ranks (default auto). `nccl`: between the ranks' GPUs, with
+    /// dtype conversions on the GPU (each rank binds its local rank's GPU, or --device); `mpi`:
+    /// MPI messages (builds with MPI, under mpirun); `tcp`: direct connections, no GPU used.
+    /// `auto` takes nccl when every rank has a GPU and NCCL, else mpi when available, else
+    /// tcp. The rendezvous goes through PyTorch's TCPStore protocol at
+    /// MASTER_ADDR:MASTER_PORT in every case.
+    #[arg(long, value_enum)]
+    pub transport: Option<TransportArg>,
+
+    /// The GPU this rank binds, as an index among the visible devices (default: the local rank
+    /// modulo the number of visible GPUs, so rank i of a node takes GPU i).
+    #[arg(long, value_name = "N")]
+    pub device: Option<usize>,
 
     /// Seconds a rank may go unheard before the others give up (default 60): a killed or hung
     /// rank makes every rank exit non-zero within about this long.
@@ -164,12 +190,25 @@ pub enum ModeArg {
 /// `--transport` values.
 #[derive(ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
 pub enum TransportArg {
-    /// MPI when built with it and started by mpirun, else TCP.
+    /// NCCL when every rank has a GPU and NCCL, else MPI when available, else TCP.
     Auto,
-    /// TCP connections between ranks.
-    Tcp,
-    /// MPI messages (needs `--features mpi` and mpirun).
+    /// NCCL between GPUs; fails at once where a rank has no GPU or no NCCL.
+    Nccl,
+    /// MPI point-to-point (a build with the `mpi` feature, started by an MPI launcher).
     Mpi,
+    /// TCP connections between ranks; the GPU is not used.
+    Tcp,
+}
+
+impl From<TransportArg> for TransportRequest {
+    fn from(t: TransportArg) -> Self {
+        match t {
+            TransportArg::Auto => TransportRequest::Auto,
+            TransportArg::Nccl => TransportRequest::Nccl,
+            TransportArg::Mpi => TransportRequest::Mpi,
+            TransportArg::Tcp => TransportRequest::Tcp,
+        }
+    }
 }
 
 /// `--dtype` values.

@@ -11,7 +11,10 @@ use axsave_core::save::{SaveOptions, save_local};
 use axsave_core::size::{human, parse_size};
 use axsave_formats::detect;
 
-use crate::cli::{InspectArgs, SaveArgs, VerifyArgs};
+use axsave_core::gpu::{LocalGpu, local_caps as local_gpu_caps};
+use axsave_core::transport::{Transport, select};
+
+use crate::cli::{GpuBenchArgs, InspectArgs, SaveArgs, VerifyArgs};
 use crate::progress::Progress;
 use crate::resolve::{Resolved, resolve_save};
 use crate::transport;
@@ -85,8 +88,8 @@ pub fn save(a: &SaveArgs) -> Result<()> {
         return save_alone(a, &r, workers, &world, started);
     }
     let _span = tracing::info_span!("rank", r = world.rank).entered();
-    let (choice, why) = transport::choose(a.transport, world.launcher, cfg!(feature = "mpi"))?;
-    let ready = transport::setup(choice, &mut world, Duration::from_secs(r.timeout.max(1)))?;
+    let use_mpi = transport::wants_mpi(r.transport, world.launcher);
+    let ready = transport::setup(use_mpi, &mut world, Duration::from_secs(r.timeout.max(1)))?;
     let opts = DistOptions {
         source: r.source.clone(),
         output: r.output.clone(),
@@ -100,11 +103,13 @@ pub fn save(a: &SaveArgs) -> Result<()> {
         checksums: a.json,
         fingerprint: fingerprint(a, &r),
         extras: r.extras.clone(),
+        transport: r.transport,
+        device: a.device,
+        mpi_available: ready.net.is_mpi(),
     };
-    let net_name = ready.net.name();
     if world.rank == 0 {
         tracing::info!(
-            "{} ranks ({}), {} mode over {net_name} ({why})",
+            "{} ranks ({}), {} mode",
             world.world_size,
             world.launcher,
             r.mode.as_str()
@@ -168,7 +173,7 @@ pub fn save(a: &SaveArgs) -> Result<()> {
             "format": report.format,
             "seconds": report.seconds,
             "network_bytes": report.network_bytes,
-            "transport": net_name,
+            "transport": report.transport.as_str(),
             "mode": report.mode.as_str(),
             "world_size": report.world_size,
             "launcher": world.launcher.to_string(),
@@ -253,6 +258,44 @@ fn dry_run(r: &Resolved) -> Result<()> {
     print_stdout(&o)
 }
 
+/// Whether one process converts on a GPU: with `--transport nccl` it must (no GPU fails at
+/// once), with `auto` it does when it can (NCCL itself is not needed without peers), with
+/// `tcp`/`mpi` it does not. Returns the GPU and its description.
+fn single_process_gpu(
+    a: &SaveArgs,
+    r: &Resolved,
+    world: &axsave_dist::World,
+) -> Result<Option<(LocalGpu, String)>> {
+    if !r.transport.wants_gpu() {
+        return Ok(None);
+    }
+    let mut caps = local_gpu_caps(r.transport, a.device, world.local_rank);
+    if caps.gpu.is_ok() {
+        caps.nccl = Ok("not needed by one process".into());
+    }
+    let choice = select(r.transport, std::slice::from_ref(&caps), false).map_err(GpuUnavailable)?;
+    match (choice.transport, caps.gpu) {
+        (Transport::Nccl, Ok(desc)) => Ok(Some((
+            LocalGpu {
+                device: a.device,
+                timeout: Duration::from_secs(r.timeout.max(1)),
+            },
+            desc,
+        ))),
+        (_, gpu) => {
+            if let Err(why) = gpu {
+                tracing::debug!("no GPU ({why}): converting on the CPU");
+            }
+            Ok(None)
+        }
+    }
+}
+
+/// `--transport nccl` where there is no GPU (or no NCCL): exit 1 with the reason.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct GpuUnavailable(pub String);
+
 /// One process, no rendezvous.
 fn save_alone(
     a: &SaveArgs,
@@ -261,6 +304,11 @@ fn save_alone(
     world: &axsave_dist::World,
     started: std::time::Instant,
 ) -> Result<()> {
+    let gpu = single_process_gpu(a, r, world)?;
+    if let Some((_, desc)) = &gpu {
+        tracing::info!("GPU {desc}: conversions on the GPU");
+    }
+    let gpu_name = gpu.as_ref().map(|(_, d)| d.clone());
     let opts = SaveOptions {
         output: r.output.clone(),
         layout: r.layout.clone(),
@@ -269,6 +317,7 @@ fn save_alone(
         workers,
         tag: run_tag(),
         extras: r.extras.clone(),
+        gpu: gpu.map(|(g, _)| g),
     };
     let source = std::path::Path::new(&r.source);
     let catalog = detect::open(source)?;
@@ -336,6 +385,7 @@ fn save_alone(
             "seconds": started.elapsed().as_secs_f64(),
             "network_bytes": 0,
             "transport": "none",
+            "gpu": gpu_name,
             "mode": "gather",
             "world_size": 1,
             "launcher": world.launcher.to_string(),
@@ -364,7 +414,7 @@ fn fingerprint(a: &SaveArgs, r: &Resolved) -> String {
         r.mode,
         a.force,
         r.cleanup,
-        a.transport
+        r.transport
     );
     let mut h = crc32fast::Hasher::new();
     h.update(key.as_bytes());
@@ -487,4 +537,47 @@ pub fn verify(a: &VerifyArgs) -> Result<()> {
         }
     );
     Ok(())
+}
+
+/// `axsave gpu-bench` (hidden): bandwidth of the transfers and conversions the GPU executor
+/// makes, on this machine's GPU.
+pub fn gpu_bench(a: &GpuBenchArgs) -> Result<()> {
+    let bytes = size_arg("--bytes", &a.bytes)?;
+    #[cfg(feature = "cuda")]
+    {
+        let (device, rows) = axsave_core::gpu::bench::run(bytes as usize, a.device)?;
+        if a.json {
+            let v = serde_json::json!({ "device": device, "rows": rows });
+            return print_stdout(&format!("{}\n", serde_json::to_string_pretty(&v)?));
+        }
+        let mut o = String::new();
+        outln!(
+            o,
+            "GPU {device}, {} per measurement (best of several)",
+            human(bytes)
+        );
+        outln!(o, "{:<58} {:>10} {:>10}", "", "GB/s", "ms");
+        for r in rows {
+            if r.bytes == 0 {
+                outln!(o, "{}", r.what);
+            } else {
+                outln!(
+                    o,
+                    "{:<58} {:>10.1} {:>10.2}",
+                    r.what,
+                    r.gb_per_s,
+                    r.seconds * 1e3
+                );
+            }
+        }
+        print_stdout(&o)
+    }
+    #[cfg(not(feature = "cuda"))]
+    {
+        let _ = (bytes, a.device, a.json);
+        Err(
+            GpuUnavailable("this axsave was built without CUDA (cargo feature `cuda`)".into())
+                .into(),
+        )
+    }
 }

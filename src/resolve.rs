@@ -11,6 +11,7 @@ use axsave_core::axolotl::{Extras, peft, select};
 use axsave_core::layout::{DtypeChoice, LayoutOptions};
 use axsave_core::plan::Mode;
 use axsave_core::size::parse_size;
+use axsave_core::transport::TransportRequest;
 
 use crate::cli::{ModeArg, SaveArgs};
 use crate::commands::UsageError;
@@ -30,6 +31,8 @@ pub struct Resolved {
     pub mode: Mode,
     /// Seconds a silent rank is tolerated.
     pub timeout: u64,
+    /// How bytes travel between ranks (and whether the GPU is used).
+    pub transport: TransportRequest,
     /// Remove the consumed checkpoint after success.
     pub cleanup: bool,
     /// Tokenizer, config and adapter config to write beside the weights (rank 0 only).
@@ -42,6 +45,22 @@ pub struct Resolved {
 
 fn size(flag: &str, v: &str) -> Result<u64> {
     parse_size(v).map_err(|e| UsageError(format!("{flag}: {e}")).into())
+}
+
+/// `--transport`, else the config's `axsave.transport`, else `auto`.
+fn transport_of(a: &SaveArgs, config: Option<&str>) -> Result<TransportRequest> {
+    if let Some(t) = a.transport {
+        return Ok(t.into());
+    }
+    match config {
+        None => Ok(TransportRequest::Auto),
+        Some(s) => TransportRequest::parse(s).ok_or_else(|| {
+            UsageError(format!(
+                "axsave.transport: {s:?} is not one of auto, nccl, mpi, tcp"
+            ))
+            .into()
+        }),
+    }
 }
 
 fn dtype_of(s: &str) -> Result<DtypeChoice> {
@@ -168,6 +187,7 @@ pub fn resolve_save(a: &SaveArgs, rank0: bool) -> Result<Resolved> {
         memory_budget: size("--memory-budget", &budget)?,
         mode,
         timeout: a.timeout.or(sec.timeout).unwrap_or(60),
+        transport: transport_of(a, sec.transport.as_deref())?,
         cleanup: a.cleanup || sec.cleanup.unwrap_or(false),
         extras,
         notes,

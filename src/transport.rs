@@ -1,53 +1,18 @@
-//! Which transport carries pieces between ranks, and the MPI bootstrap.
+//! The MPI bootstrap: under mpirun, a build with MPI starts it before the rendezvous. (Which
+//! transport carries the pieces is agreed by the ranks: `axsave_core::transport::select`.)
 
 use anyhow::Result;
 use axsave_core::distributed::Net;
+use axsave_core::transport::TransportRequest;
 use axsave_dist::{Launcher, World};
 
-use crate::cli::TransportArg;
-use crate::commands::UsageError;
-
-/// What `--transport` resolved to, and why (for the log).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Choice {
-    /// TCP between ranks.
-    Tcp,
-    /// MPI point-to-point.
-    Mpi,
-}
-
-/// Whether the launcher is an MPI launcher.
-pub fn launched_by_mpi(l: Launcher) -> bool {
-    matches!(l, Launcher::OpenMpi | Launcher::Mpich | Launcher::Mvapich)
-}
-
-/// Picks the transport: `auto` takes MPI when built with it and launched by mpirun, else TCP.
-pub fn choose(
-    requested: TransportArg,
-    launcher: Launcher,
-    mpi_built: bool,
-) -> Result<(Choice, String)> {
-    let by_mpi = launched_by_mpi(launcher);
-    match requested {
-        TransportArg::Tcp => Ok((Choice::Tcp, "--transport tcp".into())),
-        TransportArg::Mpi if !mpi_built => Err(UsageError(
-            "--transport mpi: this axsave was built without MPI (rebuild with `cargo build --release --features mpi`)".into(),
-        )
-        .into()),
-        TransportArg::Mpi if !by_mpi => Err(UsageError(format!(
-            "--transport mpi needs the ranks to be started by mpirun/mpiexec (started by {launcher})"
-        ))
-        .into()),
-        TransportArg::Mpi => Ok((Choice::Mpi, "--transport mpi".into())),
-        TransportArg::Auto if mpi_built && by_mpi => {
-            Ok((Choice::Mpi, format!("started by {launcher} and built with MPI")))
-        }
-        TransportArg::Auto if by_mpi => Ok((
-            Choice::Tcp,
-            format!("started by {launcher} but built without MPI: using tcp"),
-        )),
-        TransportArg::Auto => Ok((Choice::Tcp, format!("started by {launcher}: using tcp"))),
-    }
+/// Whether to start MPI: built with it, started by an MPI launcher, and TCP not asked for. MPI
+/// then tells the ranks where rank 0's store is (no MASTER_ADDR needed) and is there to carry
+/// the pieces if the transport choice takes it.
+pub fn wants_mpi(request: TransportRequest, launcher: Launcher) -> bool {
+    cfg!(feature = "mpi")
+        && axsave_core::transport::launched_by_mpi(launcher)
+        && request != TransportRequest::Tcp
 }
 
 /// The transport, set up. Under MPI, rank 0 hosts the store on a free port and MPI tells every
@@ -74,22 +39,18 @@ impl Ready {
     }
 }
 
-/// Sets up the chosen transport, adjusting `world` for the MPI bootstrap.
-pub fn setup(choice: Choice, world: &mut World, timeout: std::time::Duration) -> Result<Ready> {
-    match choice {
-        Choice::Tcp => Ok(Ready {
-            net: Net::Tcp,
-            #[cfg(feature = "mpi")]
-            mpi: None,
-        }),
-        #[cfg(feature = "mpi")]
-        Choice::Mpi => mpi_setup(world, timeout),
-        #[cfg(not(feature = "mpi"))]
-        Choice::Mpi => {
-            let _ = (world, timeout);
-            anyhow::bail!("built without MPI")
-        }
+/// Sets up MPI when `use_mpi` (adjusting `world` for its bootstrap), else nothing.
+pub fn setup(use_mpi: bool, world: &mut World, timeout: std::time::Duration) -> Result<Ready> {
+    #[cfg(feature = "mpi")]
+    if use_mpi {
+        return mpi_setup(world, timeout);
     }
+    let _ = (use_mpi, &world, timeout);
+    Ok(Ready {
+        net: Net::Tcp,
+        #[cfg(feature = "mpi")]
+        mpi: None,
+    })
 }
 
 #[cfg(feature = "mpi")]
@@ -148,31 +109,11 @@ mod tests {
     use super::*;
 
     #[test]
-    fn auto_prefers_mpi_only_when_built_with_it_and_under_mpirun() {
-        let c = |r, l, b| choose(r, l, b).map(|(c, _)| c).ok();
-        assert_eq!(
-            c(TransportArg::Auto, Launcher::OpenMpi, true),
-            Some(Choice::Mpi)
-        );
-        assert_eq!(
-            c(TransportArg::Auto, Launcher::Mpich, true),
-            Some(Choice::Mpi)
-        );
-        assert_eq!(
-            c(TransportArg::Auto, Launcher::OpenMpi, false),
-            Some(Choice::Tcp)
-        );
-        assert_eq!(
-            c(TransportArg::Auto, Launcher::Torchrun, true),
-            Some(Choice::Tcp)
-        );
-        assert_eq!(
-            c(TransportArg::Tcp, Launcher::OpenMpi, true),
-            Some(Choice::Tcp)
-        );
-        assert_eq!(c(TransportArg::Mpi, Launcher::Slurm, true), None);
-        assert_eq!(c(TransportArg::Mpi, Launcher::OpenMpi, false), None);
-        let (_, why) = choose(TransportArg::Auto, Launcher::OpenMpi, false).unwrap();
-        assert!(why.contains("without MPI"), "{why}");
+    fn mpi_only_under_an_mpi_launcher_and_not_for_tcp() {
+        let built = cfg!(feature = "mpi");
+        assert_eq!(wants_mpi(TransportRequest::Auto, Launcher::OpenMpi), built);
+        assert_eq!(wants_mpi(TransportRequest::Nccl, Launcher::Mpich), built);
+        assert!(!wants_mpi(TransportRequest::Tcp, Launcher::OpenMpi));
+        assert!(!wants_mpi(TransportRequest::Auto, Launcher::Torchrun));
     }
 }

@@ -134,6 +134,9 @@ fn node_local_sources_cross_tcp() {
                 "--mode",
                 mode,
                 "--json",
+                // Explicitly: on a machine with GPUs `auto` would take NCCL.
+                "--transport",
+                "tcp",
             ],
         );
         assert_same_tensors(out.path(), &reference);

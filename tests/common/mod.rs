@@ -5,15 +5,19 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
-/// The built `axsave` binary.
+/// The built `axsave` binary (`AXSAVE_BIN` overrides, for prebuilt test binaries run on
+/// another machine, as scripts/gpu-check.sh does).
 pub fn bin() -> PathBuf {
-    PathBuf::from(env!("CARGO_BIN_EXE_axsave"))
+    std::env::var_os("AXSAVE_BIN")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_BIN_EXE_axsave")))
 }
 
-/// A path under tests/fixtures.
+/// A path under tests/fixtures (`AXSAVE_FIXTURES` overrides the directory).
 pub fn fixture(rel: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/fixtures")
+    std::env::var_os("AXSAVE_FIXTURES")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures"))
         .join(rel)
 }
 

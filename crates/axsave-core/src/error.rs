@@ -46,6 +46,9 @@ pub enum CoreError {
     /// `verify` found a difference.
     #[error("{0}")]
     Mismatch(String),
+    /// The GPU could not do its part (CUDA or NCCL failed, or no device where one is needed).
+    #[error("GPU: {0}")]
+    Gpu(String),
     /// Another rank failed, or the transport broke.
     #[error("{0}")]
     Remote(String),

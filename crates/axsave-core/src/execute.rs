@@ -15,7 +15,7 @@ use crate::layout::Layout;
 use crate::sources::{SourceFiles, ZstdCursor};
 
 /// One piece to copy: piece `piece` of the catalog tensor behind output tensor `out`.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
 pub struct Task {
     /// Index into [`Layout::tensors`].
     pub out: usize,
@@ -258,6 +258,38 @@ pub fn run<S: Sink>(
     Ok(())
 }
 
+/// Reads record `r` whole, `chunk` bytes at a time through `buf`, and compares its CRC with the
+/// one recorded. (Also used by the GPU executor for the files it reads.)
+pub(crate) fn check_record(
+    sources: &SourceFiles,
+    r: &RecordCheck,
+    chunk: usize,
+    buf: &mut Vec<u8>,
+) -> Result<()> {
+    let c = r.checksum;
+    let mut h = crc32fast::Hasher::new();
+    let mut at = c.offset;
+    let end = c.offset + c.len;
+    while at < end {
+        let n = (end - at).min(chunk.max(1) as u64) as usize;
+        buf.resize(n, 0);
+        sources.read_at(r.file, at, buf)?;
+        h.update(buf);
+        at += n as u64;
+    }
+    let found = h.finalize();
+    if found != c.crc32 {
+        return Err(CoreError::Format(FormatError::Checksum {
+            path: sources.path(r.file),
+            offset: c.offset,
+            end,
+            expected: c.crc32,
+            found,
+        }));
+    }
+    Ok(())
+}
+
 fn piece_of<'a>(catalog: &'a Catalog, layout: &Layout, t: &Task) -> &'a Piece {
     &catalog.tensors[layout.tensors[t.out].source].pieces[t.piece]
 }
@@ -276,28 +308,7 @@ struct Worker<'a, S> {
 impl<S: Sink> Worker<'_, S> {
     /// Reads a record whole, in chunks, and compares its CRC with the one recorded.
     fn check_record(&mut self, r: &RecordCheck, chunk: usize) -> Result<()> {
-        let c = r.checksum;
-        let mut h = crc32fast::Hasher::new();
-        let mut at = c.offset;
-        let end = c.offset + c.len;
-        while at < end {
-            let n = (end - at).min(chunk as u64) as usize;
-            self.inbuf.resize(n, 0);
-            self.sources.read_at(r.file, at, &mut self.inbuf)?;
-            h.update(&self.inbuf);
-            at += n as u64;
-        }
-        let found = h.finalize();
-        if found != c.crc32 {
-            return Err(CoreError::Format(FormatError::Checksum {
-                path: self.sources.path(r.file),
-                offset: c.offset,
-                end,
-                expected: c.crc32,
-                found,
-            }));
-        }
-        Ok(())
+        check_record(self.sources, r, chunk, &mut self.inbuf)
     }
 
     /// Runs one job; returns the CRC of each sub-box's stored span when asked.

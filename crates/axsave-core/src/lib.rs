@@ -8,6 +8,7 @@ pub mod error;
 pub mod execute;
 pub mod fault;
 pub mod geometry;
+pub mod gpu;
 pub mod layout;
 pub mod naming;
 pub mod output;
@@ -15,6 +16,7 @@ pub mod plan;
 pub mod save;
 pub mod size;
 pub mod sources;
+pub mod transport;
 pub mod verify;
 
 pub use error::{CoreError, Result};

@@ -29,6 +29,8 @@ pub struct SaveOptions {
     pub tag: String,
     /// Files written beside the weights (tokenizer, config).
     pub extras: crate::axolotl::Extras,
+    /// Convert on this GPU (`None`: everything on the CPU).
+    pub gpu: Option<crate::gpu::LocalGpu>,
 }
 
 /// What a finished save wrote.
@@ -110,11 +112,34 @@ pub fn save_local(
             tasks: &tasks,
             opts: ExecOptions::for_budget(opts.memory_budget, opts.workers),
         };
-        let sink_for = |_: &Task| {
-            crate::fault::point("copying", 0);
-            0
-        };
-        execute::run(job, &sink_for, &|_| Ok(LocalSink(&files)), written, &cancel)?;
+        if let Some(g) = &opts.gpu {
+            // The GPU executor with a plan of one rank that reads and writes everything.
+            let readers = vec![vec![0]; catalog.files.len()];
+            let plan =
+                crate::plan::make_plan(catalog, &layout, &readers, 1, crate::plan::Mode::Gather)
+                    .map_err(|e| CoreError::Layout(e.to_string()))?;
+            let work = crate::gpu::RankWork {
+                catalog,
+                layout: &layout,
+                plan: &plan,
+                sources: &sources,
+                files: Some(&files),
+                me: 0,
+                sizing: crate::gpu::schedule::Sizing::for_budget(opts.memory_budget),
+                // Half the budget is the GPU executor's pinned buffers; the CPU copies get the
+                // rest.
+                exec: ExecOptions::for_budget(opts.memory_budget / 2, opts.workers),
+                written,
+                cancel: &cancel,
+            };
+            crate::gpu::run_single(work, g)?;
+        } else {
+            let sink_for = |_: &Task| {
+                crate::fault::point("copying", 0);
+                0
+            };
+            execute::run(job, &sink_for, &|_| Ok(LocalSink(&files)), written, &cancel)?;
+        }
         let sync_start = Instant::now();
         files.sync()?;
         tracing::debug!(

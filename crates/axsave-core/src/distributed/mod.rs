@@ -40,6 +40,7 @@ use crate::output::{self, OutputFiles};
 use crate::plan::{Mode, Plan, make_plan};
 use crate::save::{LocalSink, check_output, finalize};
 use crate::sources::SourceFiles;
+use crate::transport::{Choice, Transport, TransportRequest, select};
 
 use inventory::Inventory;
 pub use remote::Net;
@@ -73,6 +74,12 @@ pub struct DistOptions {
     pub fingerprint: String,
     /// Files rank 0 writes beside the weights (tokenizer, config).
     pub extras: crate::axolotl::Extras,
+    /// `--transport`.
+    pub transport: TransportRequest,
+    /// `--device`: the GPU to bind instead of the local rank's.
+    pub device: Option<usize>,
+    /// Whether the MPI transport can be used ([`crate::transport::mpi_available`]).
+    pub mpi_available: bool,
 }
 
 /// What rank 0 reports after a successful save.
@@ -104,6 +111,8 @@ pub struct DistReport {
     pub notes: Vec<String>,
     /// Whether rank 0 read the whole catalog itself (shared filesystem) or merged parts.
     pub shared_source: bool,
+    /// The transport the ranks agreed on.
+    pub transport: Transport,
 }
 
 /// One output file.
@@ -370,6 +379,8 @@ impl Rank<'_> {
             opts.timeout,
             self.shared.clone(),
         );
+        // The transport, agreed from every rank's report (GPU work, issue #6).
+        let choice = self.agree_transport()?;
 
         // 2. Inventory and catalog.
         let source = PathBuf::from(inventory::expand_source(
@@ -484,101 +495,124 @@ impl Rank<'_> {
             None
         };
 
-        // 4. Execute: listen, publish, copy, receive.
-        let expected = plan.bytes_received_by(me);
-        let tcp = TcpOptions {
-            session: session_of(&tag),
-            frame_bytes: frame_bytes(opts.memory_budget, n, opts.workers),
-            io_timeout: opts.timeout,
-        };
-        let mut receiver = None;
-        if expected > 0 {
-            let files = files
-                .clone()
-                .ok_or_else(|| CoreError::Remote("receiver without files".into()))?;
-            let sink: axsave_dist::transport::Sink = Arc::new(move |_from, file, offset, data| {
-                files
-                    .write_at(file as usize, offset, data)
-                    .map_err(|e| e.to_string())
-            });
-            match net {
-                Net::Tcp => {
-                    let (r, port) = Incoming::tcp(&tcp, sink)?;
-                    let ip = reachable_ip(
-                        self.world.master_addr.as_deref().unwrap_or("127.0.0.1"),
-                        self.world.master_port,
-                    );
-                    let addr = SocketAddr::new(ip, port);
-                    self.client
-                        .set(&format!("addr/{me}"), addr.to_string().as_bytes())
-                        .map_err(remote)?;
-                    receiver = Some(r);
-                }
-                #[cfg(feature = "mpi")]
-                Net::Mpi(t) => receiver = Some(Incoming::mpi(t, sink)?),
-            }
-        }
-        let tasks = plan.tasks_read_by(me);
-        let mut peers: Vec<Option<SocketAddr>> = vec![None; n];
-        if matches!(net, Net::Tcp) {
-            for w in tasks
-                .iter()
-                .map(|t| plan.file_writers[layout.tensors[t.out].file])
-            {
-                if w != me && peers[w].is_none() {
-                    let key = format!("addr/{w}");
-                    let d = self.far();
-                    self.wait_keys(&[&key], d)?;
-                    let a = self.client.get(&key, d).map_err(remote)?;
-                    let a: SocketAddr = String::from_utf8_lossy(&a).parse().map_err(|e| {
-                        CoreError::Remote(format!("rank {w} published a bad address: {e}"))
-                    })?;
-                    peers[w] = Some(a);
-                }
-            }
-        }
+        // 4. Execute: over NCCL through the GPU executor, or listen, publish, copy and receive
+        // over MPI or TCP.
         let sources = SourceFiles::new(&catalog, &catalog.root);
-        let job = CopyJob {
-            catalog: &catalog,
-            layout: &layout,
-            sources: &sources,
-            tasks: &tasks,
-            opts: ExecOptions::for_budget(opts.memory_budget, opts.workers),
-        };
-        let writer_of = |t: &execute::Task| {
-            crate::fault::point("copying", me);
-            plan.file_writers[layout.tensors[t.out].file]
-        };
-        let copy = execute::run(
-            job,
-            &writer_of,
-            &|w| -> Result<Box<dyn Sink + '_>> {
-                if w == me {
-                    let f = files
-                        .as_ref()
-                        .ok_or_else(|| CoreError::Remote("no local files".into()))?;
-                    return Ok(Box::new(LocalSink(f.as_ref())));
-                }
-                match net {
-                    Net::Tcp => {
-                        let addr = peers[w]
-                            .ok_or_else(|| CoreError::Remote(format!("no address for rank {w}")))?;
-                        Ok(Box::new(RemoteSink::tcp(addr, me, w, &tcp)?))
+        let (copy, received) = match choice.transport {
+            Transport::Nccl => (
+                self.execute_nccl(&catalog, &layout, &plan, files.as_deref(), &sources),
+                Ok(()),
+            ),
+            _ => {
+                // MPI carries the pieces only when it was chosen; otherwise TCP does.
+                let tcp_net = Net::Tcp;
+                let net = match choice.transport {
+                    Transport::Mpi => net,
+                    _ => &tcp_net,
+                };
+                let expected = plan.bytes_received_by(me);
+                let tcp = TcpOptions {
+                    session: session_of(&tag),
+                    frame_bytes: frame_bytes(opts.memory_budget, n, opts.workers),
+                    io_timeout: opts.timeout,
+                };
+                let mut receiver = None;
+                if expected > 0 {
+                    let files = files
+                        .clone()
+                        .ok_or_else(|| CoreError::Remote("receiver without files".into()))?;
+                    let sink: axsave_dist::transport::Sink =
+                        Arc::new(move |_from, file, offset, data| {
+                            files
+                                .write_at(file as usize, offset, data)
+                                .map_err(|e| e.to_string())
+                        });
+                    match net {
+                        Net::Tcp => {
+                            let (r, port) = Incoming::tcp(&tcp, sink)?;
+                            let ip = reachable_ip(
+                                self.world.master_addr.as_deref().unwrap_or("127.0.0.1"),
+                                self.world.master_port,
+                            );
+                            let addr = SocketAddr::new(ip, port);
+                            self.client
+                                .set(&format!("addr/{me}"), addr.to_string().as_bytes())
+                                .map_err(remote)?;
+                            receiver = Some(r);
+                        }
+                        #[cfg(feature = "mpi")]
+                        Net::Mpi(t) => receiver = Some(Incoming::mpi(t, sink)?),
                     }
-                    #[cfg(feature = "mpi")]
-                    Net::Mpi(t) => Ok(Box::new(RemoteSink::mpi(t, w, self.shared_cancel())?)),
                 }
-            },
-            &self.shared.local_written,
-            &self.shared.cancel,
-        );
-        let received = match (&receiver, &copy) {
-            (Some(r), Ok(())) => r.wait(expected),
-            _ => Ok(()),
+                let tasks = plan.tasks_read_by(me);
+                let mut peers: Vec<Option<SocketAddr>> = vec![None; n];
+                if matches!(net, Net::Tcp) {
+                    for w in tasks
+                        .iter()
+                        .map(|t| plan.file_writers[layout.tensors[t.out].file])
+                    {
+                        if w != me && peers[w].is_none() {
+                            let key = format!("addr/{w}");
+                            let d = self.far();
+                            self.wait_keys(&[&key], d)?;
+                            let a = self.client.get(&key, d).map_err(remote)?;
+                            let a: SocketAddr =
+                                String::from_utf8_lossy(&a).parse().map_err(|e| {
+                                    CoreError::Remote(format!(
+                                        "rank {w} published a bad address: {e}"
+                                    ))
+                                })?;
+                            peers[w] = Some(a);
+                        }
+                    }
+                }
+                let job = CopyJob {
+                    catalog: &catalog,
+                    layout: &layout,
+                    sources: &sources,
+                    tasks: &tasks,
+                    opts: ExecOptions::for_budget(opts.memory_budget, opts.workers),
+                };
+                let writer_of = |t: &execute::Task| {
+                    crate::fault::point("copying", me);
+                    plan.file_writers[layout.tensors[t.out].file]
+                };
+                let copy = execute::run(
+                    job,
+                    &writer_of,
+                    &|w| -> Result<Box<dyn Sink + '_>> {
+                        if w == me {
+                            let f = files
+                                .as_ref()
+                                .ok_or_else(|| CoreError::Remote("no local files".into()))?;
+                            return Ok(Box::new(LocalSink(f.as_ref())));
+                        }
+                        match net {
+                            Net::Tcp => {
+                                let addr = peers[w].ok_or_else(|| {
+                                    CoreError::Remote(format!("no address for rank {w}"))
+                                })?;
+                                Ok(Box::new(RemoteSink::tcp(addr, me, w, &tcp)?))
+                            }
+                            #[cfg(feature = "mpi")]
+                            Net::Mpi(t) => {
+                                Ok(Box::new(RemoteSink::mpi(t, w, self.shared_cancel())?))
+                            }
+                        }
+                    },
+                    &self.shared.local_written,
+                    &self.shared.cancel,
+                );
+                let received = match (&receiver, &copy) {
+                    (Some(r), Ok(())) => r.wait(expected),
+                    _ => Ok(()),
+                };
+                if let Some(r) = receiver.take() {
+                    r.shutdown();
+                }
+                (copy, received)
+            }
         };
-        if let Some(r) = receiver.take() {
-            r.shutdown();
-        }
         copy?;
         received?;
         self.check_cancel()?;
@@ -687,6 +721,7 @@ impl Rank<'_> {
             dtypes,
             notes: catalog.notes.clone(),
             shared_source,
+            transport: choice.transport,
         }))
     }
 
@@ -780,6 +815,109 @@ impl Rank<'_> {
         }
     }
 }
+
+// ===== GPU work (issue #6): the transport agreement and the NCCL data plane. =====
+
+impl Rank<'_> {
+    /// Every rank reports what it can do (its GPU and NCCL, when the request may use them) and
+    /// all pick the same transport from the same reports. `--transport nccl` on a rank without
+    /// a GPU or NCCL fails here, at once; the failure flag then stops the others.
+    fn agree_transport(&mut self) -> Result<Choice> {
+        let (me, n) = (self.world.rank, self.world.world_size);
+        let o = self.opts;
+        if !o.transport.wants_gpu() {
+            return select(o.transport, &[], o.mpi_available).map_err(CoreError::Remote);
+        }
+        let caps = crate::gpu::local_caps(o.transport, o.device, self.world.local_rank);
+        if o.transport == TransportRequest::Nccl
+            && let Some(why) = caps.nccl_missing()
+        {
+            return Err(CoreError::Gpu(format!(
+                "--transport nccl, but rank {me} (on {}) cannot use NCCL: {why}",
+                hostname()
+            )));
+        }
+        broadcast_bytes(self.client, &format!("caps/{me}"), &json(&caps)?).map_err(remote)?;
+        let mut all = Vec::with_capacity(n);
+        for r in 0..n {
+            let d = self.deadline();
+            all.push(unjson(
+                &self.receive(&format!("caps/{r}"), d)?,
+                "capabilities",
+            )?);
+        }
+        let choice = select(o.transport, &all, o.mpi_available).map_err(CoreError::Remote)?;
+        if me == 0 {
+            tracing::info!("transport {}: {}", choice.transport.as_str(), choice.why);
+        }
+        tracing::debug!(rank = me, "GPU: {:?}, NCCL: {:?}", caps.gpu, caps.nccl);
+        Ok(choice)
+    }
+
+    /// Step 4 over NCCL: the GPU executor (rank 0's sizes and NCCL id through the store).
+    #[cfg(feature = "cuda")]
+    fn execute_nccl(
+        &mut self,
+        catalog: &Catalog,
+        layout: &Layout,
+        plan: &Plan,
+        files: Option<&OutputFiles>,
+        sources: &SourceFiles,
+    ) -> Result<()> {
+        let shared = self.shared.clone();
+        let o = crate::gpu::nccl::NcclOptions {
+            world_size: self.world.world_size,
+            device: self.opts.device,
+            local_rank: self.world.local_rank,
+            timeout: self.opts.timeout,
+            init_timeout: self.opts.rendezvous_timeout,
+            cancelled: std::sync::Arc::new(move || shared.cancel.load(Ordering::SeqCst)),
+        };
+        let shared = self.shared.clone();
+        let work = crate::gpu::RankWork {
+            catalog,
+            layout,
+            plan,
+            sources,
+            files,
+            me: self.world.rank,
+            sizing: crate::gpu::schedule::Sizing::for_budget(self.opts.memory_budget),
+            exec: ExecOptions::for_budget(self.opts.memory_budget / 2, self.opts.workers),
+            written: &shared.local_written,
+            cancel: &shared.cancel,
+        };
+        crate::gpu::nccl::run_nccl(self, work, &o)
+    }
+
+    #[cfg(not(feature = "cuda"))]
+    fn execute_nccl(
+        &mut self,
+        _: &Catalog,
+        _: &Layout,
+        _: &Plan,
+        _: Option<&OutputFiles>,
+        _: &SourceFiles,
+    ) -> Result<()> {
+        // Unreachable in practice: without CUDA no rank reports a GPU, so NCCL is never chosen.
+        Err(CoreError::Gpu(
+            "this axsave was built without CUDA (cargo feature `cuda`)".into(),
+        ))
+    }
+}
+
+/// Rank 0's small values (the GPU setup) travel through the store.
+#[cfg(feature = "cuda")]
+impl crate::gpu::nccl::Exchange for Rank<'_> {
+    fn publish(&mut self, key: &str, value: &[u8]) -> Result<()> {
+        broadcast_bytes(self.client, key, value).map_err(remote)
+    }
+    fn fetch(&mut self, key: &str) -> Result<Vec<u8>> {
+        let d = self.deadline();
+        self.receive(key, d)
+    }
+}
+
+// ===== end of GPU work =====
 
 /// The marker rank 0 leaves in the output directory for the sharded-mode check.
 fn token_name(tag: &str) -> String {

@@ -22,6 +22,11 @@ pub enum Net {
 }
 
 impl Net {
+    /// Whether MPI is there to carry pieces.
+    pub fn is_mpi(&self) -> bool {
+        !matches!(self, Net::Tcp)
+    }
+
     /// The name the log and `--json` use.
     pub fn name(&self) -> &'static str {
         match self {

@@ -10,9 +10,17 @@
 //! * `mpi` (feature `mpi`) — MPI point-to-point messages for jobs started by an MPI
 //!   launcher, with the same shape: an `MpiReceiver` per writer rank, an `MpiSender` per
 //!   worker thread and writer, the same [`Sink`].
+//! * `nccl` (feature `cuda`) — NCCL point-to-point between the ranks' GPUs; the library is
+//!   opened at run time. The executor that drives it lives in axsave-core (`gpu`).
 
 #[cfg(feature = "mpi")]
 pub mod mpi;
+#[cfg(feature = "cuda")]
+pub mod nccl;
 pub mod tcp;
+
+/// Whether this build has the MPI transport (feature `mpi`). Whether a run can use it also
+/// depends on how it was launched; see axsave-core's `transport::mpi_available`.
+pub const MPI_BUILT: bool = cfg!(feature = "mpi");
 
 pub use tcp::*;

@@ -1,0 +1,175 @@
+#!/usr/bin/env bash
+# Checks axsave's GPU path on a Linux machine with an NVIDIA GPU, using binaries built
+# beforehand elsewhere (the GPU machine needs no Rust and no network):
+#
+#   # on the build machine (x86-64, same repository checkout, default features):
+#   cargo build --release && cargo test --workspace --no-run
+#   # (--workspace: the GPU unit tests live in the axsave-core and axsave-dist test binaries,
+#   # which a plain `cargo test --no-run` at the root does not build)
+#   # copy the checkout with target/ to the GPU machine, then there:
+#   scripts/gpu-check.sh
+#
+# What it does, each step under a time limit, then a PASS/FAIL table (exit 1 on any FAIL):
+#   1. finds the prebuilt binaries: target/release/axsave and the test binaries of
+#      `cargo test --no-run` (debug or release, the newest that has the GPU tests);
+#   2. runs the GPU unit tests (kernels on torch's fixtures, pinned memory, the engine, NCCL,
+#      the watchdog) and the GPU end-to-end tests, with AXSAVE_REQUIRE_GPU=1 so that a test
+#      that cannot find the GPU fails instead of skipping;
+#   3. saves the fixtures with `--transport nccl` on one rank and compares every byte with
+#      the references (conversions: torch's `.to()` output);
+#   4. prints host-to-device, device-to-host and conversion bandwidth on about 2 GB
+#      (`axsave gpu-bench`).
+#
+# Environment: AXSAVE_BIN (default target/release/axsave), CARGO_TARGET_DIR (default
+# ./target), AXSAVE_FIXTURES (default tests/fixtures), BENCH_BYTES (default 2GiB; 0 skips
+# the bandwidth table), NCCL_DEBUG and friends pass through to NCCL.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+root=$PWD
+target=${CARGO_TARGET_DIR:-$root/target}
+bin=${AXSAVE_BIN:-$target/release/axsave}
+fixtures=${AXSAVE_FIXTURES:-$root/tests/fixtures}
+bench_bytes=${BENCH_BYTES:-2GiB}
+work=$(mktemp -d)
+trap 'rm -rf "$work"' EXIT
+
+names=()
+verdicts=()
+details=()
+record() { # name verdict detail
+  names+=("$1")
+  verdicts+=("$2")
+  details+=("$3")
+  printf '==> %-44s %s %s\n' "$1" "$2" "$3"
+}
+
+# run NAME LIMIT_SECONDS COMMAND...: runs under `timeout`, log in $work/NAME.log, shown on
+# failure; records PASS, FAIL or TIMEOUT with the time taken.
+run() {
+  local name=$1 limit=$2
+  shift 2
+  local log="$work/${name//[^A-Za-z0-9_.-]/_}.log"
+  local start=$SECONDS rc=0
+  timeout --kill-after=10 "$limit" "$@" >"$log" 2>&1 || rc=$?
+  local took=$((SECONDS - start))
+  if [ "$rc" = 0 ]; then
+    record "$name" PASS "(${took}s)"
+  else
+    local why="exit $rc"
+    if [ "$rc" = 124 ] || [ "$rc" = 137 ]; then why="TIMEOUT after ${limit}s"; fi
+    record "$name" FAIL "($why, ${took}s)"
+    echo "---- last lines of $name ----"
+    tail -n 40 "$log"
+    echo "-----------------------------"
+  fi
+  return 0
+}
+
+echo "axsave GPU check in $root"
+if command -v nvidia-smi >/dev/null 2>&1; then
+  nvidia-smi -L || true
+  nvidia-smi --query-gpu=driver_version --format=csv,noheader 2>/dev/null | head -1 | sed 's/^/driver /' || true
+else
+  echo "nvidia-smi not found (the checks below find the driver themselves)"
+fi
+
+# 1. The binaries.
+if [ ! -x "$bin" ]; then
+  record "binary $bin" FAIL "(missing: run \`cargo build --release\` on the build machine)"
+  bin=""
+fi
+# The newest test binary named NAME-<hash> (debug or release) whose test list has PATTERN.
+find_test_bin() {
+  local name=$1 pattern=$2 f
+  while IFS= read -r f; do
+    if "$f" --list 2>/dev/null | grep -q "$pattern"; then
+      echo "$f"
+      return 0
+    fi
+  done < <(find "$target/debug/deps" "$target/release/deps" -maxdepth 1 -type f -perm -u+x \
+    -regex ".*/${name}-[0-9a-f]+" -printf '%T@ %p\n' 2>/dev/null | sort -rn | cut -d' ' -f2-)
+  return 1
+}
+core_tests=$(find_test_bin axsave_core 'gpu::cuda::tests::kernels_match_torch_on_the_device') || core_tests=""
+gpu_tests=$(find_test_bin gpu 'ranks_over_nccl_write_the_reference') || gpu_tests=""
+dist_tests=$(find_test_bin axsave_dist 'transport::nccl::') || dist_tests=""
+for pair in "axsave-core unit tests:$core_tests" "tests/gpu.rs:$gpu_tests" "axsave-dist unit tests:$dist_tests"; do
+  if [ -z "${pair#*:}" ]; then
+    record "find ${pair%%:*}" FAIL "(not in $target/{debug,release}/deps: run \`cargo test --workspace --no-run\` with default features)"
+  else
+    echo "using ${pair#*:}"
+  fi
+done
+
+export AXSAVE_FIXTURES="$fixtures"
+[ -n "$bin" ] && export AXSAVE_BIN="$bin"
+
+# 2. The GPU tests (one thread: they share the GPU and print what they found).
+if [ -n "$core_tests" ]; then
+  run "unit: GPU kernels, engine, NCCL" 900 env AXSAVE_REQUIRE_GPU=1 "$core_tests" gpu:: --test-threads=1 --nocapture
+fi
+if [ -n "$dist_tests" ]; then
+  run "unit: NCCL loader and communicator" 300 "$dist_tests" transport::nccl:: --test-threads=1 --nocapture
+fi
+if [ -n "$gpu_tests" ] && [ -n "$bin" ]; then
+  run "end to end: tests/gpu.rs" 900 env AXSAVE_REQUIRE_GPU=1 "$gpu_tests" --test-threads=1 --nocapture
+fi
+
+# 3. One rank, --transport nccl, every fixture with a reference; byte for byte.
+save_and_compare() { # name source reference [extra args]
+  local name=$1 src=$2 ref=$3
+  shift 3
+  local out="$work/out-$name"
+  "$bin" --source "$src" --output "$out" --transport nccl "$@" 2>"$work/save-$name.err" || {
+    cat "$work/save-$name.err"
+    return 1
+  }
+  cat "$work/save-$name.err"
+  if ! cmp "$out/model.safetensors" "$ref"; then
+    echo "$name: model.safetensors differs from $ref"
+    return 1
+  fi
+  # A conversion must have run on the GPU, not fallen back to the CPU.
+  if [ $# -gt 0 ] && ! grep -q "conversions on the GPU" "$work/save-$name.err"; then
+    echo "$name: the log does not say the conversions ran on the GPU"
+    return 1
+  fi
+}
+export bin work
+export -f save_and_compare
+if [ -n "$bin" ]; then
+  for f in fsdp_w1 fsdp_w2 fsdp_w3 fsdp_w4 fsdp_w8 hf_w2 zstd_w2 per_rank_meta_w2 torch24_w2 torch27_w2 torch215_w2 demo_w4; do
+    if [ -f "$fixtures/dcp/$f/reference.safetensors" ]; then
+      run "save $f --transport nccl" 120 \
+        bash -c 'save_and_compare "$@"' _ "$f" "$fixtures/dcp/$f/checkpoint" "$fixtures/dcp/$f/reference.safetensors"
+    fi
+  done
+  for d in bf16 fp16 fp32; do
+    run "save fsdp_w2 --dtype $d --transport nccl" 120 \
+      bash -c 'save_and_compare "$@"' _ "fsdp_w2-$d" "$fixtures/dcp/fsdp_w2/checkpoint" \
+      "$fixtures/dcp/fsdp_w2/reference_$d.safetensors" --dtype "$d"
+  done
+fi
+
+# 4. Bandwidth.
+if [ -n "$bin" ] && [ "$bench_bytes" != "0" ]; then
+  run "gpu-bench on $bench_bytes" 600 "$bin" gpu-bench --bytes "$bench_bytes"
+  if [ "${verdicts[${#verdicts[@]}-1]}" = PASS ]; then
+    echo
+    cat "$work/gpu-bench_on_${bench_bytes//[^A-Za-z0-9_.-]/_}.log"
+  fi
+fi
+
+echo
+echo "==================== axsave GPU check ===================="
+fails=0
+for i in "${!names[@]}"; do
+  printf '%-6s %-46s %s\n' "${verdicts[$i]}" "${names[$i]}" "${details[$i]}"
+  if [ "${verdicts[$i]}" != PASS ]; then fails=$((fails + 1)); fi
+done
+echo "=========================================================="
+if [ "$fails" -gt 0 ]; then
+  echo "FAIL: $fails of ${#names[@]} checks failed"
+  exit 1
+fi
+echo "PASS: all ${#names[@]} checks"
