@@ -590,6 +590,16 @@ fn tensor_meta(p: &Pickle, v: &Value) -> std::result::Result<TensorMeta, String>
     let size = field(p, v, "size")
         .and_then(|s| size_of(p, s))
         .ok_or("size is not a torch.Size")?;
+    // The size comes from the file. A tensor whose byte size does not fit in 64 bits is damage,
+    // and would make every later numel()/nbytes() overflow: a partial read checks no coverage
+    // that would catch it (found by fuzzing).
+    if size
+        .iter()
+        .try_fold(dtype.size() as u64, |a, &n| a.checked_mul(n))
+        .is_none()
+    {
+        return Err(format!("size {size:?} overflows 64 bits"));
+    }
     let chunks_v = field(p, v, "chunks")
         .and_then(|c| p.as_sequence(c))
         .ok_or("chunks is not a list")?;
@@ -650,4 +660,50 @@ fn storage_info(p: &Pickle, v: &Value) -> std::result::Result<StorageInfo, Strin
         length: int("length")?,
         transforms,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A `.metadata` as Python's pickle (protocol 2) writes it for one float32 tensor `w`, no
+    /// chunks and no storage data; `size` is the pickled items of its size tuple and `tuple_op`
+    /// the opcode that makes the tuple (TUPLE1 = 0x85, TUPLE2 = 0x86).
+    fn metadata_with_size(size: &[u8], tuple_op: u8) -> Vec<u8> {
+        let mut m = b"\x80\x02ctorch.distributed.checkpoint.metadata\nMetadata\nq\x00)\x81q\x01}q\x02(X\x13\x00\x00\x00state_dict_metadataq\x03}q\x04X\x01\x00\x00\x00wq\x05ctorch.distributed.checkpoint.metadata\nTensorStorageMetadata\nq\x06)\x81q\x07}q\x08(X\n\x00\x00\x00propertiesq\tctorch.distributed.checkpoint.metadata\nTensorProperties\nq\n)\x81q\x0b}q\x0cX\x05\x00\x00\x00dtypeq\rctorch\nfloat32\nq\x0esbX\x04\x00\x00\x00sizeq\x0f".to_vec();
+        m.extend_from_slice(size);
+        m.push(tuple_op);
+        m.extend_from_slice(b"q\x10X\x06\x00\x00\x00chunksq\x11]q\x12ubsX\x0c\x00\x00\x00storage_dataq\x13}q\x14ub.");
+        m
+    }
+
+    fn read_meta(bytes: Vec<u8>) -> Result<Catalog> {
+        let dir = tempfile::tempdir().unwrap();
+        read_partial(dir.path(), &[(".metadata".to_string(), bytes)])
+    }
+
+    #[test]
+    fn metadata_sizes_are_read() {
+        let cat = read_meta(metadata_with_size(b"K\x04", 0x85)).unwrap();
+        assert_eq!(cat.tensors.len(), 1);
+        assert_eq!(cat.tensors[0].shape, [4]);
+        assert_eq!(cat.tensors[0].nbytes(), 16);
+    }
+
+    /// Fuzz regression (dcp_metadata): a size whose element count or byte size overflows u64
+    /// came through a partial read, and `numel()` / `nbytes()` of the entry overflowed.
+    #[test]
+    fn metadata_size_overflowing_u64_is_refused() {
+        // (u64::MAX / 3,): the element count fits, its float32 bytes do not.
+        let one = metadata_with_size(b"\x8a\x08UUUUUUUU", 0x85);
+        // (2^32, 2^32): the element count itself overflows.
+        let two = metadata_with_size(
+            b"\x8a\x05\x00\x00\x00\x00\x01\x8a\x05\x00\x00\x00\x00\x01",
+            0x86,
+        );
+        for bytes in [one, two] {
+            let err = read_meta(bytes).unwrap_err().to_string();
+            assert!(err.contains("overflows 64 bits"), "{err}");
+        }
+    }
 }

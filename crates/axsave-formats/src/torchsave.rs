@@ -34,12 +34,16 @@ impl TensorRef {
 
     /// Whether the elements are laid out row-major without gaps.
     pub fn is_contiguous(&self) -> bool {
-        let mut expected = 1i64;
+        // The expected stride of the next dimension out. `parse` only bounds the product of the
+        // sizes by u64 (in bytes), so it may not fit an i64 (found by fuzzing: shape
+        // [2, 2^62] of bytes). An expected stride no i64 can hold matches no stored stride;
+        // `None` says so, instead of overflowing.
+        let mut expected = Some(1i64);
         for (&n, &s) in self.shape.iter().zip(&self.strides).rev() {
-            if n != 1 && s != expected {
+            if n != 1 && Some(s) != expected {
                 return false;
             }
-            expected *= n as i64;
+            expected = expected.and_then(|e| e.checked_mul(i64::try_from(n).ok()?));
         }
         true
     }
@@ -92,6 +96,22 @@ pub enum TorchSaveError {
         /// The pickle error.
         source: pickle::PickleError,
     },
+    /// A small record (`data.pkl`, `byteorder`) does not match the CRC-32 the zip directory
+    /// gives for it: the file was damaged after torch.save wrote it. The pickle holds the
+    /// names and shapes, so a damaged byte there could otherwise rename or drop a tensor.
+    #[error(
+        "record {name} at byte {offset}: CRC-32 {actual:08x} does not match the zip directory's {expected:08x} (the file is damaged)"
+    )]
+    Crc {
+        /// The record's name within the archive.
+        name: String,
+        /// Offset of the record's data within the archive.
+        offset: u64,
+        /// The CRC-32 the central directory gives.
+        expected: u32,
+        /// The CRC-32 of the bytes read.
+        actual: u32,
+    },
     /// The archive says its data is big-endian.
     #[error("byteorder record says {0:?}; only little-endian archives are supported")]
     ByteOrder(String),
@@ -120,14 +140,31 @@ impl TorchSave {
                 msg: format!("record {} is not available", e.name),
             })
         };
+        // The small records are checked whole here; the storages' CRCs are checked as they
+        // are copied (`Catalog::records`).
+        let checked = |e: &ZipEntry, bytes: &[u8]| {
+            let actual = crc32fast::hash(bytes);
+            if actual == e.crc32 {
+                Ok(())
+            } else {
+                Err(TorchSaveError::Crc {
+                    name: e.name.clone(),
+                    offset: e.data_offset,
+                    expected: e.crc32,
+                    actual,
+                })
+            }
+        };
         if let Some(bo) = zip.get("byteorder") {
             let bytes = zip.bytes(data, bo).ok_or_else(|| unavailable(bo))?;
+            checked(bo, bytes)?;
             let v = String::from_utf8_lossy(bytes).trim().to_string();
             if v != "little" {
                 return Err(TorchSaveError::ByteOrder(v));
             }
         }
         let bytes = zip.bytes(data, &pkl).ok_or_else(|| unavailable(&pkl))?;
+        checked(&pkl, bytes)?;
         let pickle = pickle::parse(bytes).map_err(|source| TorchSaveError::Pickle {
             base: pkl.data_offset,
             source,
@@ -301,5 +338,33 @@ impl TorchSave {
             }
         };
         items.iter().map(|x| p.as_int(x)).collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn t(shape: &[u64], strides: &[i64]) -> TensorRef {
+        TensorRef {
+            storage_key: "0".into(),
+            dtype: DType::U8,
+            storage_offset: 0,
+            shape: shape.to_vec(),
+            strides: strides.to_vec(),
+            storage_nbytes: 0,
+        }
+    }
+
+    /// Fuzz regression (torchsave): sizes whose product fits in u64 but not in i64 overflowed
+    /// the expected stride.
+    #[test]
+    fn contiguity_of_sizes_past_i64() {
+        assert!(t(&[2, 1 << 62], &[1 << 62, 1]).is_contiguous());
+        assert!(!t(&[2, 1 << 62], &[0, 1]).is_contiguous());
+        assert!(!t(&[3, 2, 1 << 62], &[i64::MAX, 1 << 62, 1]).is_contiguous());
+        assert!(t(&[1, 2, 1 << 62], &[7, 1 << 62, 1]).is_contiguous());
+        assert!(t(&[u64::MAX], &[1]).is_contiguous());
+        assert!(t(&[2, 3], &[3, 1]).is_contiguous());
     }
 }

@@ -737,7 +737,25 @@ impl Build {
         FormatError::invalid(&self.tdir, msg)
     }
 
-    fn push(&mut self, name: &str, dtype: DType, shape: Vec<u64>, pieces: Vec<Piece>) {
+    /// Adds a tensor. Shapes come from the files (`param_shapes`, tensors' sizes) and only
+    /// their element count is checked on reading: one whose bytes in the output dtype (fp32
+    /// for stored bf16) overflow u64 is refused here, as every later `nbytes()` would overflow
+    /// (found by fuzzing: a partial read, which checks no element counts, let one through).
+    fn push(
+        &mut self,
+        name: &str,
+        dtype: DType,
+        shape: Vec<u64>,
+        pieces: Vec<Piece>,
+    ) -> Result<()> {
+        if numel_of(&shape)
+            .and_then(|n| n.checked_mul(dtype.size() as u64))
+            .is_none()
+        {
+            return Err(self.bad(format!(
+                "tensor {name}: shape {shape:?} of {dtype} overflows 64 bits"
+            )));
+        }
         self.tensors.push(TensorEntry {
             name: name.to_string(),
             path: vec![name.to_string()],
@@ -745,6 +763,7 @@ impl Build {
             shape,
             pieces,
         });
+        Ok(())
     }
 }
 
@@ -990,7 +1009,7 @@ fn buffers(b: &mut Build, m0: &ModelStates) -> Result<()> {
         } else {
             Vec::new()
         };
-        b.push(name, output_dtype(t.dtype), t.shape, pieces);
+        b.push(name, output_dtype(t.dtype), t.shape, pieces)?;
     }
     Ok(())
 }
@@ -1011,7 +1030,7 @@ fn frozen_stage2(b: &mut Build, m0: &ModelStates) -> Result<()> {
         } else {
             Vec::new()
         };
-        b.push(name, output_dtype(t.dtype), t.shape, pieces);
+        b.push(name, output_dtype(t.dtype), t.shape, pieces)?;
     }
     Ok(())
 }
@@ -1051,7 +1070,9 @@ fn frozen_stage3(
                     m.arch
                         .bad("no data-parallel rank in the name (zero_pp_rank_N)")
                 })? as u64;
-                r * part
+                // The rank comes from a file name, not checked against the world size: a
+                // position past u64 lies past the parameter (skipped below), as it should.
+                r.saturating_mul(part)
             } else {
                 let s = start;
                 start += f.len;
@@ -1068,7 +1089,7 @@ fn frozen_stage3(
             )));
         }
         let dtype = dtype.unwrap_or(DType::BF16);
-        b.push(name, output_dtype(dtype), shape.clone(), pieces);
+        b.push(name, output_dtype(dtype), shape.clone(), pieces)?;
     }
     Ok(())
 }
@@ -1099,7 +1120,16 @@ fn stage12_starts(b: &Build, optims: &[OptimStates], ranks: &[usize]) -> Vec<Vec
             o.groups
                 .iter()
                 .enumerate()
-                .map(|(i, g)| r as u64 * (g.len + o.group_paddings.get(i).copied().unwrap_or(0)))
+                .map(|(i, g)| {
+                    // `group_paddings` comes from the file: a start past u64 (a damaged padding)
+                    // is taken as lying past every element, so that it yields no piece (`cut`)
+                    // and the merged catalog reports the elements missing.
+                    let pad = o.group_paddings.get(i).copied().unwrap_or(0);
+                    g.len
+                        .checked_add(pad)
+                        .and_then(|p| p.checked_mul(r as u64))
+                        .unwrap_or(u64::MAX)
+                })
                 .collect()
         })
         .collect()
@@ -1164,25 +1194,39 @@ fn trainable_stage12(
         let mut off = 0u64;
         for (j, (name, shape)) in shapes.iter().enumerate() {
             let numel = numel_of(shape).unwrap_or(0);
-            if !b.partial && off + numel > avail {
+            // Sizes and paddings come from the files; offsets past u64 are damage (found by
+            // fuzzing: huge param_alignment_paddings overflowed `off` in a partial read, which
+            // checks no element counts).
+            let overflow = |b: &Build| {
+                b.bad(format!(
+                    "parameter {name} (group {i}): element offsets overflow 64 bits (param_shapes or param_alignment_paddings are damaged)"
+                ))
+            };
+            let Some(end) = off.checked_add(numel) else {
+                return Err(overflow(b));
+            };
+            if !b.partial && end > avail {
                 return Err(b.bad(format!(
-                    "parameter {name} (group {i}) needs elements {off}..{} but the ranks' partitions of that group hold {avail}",
-                    off + numel
+                    "parameter {name} (group {i}) needs elements {off}..{end} but the ranks' partitions of that group hold {avail}"
                 )));
             }
             let pieces = cut(&spans, off, numel);
             let dtype = spans.first().map_or(DType::F32, |(_, f)| f.dtype);
-            b.push(name, output_dtype(dtype), shape.clone(), pieces);
-            off += numel + pads.map_or(0, |p| p[j]);
+            b.push(name, output_dtype(dtype), shape.clone(), pieces)?;
+            let Some(next) = end.checked_add(pads.map_or(0, |p| p[j])) else {
+                return Err(overflow(b));
+            };
+            off = next;
         }
         // zero_to_fp32's sanity check: both ends agree once rounded up to 2 × world (the
-        // nccl_start_alignment_factor of 2 times the data-parallel size).
-        let align = |x: u64| x.div_ceil(2 * world) * (2 * world);
+        // nccl_start_alignment_factor of 2 times the data-parallel size). `None` when the
+        // paddings pushed `off` so far that rounding it up overflows: no match either.
+        let align = |x: u64| x.div_ceil(2 * world).checked_mul(2 * world);
         if !b.partial && align(off) != align(avail) {
             return Err(b.bad(format!(
                 "consumed {} numels out of {} in parameter group {i} - something is wrong (param_shapes do not match the fp32 partitions)",
-                align(off),
-                align(avail)
+                align(off).unwrap_or(off),
+                align(avail).unwrap_or(avail)
             )));
         }
     }
@@ -1196,7 +1240,8 @@ fn cut(spans: &[(u64, &FlatSrc)], off: u64, numel: u64) -> Vec<Piece> {
     let mut pieces = Vec::new();
     for &(s, f) in spans {
         let lo = off.max(s);
-        let hi = end.min(s + f.len);
+        // A run's end past u64 is past `end` anyway (starts may be u64::MAX: stage12_starts).
+        let hi = end.min(s.saturating_add(f.len));
         if lo < hi {
             pieces.push(f.piece(lo - s, lo - off, hi - lo));
         }
@@ -1275,17 +1320,18 @@ fn trainable_stage3(
         let mut dtype = DType::F32;
         for ((o, &r), spans) in optims.iter().zip(ranks).zip(&rank_runs) {
             let have = run_total(spans);
-            if offset + part > have {
+            // `part` comes from param_shapes: with one rank it is a whole parameter's element
+            // count, which may be near u64::MAX in a damaged file.
+            if offset.checked_add(part).is_none_or(|e| e > have) {
                 return Err(o.arch.bad(format!(
                     "parameter {name} needs elements {offset}..{} of this rank's fp32_flat_groups, which hold {have}",
-                    offset + part
+                    offset.saturating_add(part)
                 )));
             }
             dtype = spans.first().map_or(dtype, |(_, g)| g.dtype);
-            let lo = r as u64 * part;
-            if lo >= numel {
+            let Some(lo) = (r as u64).checked_mul(part).filter(|&lo| lo < numel) else {
                 continue;
-            }
+            };
             for mut p in cut(spans, offset, part.min(numel - lo)) {
                 if let Region::Flat { start, .. } = &mut p.region {
                     *start += lo;
@@ -1293,7 +1339,7 @@ fn trainable_stage3(
                 pieces.push(p);
             }
         }
-        b.push(&name, output_dtype(dtype), shape, pieces);
+        b.push(&name, output_dtype(dtype), shape, pieces)?;
         offset += part;
     }
     if let Some(spans) = rank_runs.first().filter(|_| !b.partial) {
