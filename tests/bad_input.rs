@@ -45,13 +45,7 @@ fn first_distcp(dir: &Path) -> PathBuf {
 fn truncated_distcp() {
     let (_t, ckpt) = copy_of("fsdp_w2");
     let f = first_distcp(&ckpt);
-    let len = std::fs::metadata(&f).unwrap().len();
-    std::fs::OpenOptions::new()
-        .write(true)
-        .open(&f)
-        .unwrap()
-        .set_len(len / 2)
-        .unwrap();
+    cut_in_half(&f);
     let err = must_fail(&ckpt);
     assert!(err.contains("__0_0.distcp"), "{err}");
     assert!(err.contains("past the end of the file"), "{err}");

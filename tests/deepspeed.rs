@@ -93,11 +93,7 @@ fn node_local_ranks_each_read_their_partitions() {
         }
         for e in std::fs::read_dir(src.join(tag)).unwrap().flatten() {
             let f = e.file_name().to_string_lossy().into_owned();
-            let owner = f
-                .split("zero_pp_rank_")
-                .nth(1)
-                .and_then(|x| x.split('_').next())
-                .and_then(|x| x.parse::<usize>().ok());
+            let owner = zero_rank(&f);
             // Stage 1/2 keeps one `mp_rank_00_model_states.pt` (its param_shapes place every
             // parameter in the partitions): every rank needs to see it.
             let owners: Vec<usize> = match owner {

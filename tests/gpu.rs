@@ -66,17 +66,7 @@ fn node_local_copy(fixture_name: &str, n: usize) -> (tempfile::TempDir, String) 
         .flatten()
     {
         let name = e.file_name().to_string_lossy().into_owned();
-        let owner = if name.ends_with(".metadata") {
-            0
-        } else {
-            name.trim_start_matches("__")
-                .split('_')
-                .next()
-                .unwrap()
-                .parse::<usize>()
-                .unwrap()
-                % n
-        };
+        let owner = dcp_writer(&name) % n;
         std::fs::copy(e.path(), t.path().join(format!("rank{owner}")).join(&name)).unwrap();
     }
     let template = format!("{}/rank{{rank}}", t.path().display());

@@ -265,3 +265,61 @@ pub fn wait_ranks(
     }
     results
 }
+
+/// Gives a record of the `torch.save` archive `d` (named under its prefix, e.g. `data.pkl`) the
+/// CRC-32 of its current bytes, in the central directory and in the data descriptor after it,
+/// as torch.save would have written it. Tests that edit a value inside a pickle (a file as a
+/// different producer could write it, not one damaged on disk) use it after the edit, so that
+/// the reader's CRC check does not stop it before the check under test.
+pub fn resign_zip_record(d: &mut [u8], name: &str) {
+    let zip = axsave_formats::zip::ZipIndex::parse(d).expect("a zip archive");
+    let e = zip
+        .get(name)
+        .unwrap_or_else(|| panic!("no record {name}"))
+        .clone();
+    let (start, end) = (e.data_offset as usize, (e.data_offset + e.size) as usize);
+    let crc = crc32fast::hash(&d[start..end]).to_le_bytes();
+    if d[end..].starts_with(b"PK\x07\x08") {
+        d[end + 4..end + 8].copy_from_slice(&crc);
+    }
+    let mut patched = 0;
+    for i in 0..d.len().saturating_sub(46) {
+        if &d[i..i + 4] != b"PK\x01\x02" {
+            continue;
+        }
+        let n = u16::from_le_bytes([d[i + 28], d[i + 29]]) as usize;
+        if d.get(i + 46..i + 46 + n) == Some(e.name.as_bytes()) {
+            d[i + 16..i + 20].copy_from_slice(&crc);
+            patched += 1;
+        }
+    }
+    assert_eq!(patched, 1, "central directory record of {}", e.name);
+}
+
+/// The rank that wrote a DCP checkpoint file: `__R_K.distcp` → R; the `.metadata` (and anything
+/// else) → 0, the coordinator. Tests use it to split a fixture as node-local disks would.
+pub fn dcp_writer(name: &str) -> usize {
+    name.strip_prefix("__")
+        .and_then(|n| n.split('_').next())
+        .and_then(|k| k.parse().ok())
+        .unwrap_or(0)
+}
+
+/// The data-parallel rank in a DeepSpeed file name (`…zero_pp_rank_R_mp_rank_00_…`); `None` for
+/// the files of no rank (stage 1/2's `mp_rank_00_model_states.pt`, `latest`).
+pub fn zero_rank(name: &str) -> Option<usize> {
+    name.split("zero_pp_rank_")
+        .nth(1)
+        .and_then(|x| x.split('_').next())
+        .and_then(|x| x.parse().ok())
+}
+
+/// Truncates a file to half its length (a copy cut short).
+pub fn cut_in_half(f: &Path) {
+    let len = std::fs::metadata(f).unwrap().len();
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(f)
+        .and_then(|h| h.set_len(len / 2))
+        .unwrap();
+}

@@ -805,10 +805,12 @@ impl Rank<'_> {
     }
 
     /// After a failure: remove every temporary of this run that this rank can see (a dead
-    /// writer's too, when the directory is shared), and rank 0's marker.
+    /// writer's too, when the directory is shared), and rank 0's marker: any rank removes it,
+    /// since rank 0 may be the one that died.
     fn cleanup(&mut self) {
         if let Some((dir, names, tag)) = self.temps.take() {
             output::remove_temps(&dir, &names, &tag);
+            let _ = std::fs::remove_file(dir.join(token_name(&tag)));
         }
         if let Some(t) = self.token.take() {
             let _ = std::fs::remove_file(t);
