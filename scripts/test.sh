@@ -4,6 +4,8 @@
 #
 # Environment:
 #   AXSAVE_TEST_PYTHON  a python with torch; enables the torch interop tests (skipped otherwise)
+#   AXSAVE_TEST_SLURM   0 skips the Slurm tests (scripts/test-slurm.sh: a one-node Slurm on
+#                       localhost, which installs slurm-wlm and munge and must run as root)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -46,4 +48,14 @@ if [ "$rc" != 0 ]; then
   exit 1
 fi
 passed=$(grep -Eo "[0-9]+ passed" "$log" | awk '{s+=$1} END {print s+0}')
-echo "==> all tests passed ($passed tests)"
+echo "==> cargo tests passed ($passed tests)"
+
+if [ "${AXSAVE_TEST_SLURM:-1}" = 0 ]; then
+  echo "==> skipping the Slurm tests (AXSAVE_TEST_SLURM=0)"
+elif [ "$(id -u)" = 0 ]; then
+  echo "==> Slurm: scripts/test-slurm.sh"
+  CARGO_TEST_ARGS="--features mpi" scripts/test-slurm.sh
+else
+  echo "==> skipping the Slurm tests: scripts/test-slurm.sh must run as root (it starts slurmd)"
+fi
+echo "==> all tests passed"
