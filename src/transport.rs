@@ -55,8 +55,30 @@ pub fn setup(use_mpi: bool, world: &mut World, timeout: std::time::Duration) -> 
 
 #[cfg(feature = "mpi")]
 fn mpi_setup(world: &mut World, timeout: std::time::Duration) -> Result<Ready> {
-    use axsave_dist::transport::mpi::{MpiContext, MpiOptions};
+    use axsave_dist::transport::mpi::MpiContext;
     let ctx = MpiContext::init().map_err(|e| anyhow::anyhow!("MPI initialisation failed: {e}"))?;
+    // Once MPI is up, a rank that fails must abort the job: MPI_Finalize waits for every rank,
+    // and the others would wait for this one in the rendezvous.
+    match bootstrap(&ctx, world, timeout) {
+        Ok(net) => Ok(Ready {
+            net: Net::Mpi(net),
+            mpi: Some(ctx),
+        }),
+        Err(e) => {
+            tracing::error!("{e:#}");
+            ctx.abort(1)
+        }
+    }
+}
+
+/// Rank 0 tells every rank where its store will listen; then the MPI data plane.
+#[cfg(feature = "mpi")]
+fn bootstrap(
+    ctx: &axsave_dist::transport::mpi::MpiContext,
+    world: &mut World,
+    timeout: std::time::Duration,
+) -> Result<axsave_dist::transport::mpi::MpiTransport> {
+    use axsave_dist::transport::mpi::MpiOptions;
     if ctx.size() != world.world_size || ctx.rank() != world.rank {
         anyhow::bail!(
             "MPI says rank {} of {}, the environment says rank {} of {}",
@@ -86,22 +108,28 @@ fn mpi_setup(world: &mut World, timeout: std::time::Duration) -> Result<Ready> {
         .rsplit_once(':')
         .and_then(|(h, p)| Some((h.to_string(), p.parse::<u16>().ok()?)))
         .ok_or_else(|| anyhow::anyhow!("malformed bootstrap address {text:?}"))?;
+    // A name that does not resolve here never will within the rendezvous timeout: say so now
+    // rather than retrying the connection for minutes (a node without the others' names in its
+    // DNS or /etc/hosts, a container without its host name).
+    if world.rank != 0 {
+        use std::net::ToSocketAddrs;
+        if let Err(e) = (host.as_str(), port).to_socket_addrs() {
+            anyhow::bail!(
+                "rank 0's store is at {host}:{port}, but {host:?} does not resolve on this node ({e}); set MASTER_ADDR to an address every node can reach"
+            );
+        }
+    }
     world.master_addr = Some(host);
     world.master_port = port;
     world.use_agent_store = false;
     let mut h = crc32fast::Hasher::new();
     h.update(text.as_bytes());
-    let net = ctx
-        .transport(MpiOptions {
-            session: h.finalize() as u64,
-            io_timeout: timeout,
-            ..MpiOptions::default()
-        })
-        .map_err(|e| anyhow::anyhow!("MPI transport: {e}"))?;
-    Ok(Ready {
-        net: Net::Mpi(net),
-        mpi: Some(ctx),
+    ctx.transport(MpiOptions {
+        session: h.finalize() as u64,
+        io_timeout: timeout,
+        ..MpiOptions::default()
     })
+    .map_err(|e| anyhow::anyhow!("MPI transport: {e}"))
 }
 
 #[cfg(test)]

@@ -247,3 +247,39 @@ fn several_nodes_without_master_addr_say_what_to_set() {
     assert!(stderr(&o).contains("set MASTER_ADDR"), "{}", stderr(&o));
     assert!(Path::new(out.path()).read_dir().unwrap().next().is_none());
 }
+
+/// With MPI, rank 0 broadcasts where its store listens (here MASTER_ADDR, a name that resolves
+/// nowhere): the other ranks say so and abort the job at once, instead of retrying the
+/// connection for the whole rendezvous timeout.
+#[test]
+fn an_unresolvable_store_address_fails_at_once() {
+    let exe = match launcher() {
+        Ok(e) => e,
+        Err(why) => return eprintln!("skipping: {why}"),
+    };
+    if !cfg!(feature = "mpi") {
+        return eprintln!("skipping: the MPI bootstrap needs --features mpi");
+    }
+    let out = tempfile::tempdir().unwrap();
+    let src = fixture("dcp/fsdp_w2/checkpoint");
+    let start = Instant::now();
+    let o = mpirun(
+        &exe,
+        2,
+        &["--source", s(&src), "--output", s(out.path())],
+        &[("MASTER_ADDR", "no-such-host.invalid")],
+    )
+    .output()
+    .unwrap();
+    let took = start.elapsed();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success(), "{err}");
+    assert!(
+        err.contains("\"no-such-host.invalid\" does not resolve")
+            && err.contains("set MASTER_ADDR"),
+        "{err}"
+    );
+    // The rendezvous timeout is 300 s; failing at once is the point.
+    assert!(took < Duration::from_secs(60), "took {took:?}");
+    assert_no_output(out.path());
+}
