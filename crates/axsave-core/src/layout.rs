@@ -239,7 +239,12 @@ pub fn plan_layout(catalog: &Catalog, opts: &LayoutOptions) -> Result<Layout> {
         }));
     }
     let sizes: Vec<u64> = tensors.iter().map(|t| t.nbytes).collect();
-    let total_size: u64 = sizes.iter().sum();
+    // Each size fits in 64 bits (checked above); their sum must too, or every offset after
+    // it would overflow (a damaged or hostile catalog: sizes come from the source's metadata).
+    let total_size = sizes
+        .iter()
+        .try_fold(0u64, |a, &b| a.checked_add(b))
+        .ok_or_else(|| CoreError::Layout("the tensors' total size overflows 64 bits".into()))?;
     let mut groups = split_greedy(&sizes, opts.max_shard_size.max(1));
     // Sharded mode wants at least one file per rank: take the largest limit that gives enough
     // files (the count only grows as the limit shrinks), so files stay as even as greedy allows.
@@ -303,6 +308,34 @@ pub fn plan_layout(catalog: &Catalog, opts: &LayoutOptions) -> Result<Layout> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Fuzz regression (dcp_metadata): tensors whose sizes each fit in 64 bits but whose sum
+    /// does not are refused, not summed into an overflow.
+    #[test]
+    fn total_size_past_64_bits_is_refused() {
+        let big = |name: &str| axsave_formats::TensorEntry {
+            name: name.into(),
+            path: vec![name.into()],
+            dtype: axsave_formats::DType::U8,
+            shape: vec![1 << 63],
+            pieces: Vec::new(),
+        };
+        let catalog = Catalog {
+            format: axsave_formats::Format::Dcp,
+            root: ".".into(),
+            files: Vec::new(),
+            tensors: vec![big("a"), big("b")],
+            writer_ranks: None,
+            skipped: Vec::new(),
+            notes: Vec::new(),
+            records: Vec::new(),
+        };
+        assert_eq!(catalog.total_bytes(), u64::MAX);
+        let err = plan_layout(&catalog, &LayoutOptions::default())
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("overflows 64 bits"), "{err}");
+    }
 
     #[test]
     fn greedy_split_matches_huggingface_hub() {

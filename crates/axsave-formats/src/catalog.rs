@@ -318,9 +318,13 @@ pub struct RecordCheck {
 }
 
 impl Catalog {
-    /// Total bytes of all tensors in their own dtypes.
+    /// Total bytes of all tensors in their own dtypes (for display: it saturates at
+    /// `u64::MAX` for a damaged catalog whose sizes add up past 64 bits; the layout refuses
+    /// such a catalog).
     pub fn total_bytes(&self) -> u64 {
-        self.tensors.iter().map(TensorEntry::nbytes).sum()
+        self.tensors
+            .iter()
+            .fold(0u64, |a, t| a.saturating_add(t.nbytes()))
     }
 }
 
