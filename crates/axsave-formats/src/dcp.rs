@@ -33,6 +33,11 @@ const ZSTD_DESCRIPTOR: &str = "stream.zstd/1";
 /// Bytes kept from each end of a compressed item while streaming it.
 const HEAD_TAIL_WINDOW: usize = 1 << 20;
 
+/// How much of each end of an uncompressed item is read to find its records: torch.save puts
+/// `data.pkl`, the small records and the storage's local header first and the central
+/// directory last, a few KB in all.
+const ITEM_WINDOW: u64 = 64 << 10;
+
 /// Whether `dir` looks like a DCP checkpoint (`.metadata`, or torch ≥ 2.9's `__0.metadata`).
 pub fn is_dcp(dir: &Path) -> bool {
     dir.join(".metadata").is_file() || dir.join("__0.metadata").is_file()
@@ -143,7 +148,7 @@ fn read_with(dir: &Path, metas: &[(String, Vec<u8>)], partial: bool) -> Result<C
 
     let mut files: Vec<SourceFile> = Vec::new();
     let mut file_index: HashMap<String, usize> = HashMap::new();
-    let mut maps: HashMap<usize, Mapped> = HashMap::new();
+    let mut data_files: HashMap<usize, DataFile> = HashMap::new();
     let mut missing: std::collections::HashSet<String> = std::collections::HashSet::new();
     let mut tensors = Vec::new();
     let mut skipped = Vec::new();
@@ -189,28 +194,22 @@ fn read_with(dir: &Path, metas: &[(String, Vec<u8>)], partial: bool) -> Result<C
                         missing.insert(info.relative_path.clone());
                         continue;
                     }
-                    let map = mapped::map(&path)?;
+                    let data = DataFile::open(&path)?;
                     let f = files.len();
                     files.push(SourceFile {
                         path: rel,
-                        size: map.len() as u64,
+                        size: data.len,
                     });
                     file_index.insert(info.relative_path.clone(), f);
-                    maps.insert(f, map);
+                    data_files.insert(f, data);
                     f
                 }
             };
             let path = dir.join(&files[file].path);
-            let piece = read_item(
-                &maps[&file],
-                &path,
-                file,
-                info,
-                &name,
-                &meta,
-                offsets,
-                sizes,
-            )?;
+            let data = data_files
+                .get_mut(&file)
+                .ok_or_else(|| FormatError::invalid(&path, "data file not opened"))?;
+            let piece = read_item(data, &path, file, info, &name, &meta, offsets, sizes)?;
             pieces.push(piece);
         }
         let path = merged
@@ -307,10 +306,62 @@ fn safe_relative(p: &str) -> Option<PathBuf> {
         .then_some(path)
 }
 
+/// A `.distcp` file being catalogued. Items are found with positioned reads of their two ends
+/// rather than through a map of the whole file: each touch of a mapped file makes the kernel map
+/// a whole large folio of the page cache, and a scan of hundreds of items would show hundreds
+/// of MB of resident file pages. The map is made only where an item must be streamed (zstd) or
+/// its records lie outside the windows read.
+struct DataFile {
+    file: std::fs::File,
+    len: u64,
+    map: Option<Mapped>,
+}
+
+impl DataFile {
+    fn open(path: &Path) -> Result<DataFile> {
+        let file = std::fs::File::open(path).map_err(|e| FormatError::io(path, e))?;
+        let len = file.metadata().map_err(|e| FormatError::io(path, e))?.len();
+        Ok(DataFile {
+            file,
+            len,
+            map: None,
+        })
+    }
+
+    fn map(&mut self, path: &Path) -> Result<&Mapped> {
+        if self.map.is_none() {
+            self.map = Some(mapped::map(path)?);
+        }
+        self.map
+            .as_ref()
+            .ok_or_else(|| FormatError::invalid(path, "map vanished"))
+    }
+
+    /// The first and last `ITEM_WINDOW` bytes of the item at `[offset, offset + length)`, which
+    /// lies inside the file (checked by the caller).
+    fn head_tail(&self, path: &Path, offset: u64, length: u64) -> Result<HeadTail> {
+        use std::os::unix::fs::FileExt;
+        let read = |at: u64, n: u64| -> Result<Vec<u8>> {
+            let mut buf = vec![0u8; n as usize];
+            self.file
+                .read_exact_at(&mut buf, at)
+                .map_err(|e| FormatError::io(path, e))?;
+            Ok(buf)
+        };
+        let head_len = length.min(ITEM_WINDOW);
+        let tail_len = length.min(ITEM_WINDOW);
+        Ok(HeadTail {
+            head: read(offset, head_len)?,
+            tail: read(offset + length - tail_len, tail_len)?,
+            len: length,
+        })
+    }
+}
+
 /// Reads the `torch.save` item of one chunk and returns its piece.
 #[allow(clippy::too_many_arguments)]
 fn read_item(
-    map: &Mapped,
+    data: &mut DataFile,
     path: &Path,
     file: usize,
     info: &StorageInfo,
@@ -319,7 +370,7 @@ fn read_item(
     offsets: &[u64],
     sizes: &[u64],
 ) -> Result<Piece> {
-    let len = map.len() as u64;
+    let len = data.len;
     let end = info.offset.saturating_add(info.length);
     if end > len {
         return Err(FormatError::OutOfBounds {
@@ -330,7 +381,7 @@ fn read_item(
             len,
         });
     }
-    let item = &map[info.offset as usize..end as usize];
+    let range = info.offset as usize..end as usize;
     let zip_err = |e: TorchSaveError, base: u64| match e {
         TorchSaveError::Zip(z) => FormatError::Zip {
             path: path.to_path_buf(),
@@ -348,12 +399,19 @@ fn read_item(
         ),
     };
     let (save, encoding, base) = match info.transforms.as_slice() {
-        [] => (
-            TorchSave::parse(item).map_err(|e| zip_err(e, info.offset))?,
-            Encoding::Raw,
-            info.offset,
-        ),
+        [] => {
+            let ends = data.head_tail(path, info.offset, info.length)?;
+            let save = match TorchSave::parse(&ends) {
+                Ok(save) => save,
+                // Records outside the windows (a layout torch.save does not write), or damage:
+                // parse the whole item in place, which also gives errors their exact offsets.
+                Err(_) => TorchSave::parse(&data.map(path)?[range])
+                    .map_err(|e| zip_err(e, info.offset))?,
+            };
+            (save, Encoding::Raw, info.offset)
+        }
         [t] if t == ZSTD_DESCRIPTOR => {
+            let item = &data.map(path)?[range];
             let ht = zstd_head_tail(item).map_err(|e| {
                 FormatError::invalid(
                     path,

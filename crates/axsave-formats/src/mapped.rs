@@ -1,8 +1,11 @@
 //! Read-only memory maps of checkpoint files, for reading metadata in place.
 //!
 //! Readers map a data file only to look at a few pages of it (zip directories, pickles,
-//! safetensors headers) and drop the map before any bulk copy starts, so mapped pages never
-//! pile up in the resident set. Bulk data is read with positioned reads by the executor.
+//! safetensors headers) and drop the map before any bulk copy starts. Each touched page of a
+//! map brings a whole large folio of the page cache into the resident set (hundreds of KB on
+//! recent kernels), so a reader that touches many places of one file (the DCP reader, one
+//! item per tensor chunk) reads them with positioned reads instead. Bulk data is read with
+//! positioned reads by the executor.
 
 use std::fs::File;
 use std::ops::Deref;
