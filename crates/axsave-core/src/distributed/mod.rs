@@ -287,7 +287,9 @@ struct Rank<'a> {
     shared: Arc<Shared>,
     /// Output directory, layout file names and tag, once temporaries may exist.
     temps: Option<(PathBuf, Vec<String>, String)>,
-    /// Rank 0's marker file in the output directory (sharded mode).
+    /// Rank 0's marker file in the output directory (sharded mode), known to every rank from
+    /// the join on: on failure any rank removes it, since rank 0 may be the one that died
+    /// (possibly before another rank had even learnt the file names).
     token: Option<PathBuf>,
 }
 
@@ -370,6 +372,9 @@ impl Rank<'_> {
             String::from_utf8_lossy(&self.receive("start", d)?).into_owned()
         };
         tracing::debug!(rank = me, tag, "joined");
+        if self.opts.mode == Mode::Sharded {
+            self.token = Some(self.opts.output.join(token_name(&tag)));
+        }
         crate::fault::point("joined", me);
         let watch: Vec<usize> = if me == 0 { (1..n).collect() } else { vec![0] };
         let watchdog = Watchdog::start(
@@ -791,7 +796,6 @@ impl Rank<'_> {
         if self.opts.mode == Mode::Sharded {
             let token = self.opts.output.join(token_name(tag));
             std::fs::write(&token, hostname()).map_err(|e| CoreError::io(&token, e))?;
-            self.token = Some(token);
         }
         let bundle = Bundle {
             catalog,
@@ -805,12 +809,10 @@ impl Rank<'_> {
     }
 
     /// After a failure: remove every temporary of this run that this rank can see (a dead
-    /// writer's too, when the directory is shared), and rank 0's marker: any rank removes it,
-    /// since rank 0 may be the one that died.
+    /// writer's too, when the directory is shared), and rank 0's marker.
     fn cleanup(&mut self) {
         if let Some((dir, names, tag)) = self.temps.take() {
             output::remove_temps(&dir, &names, &tag);
-            let _ = std::fs::remove_file(dir.join(token_name(&tag)));
         }
         if let Some(t) = self.token.take() {
             let _ = std::fs::remove_file(t);
