@@ -131,6 +131,36 @@ fn damaged_tensor_bytes_are_detected_by_the_zip_crc() {
     );
 }
 
+/// A strided piece (fsdp_w2's `proj_t.weight` is stored transposed, strides [1, 4]) is copied
+/// out of order, so its CRC cannot be assembled from the copy's reads: the whole record is read
+/// again and checked. (Found by the fault matrix: a flipped byte there gave a wrong model.)
+#[test]
+fn damaged_bytes_of_a_transposed_tensor_are_detected() {
+    let (_t, ckpt) = copy_of("fsdp_w2");
+    let o = axsave(&["inspect", s(&ckpt), "--json"]);
+    assert_ok(&o);
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    let piece = v["tensors"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|t| t["name"].as_str().unwrap().ends_with("proj_t.weight"))
+        .flat_map(|t| t["pieces"].as_array().unwrap().clone())
+        .find(|p| p["file"] == "__1_0.distcp")
+        .expect("a piece of proj_t.weight in __1_0.distcp");
+    assert_eq!(piece["strides"], serde_json::json!([1, 4]), "{piece}");
+    let at = piece["offset"].as_u64().unwrap() as usize + 8;
+    let f = ckpt.join("__1_0.distcp");
+    let mut data = std::fs::read(&f).unwrap();
+    data[at] ^= 0xdf;
+    std::fs::write(&f, &data).unwrap();
+    let err = must_fail(&ckpt);
+    assert!(
+        err.contains("__1_0.distcp") && err.contains("damaged (crc32"),
+        "{err}"
+    );
+}
+
 /// A safetensors file with a hand-written header (the damage is the point).
 fn write_safetensors(path: &Path, header: &str, data_len: usize) {
     let mut b = (header.len() as u64).to_le_bytes().to_vec();

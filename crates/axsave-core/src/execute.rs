@@ -73,6 +73,10 @@ struct Job {
     seq: usize,
     /// A record of the catalog to read whole and check instead.
     check: Option<RecordCheck>,
+    /// Read the checksummed bytes of this task's piece whole and check them instead: its
+    /// copy reads them out of order (a strided piece, e.g. a transposed tensor), so the CRC
+    /// cannot be assembled from the copy's reads.
+    check_piece: bool,
 }
 
 /// What to copy: the pieces (`tasks`) of a catalog into a layout, read from `sources`.
@@ -127,6 +131,14 @@ pub fn run<S: Sink>(
             let (off, len) = piece.byte_span();
             if contiguous && off == c.offset && len == c.len {
                 checked.insert(ti, subs.len());
+            } else {
+                jobs.push(Job {
+                    task: ti,
+                    subs: Vec::new(),
+                    seq: 0,
+                    check: None,
+                    check_piece: true,
+                });
             }
         }
         match piece.encoding {
@@ -135,6 +147,7 @@ pub fn run<S: Sink>(
                 subs,
                 seq: 0,
                 check: None,
+                check_piece: false,
             }),
             Encoding::Raw => {
                 for (k, b) in subs.into_iter().enumerate() {
@@ -143,6 +156,7 @@ pub fn run<S: Sink>(
                         subs: vec![b],
                         seq: k,
                         check: None,
+                        check_piece: false,
                     });
                 }
             }
@@ -163,6 +177,7 @@ pub fn run<S: Sink>(
             subs: Vec::new(),
             seq: 0,
             check: Some(*r),
+            check_piece: false,
         });
     }
     let crcs: Mutex<HashMap<usize, Vec<(usize, crc32fast::Hasher)>>> = Mutex::new(HashMap::new());
@@ -193,6 +208,11 @@ pub fn run<S: Sink>(
                         };
                         if let Some(r) = &job.check {
                             w.check_record(r, chunk)?;
+                            continue;
+                        }
+                        if job.check_piece {
+                            let piece = piece_of(catalog, layout, &tasks[job.task]);
+                            check_piece(sources, piece, chunk, &mut w.inbuf)?;
                             continue;
                         }
                         let key = sink_for(&tasks[job.task]);
@@ -281,6 +301,53 @@ pub(crate) fn check_record(
     if found != c.crc32 {
         return Err(CoreError::Format(FormatError::Checksum {
             path: sources.path(r.file),
+            offset: c.offset,
+            end,
+            expected: c.crc32,
+            found,
+        }));
+    }
+    Ok(())
+}
+
+/// Reads the bytes a piece's checksum covers whole, `chunk` bytes at a time through `buf`
+/// (decompressed, for a zstd item), and compares their CRC with the one recorded. For pieces
+/// whose copy reads their bytes out of order. (Also used by the GPU executor.)
+pub(crate) fn check_piece(
+    sources: &SourceFiles,
+    piece: &Piece,
+    chunk: usize,
+    buf: &mut Vec<u8>,
+) -> Result<()> {
+    let Some(c) = piece.checksum else {
+        return Ok(());
+    };
+    let r = RecordCheck {
+        file: piece.file,
+        checksum: c,
+    };
+    let Encoding::Zstd {
+        stream_offset,
+        stream_len,
+    } = piece.encoding
+    else {
+        return check_record(sources, &r, chunk, buf);
+    };
+    // The checksum's offsets are in the decompressed stream.
+    let mut z = ZstdCursor::new(sources, piece.file, stream_offset, stream_len);
+    let mut h = crc32fast::Hasher::new();
+    let (mut at, end) = (c.offset, c.offset + c.len);
+    while at < end {
+        let n = (end - at).min(chunk.max(1) as u64) as usize;
+        buf.resize(n, 0);
+        z.read_at(at, buf)?;
+        h.update(buf);
+        at += n as u64;
+    }
+    let found = h.finalize();
+    if found != c.crc32 {
+        return Err(CoreError::Format(FormatError::Checksum {
+            path: sources.path(piece.file),
             offset: c.offset,
             end,
             expected: c.crc32,

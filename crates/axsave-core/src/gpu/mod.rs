@@ -412,6 +412,23 @@ pub(crate) mod tests {
         sizing: Sizing,
         converts: bool,
     ) -> Vec<(String, Vec<u8>)> {
+        let (results, files) = simulated_ranks(source, lopts, n, mode, sizing, converts);
+        for (r, res) in results.into_iter().enumerate() {
+            res.unwrap_or_else(|e| panic!("rank {r}: {e}"));
+        }
+        files
+    }
+
+    /// `n` simulated ranks save `source`: what each returned, and the files written (read only
+    /// when every rank succeeded).
+    fn simulated_ranks(
+        source: &Path,
+        lopts: &LayoutOptions,
+        n: usize,
+        mode: Mode,
+        sizing: Sizing,
+        converts: bool,
+    ) -> (Vec<Result<()>>, Vec<(String, Vec<u8>)>) {
         let catalog = axsave_formats::detect::open(source).unwrap();
         let layout = plan_layout(&catalog, lopts).unwrap();
         // File f is visible to rank f % n only.
@@ -488,17 +505,18 @@ pub(crate) mod tests {
                 .collect();
             handles.into_iter().map(|h| h.join().unwrap()).collect()
         });
-        for (r, res) in results.into_iter().enumerate() {
-            res.unwrap_or_else(|e| panic!("rank {r}: {e}"));
+        if results.iter().any(|r| r.is_err()) {
+            return (results, Vec::new());
         }
-        layout
+        let files = layout
             .files
             .iter()
             .map(|f| {
                 let p = out.path().join(crate::output::temp_name(&f.name, tag));
                 (f.name.clone(), std::fs::read(p).unwrap())
             })
-            .collect()
+            .collect();
+        (results, files)
     }
 
     pub(crate) fn opts(dtype: DtypeChoice, min_files: usize) -> LayoutOptions {
@@ -545,6 +563,50 @@ pub(crate) mod tests {
             let want = cpu_output(&catalog, &lopts);
             let got = simulated_save(&src, &lopts, n, Mode::Sharded, TINY, true);
             assert!(got == want, "{n} ranks: output differs");
+        }
+    }
+
+    /// A strided piece (fsdp_w2's transposed `proj_t.weight`) is staged out of order, so its
+    /// CRC is checked by reading its record again: a damaged byte there fails the save.
+    #[test]
+    fn damaged_bytes_of_a_strided_piece_fail_the_device_path() {
+        let t = tempfile::tempdir().unwrap();
+        let src = t.path().join("ckpt");
+        std::fs::create_dir(&src).unwrap();
+        for e in std::fs::read_dir(fixtures().join("dcp/fsdp_w2/checkpoint")).unwrap() {
+            let e = e.unwrap();
+            std::fs::copy(e.path(), src.join(e.file_name())).unwrap();
+        }
+        let catalog = axsave_formats::detect::open(&src).unwrap();
+        let (file, piece) = catalog
+            .tensors
+            .iter()
+            .filter(|t| t.name.ends_with("proj_t.weight"))
+            .flat_map(|t| &t.pieces)
+            .find(|p| p.strides == [1, 4] && p.checksum.is_some())
+            .map(|p| (catalog.files[p.file].path.clone(), p.clone()))
+            .expect("a strided, checksummed piece");
+        let path = src.join(&file);
+        let mut data = std::fs::read(&path).unwrap();
+        data[piece.offset as usize + 8] ^= 0xdf;
+        std::fs::write(&path, &data).unwrap();
+        for converts in [true, false] {
+            let (results, _) = simulated_ranks(
+                &src,
+                &opts(DtypeChoice::Keep, 1),
+                2,
+                Mode::Gather,
+                TINY,
+                converts,
+            );
+            let errors: Vec<String> = results
+                .iter()
+                .filter_map(|r| r.as_ref().err().map(|e| e.to_string()))
+                .collect();
+            assert!(
+                errors.iter().any(|e| e.contains("damaged (crc32")),
+                "device converts: {converts}: {errors:?}"
+            );
         }
     }
 

@@ -142,6 +142,7 @@ fn drive_inner<E: Engine>(engine: &mut E, job: &Job<'_>, rounds: &[RoundWork]) -
     }
     verify_checksums(
         job,
+        rounds,
         checked,
         crcs.into_inner().unwrap_or_else(|e| e.into_inner()),
     )
@@ -178,11 +179,29 @@ fn checked_tasks(job: &Job<'_>, rounds: &[RoundWork]) -> HashMap<crate::execute:
     out
 }
 
+/// Checks every piece CRC of the tasks read here: assembled from the reads where
+/// `checked_tasks` allows it, else by reading the checksummed bytes again, whole.
 fn verify_checksums(
     job: &Job<'_>,
+    rounds: &[RoundWork],
     checked: HashMap<crate::execute::Task, usize>,
     crcs: Crcs,
 ) -> Result<()> {
+    let staged: std::collections::HashSet<crate::execute::Task> = rounds
+        .iter()
+        .flat_map(|w| w.staged())
+        .map(|s| job.units[s.unit].task)
+        .collect();
+    let mut buf = Vec::new();
+    for t in staged {
+        let piece = &job.catalog.tensors[job.layout.tensors[t.out].source].pieces[t.piece];
+        let assembled = crcs.get(&t).map(Vec::len);
+        if piece.checksum.is_some()
+            && (assembled.is_none() || checked.get(&t) != assembled.as_ref())
+        {
+            crate::execute::check_piece(job.sources, piece, 1 << 20, &mut buf)?;
+        }
+    }
     for (t, mut parts) in crcs {
         if checked.get(&t) != Some(&parts.len()) {
             continue;
