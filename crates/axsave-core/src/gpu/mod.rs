@@ -419,6 +419,9 @@ pub(crate) mod tests {
         files
     }
 
+    /// Output files by name, with their bytes.
+    type Files = Vec<(String, Vec<u8>)>;
+
     /// `n` simulated ranks save `source`: what each returned, and the files written (read only
     /// when every rank succeeded).
     fn simulated_ranks(
@@ -428,7 +431,7 @@ pub(crate) mod tests {
         mode: Mode,
         sizing: Sizing,
         converts: bool,
-    ) -> (Vec<Result<()>>, Vec<(String, Vec<u8>)>) {
+    ) -> (Vec<Result<()>>, Files) {
         let catalog = axsave_formats::detect::open(source).unwrap();
         let layout = plan_layout(&catalog, lopts).unwrap();
         // File f is visible to rank f % n only.
