@@ -7,7 +7,7 @@ use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 
 use axsave_formats::convert;
-use axsave_formats::{Catalog, Encoding, FormatError, Piece, RecordCheck};
+use axsave_formats::{Catalog, Checksum, Encoding, FormatError, Piece, RecordCheck};
 
 use crate::error::{CoreError, Result};
 use crate::geometry::{Geometry, SubBox, gather, runs, split};
@@ -286,28 +286,9 @@ pub(crate) fn check_record(
     chunk: usize,
     buf: &mut Vec<u8>,
 ) -> Result<()> {
-    let c = r.checksum;
-    let mut h = crc32fast::Hasher::new();
-    let mut at = c.offset;
-    let end = c.offset + c.len;
-    while at < end {
-        let n = (end - at).min(chunk.max(1) as u64) as usize;
-        buf.resize(n, 0);
-        sources.read_at(r.file, at, buf)?;
-        h.update(buf);
-        at += n as u64;
-    }
-    let found = h.finalize();
-    if found != c.crc32 {
-        return Err(CoreError::Format(FormatError::Checksum {
-            path: sources.path(r.file),
-            offset: c.offset,
-            end,
-            expected: c.crc32,
-            found,
-        }));
-    }
-    Ok(())
+    verify_crc(sources, r.file, &r.checksum, chunk, buf, |at, b| {
+        sources.read_at(r.file, at, b)
+    })
 }
 
 /// Reads the bytes a piece's checksum covers whole, `chunk` bytes at a time through `buf`
@@ -322,32 +303,46 @@ pub(crate) fn check_piece(
     let Some(c) = piece.checksum else {
         return Ok(());
     };
-    let r = RecordCheck {
-        file: piece.file,
-        checksum: c,
-    };
-    let Encoding::Zstd {
-        stream_offset,
-        stream_len,
-    } = piece.encoding
-    else {
-        return check_record(sources, &r, chunk, buf);
-    };
-    // The checksum's offsets are in the decompressed stream.
-    let mut z = ZstdCursor::new(sources, piece.file, stream_offset, stream_len);
+    match piece.encoding {
+        Encoding::Raw => verify_crc(sources, piece.file, &c, chunk, buf, |at, b| {
+            sources.read_at(piece.file, at, b)
+        }),
+        // The checksum's offsets are in the decompressed stream.
+        Encoding::Zstd {
+            stream_offset,
+            stream_len,
+        } => {
+            let mut z = ZstdCursor::new(sources, piece.file, stream_offset, stream_len);
+            verify_crc(sources, piece.file, &c, chunk, buf, |at, b| {
+                z.read_at(at, b)
+            })
+        }
+    }
+}
+
+/// Computes the CRC-32 of the bytes `c` covers, read in order by `read_at` `chunk` bytes at a
+/// time through `buf`, and compares it with `c.crc32`; a mismatch names file `file`.
+fn verify_crc(
+    sources: &SourceFiles,
+    file: usize,
+    c: &Checksum,
+    chunk: usize,
+    buf: &mut Vec<u8>,
+    mut read_at: impl FnMut(u64, &mut [u8]) -> Result<()>,
+) -> Result<()> {
     let mut h = crc32fast::Hasher::new();
     let (mut at, end) = (c.offset, c.offset + c.len);
     while at < end {
         let n = (end - at).min(chunk.max(1) as u64) as usize;
         buf.resize(n, 0);
-        z.read_at(at, buf)?;
+        read_at(at, buf)?;
         h.update(buf);
         at += n as u64;
     }
     let found = h.finalize();
     if found != c.crc32 {
         return Err(CoreError::Format(FormatError::Checksum {
-            path: sources.path(piece.file),
+            path: sources.path(file),
             offset: c.offset,
             end,
             expected: c.crc32,
