@@ -17,6 +17,7 @@
 pub mod mpi;
 #[cfg(feature = "cuda")]
 pub mod nccl;
+mod runs;
 pub mod tcp;
 
 /// Whether this build has the MPI transport (feature `mpi`). Whether a run can use it also

@@ -3,6 +3,7 @@
 //! everything received. Pure functions: no MPI here.
 
 use super::{MAX_FRAME_BYTES, MAX_RUNS_PER_FRAME};
+pub(crate) use crate::transport::runs::{RUN_ENTRY_LEN, decode_run_table, u32_at, u64_at};
 
 /// Version carried by every message; a receiver refuses any other.
 pub const MPI_PROTOCOL_VERSION: u32 = 1;
@@ -20,7 +21,6 @@ pub(crate) const END_MAGIC: [u8; 4] = *b"AXME";
 pub(crate) const HEADER_LEN: usize = 40;
 /// End message, magic included.
 pub(crate) const END_LEN: usize = 40;
-pub(crate) const RUN_ENTRY_LEN: usize = 12;
 
 // The largest frame must fit an MPI `int` count.
 const _: () =
@@ -273,27 +273,7 @@ pub(crate) fn decode_frame<'a>(
             msg.len()
         ));
     }
-    let mut total = 0u64;
-    for entry in msg[HEADER_LEN + p..].chunks_exact(RUN_ENTRY_LEN) {
-        let offset = u64_at(entry, 0);
-        let len = u32_at(entry, 8);
-        if len == 0 {
-            return Err(format!("empty run at offset {offset}"));
-        }
-        if offset.checked_add(u64::from(len)).is_none() {
-            return Err(format!(
-                "run of {len} bytes at offset {offset} ends past 2^64"
-            ));
-        }
-        // At most MAX_RUNS_PER_FRAME runs of < 2^32 bytes: no overflow.
-        total += u64::from(len);
-        runs.push((offset, len));
-    }
-    if total != payload {
-        return Err(format!(
-            "run lengths add up to {total} bytes but the payload is {payload}"
-        ));
-    }
+    decode_run_table(&msg[HEADER_LEN + p..], payload, runs)?;
     Ok(Decoded::Ours(FrameView {
         stream,
         file,
@@ -374,18 +354,6 @@ pub(crate) fn check_probed(tag: i32, len: usize, frame_bytes: usize) -> Result<(
 /// A broadcast's length prefix: the length, or [`REFUSED`] when the root has nothing
 /// valid to send.
 pub(crate) const REFUSED: u64 = u64::MAX;
-
-pub(crate) fn u32_at(b: &[u8], at: usize) -> u32 {
-    let mut a = [0u8; 4];
-    a.copy_from_slice(&b[at..at + 4]);
-    u32::from_le_bytes(a)
-}
-
-pub(crate) fn u64_at(b: &[u8], at: usize) -> u64 {
-    let mut a = [0u8; 8];
-    a.copy_from_slice(&b[at..at + 8]);
-    u64::from_le_bytes(a)
-}
 
 #[cfg(test)]
 mod tests {

@@ -1,6 +1,8 @@
 //! Byte layout of the transport's messages (described in the [module documentation](super)),
 //! and the checks on everything read from the wire.
 
+pub(crate) use crate::transport::runs::{RUN_ENTRY_LEN, decode_run_table, u32_at, u64_at};
+
 /// Version in the hello; a receiver rejects any other.
 pub const PROTOCOL_VERSION: u32 = 1;
 /// Most runs in one frame. Bounds the run table (12 bytes a run) independently of the
@@ -19,7 +21,6 @@ pub(crate) const REPLY_MAGIC: [u8; 4] = *b"AXRP";
 pub(crate) const FRAME_HEADER_LEN: usize = 20;
 /// Magic included.
 pub(crate) const END_LEN: usize = 12;
-pub(crate) const RUN_ENTRY_LEN: usize = 12;
 /// Magic, code and message length.
 pub(crate) const REPLY_HEADER_LEN: usize = 9;
 /// Longest reply message; longer ones are cut (at a character boundary) before sending.
@@ -143,37 +144,6 @@ pub(crate) fn encode_frame_head(out: &mut Vec<u8>, file: u32, runs: &[(u64, u32)
     }
 }
 
-/// Parses a run table into `out` and checks it against the payload length.
-pub(crate) fn decode_run_table(
-    table: &[u8],
-    payload: u64,
-    out: &mut Vec<(u64, u32)>,
-) -> Result<(), String> {
-    out.clear();
-    let mut total: u64 = 0;
-    for entry in table.chunks_exact(RUN_ENTRY_LEN) {
-        let offset = u64_at(entry, 0);
-        let len = u32_at(entry, 8);
-        if len == 0 {
-            return Err(format!("empty run at offset {offset}"));
-        }
-        if offset.checked_add(u64::from(len)).is_none() {
-            return Err(format!(
-                "run of {len} bytes at offset {offset} ends past 2^64"
-            ));
-        }
-        // At most MAX_RUNS_PER_FRAME runs of < 2^32 bytes: no overflow.
-        total += u64::from(len);
-        out.push((offset, len));
-    }
-    if total != payload {
-        return Err(format!(
-            "run lengths add up to {total} bytes but the payload is {payload}"
-        ));
-    }
-    Ok(())
-}
-
 pub(crate) fn encode_end(total: u64) -> [u8; END_LEN] {
     let mut b = [0u8; END_LEN];
     b[0..4].copy_from_slice(&END_MAGIC);
@@ -226,18 +196,6 @@ fn truncate(s: &str, max: usize) -> &str {
         end -= 1;
     }
     &s[..end]
-}
-
-fn u32_at(b: &[u8], at: usize) -> u32 {
-    let mut a = [0u8; 4];
-    a.copy_from_slice(&b[at..at + 4]);
-    u32::from_le_bytes(a)
-}
-
-fn u64_at(b: &[u8], at: usize) -> u64 {
-    let mut a = [0u8; 8];
-    a.copy_from_slice(&b[at..at + 8]);
-    u64::from_le_bytes(a)
 }
 
 #[cfg(test)]
