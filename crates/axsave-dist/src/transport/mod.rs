@@ -13,6 +13,7 @@
 //! * `nccl` (feature `cuda`) — NCCL point-to-point between the ranks' GPUs; the library is
 //!   opened at run time. The executor that drives it lives in axsave-core (`gpu`).
 
+mod clock;
 #[cfg(feature = "mpi")]
 pub mod mpi;
 #[cfg(feature = "cuda")]

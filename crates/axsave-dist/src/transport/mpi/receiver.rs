@@ -2,7 +2,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::panic::{AssertUnwindSafe, catch_unwind};
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError, mpsc};
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
@@ -11,6 +11,7 @@ use super::progress::{Command, CtxShared};
 use super::sender::POLL;
 use super::wire::{self, DATA_TAG, Decoded, END_TAG, End};
 use super::{MpiError, MpiOptions};
+use crate::transport::clock::ProgressClock;
 use crate::transport::{ReceiveStats, Sink};
 
 /// How long stopping a receiver waits for the progress thread to confirm that no more
@@ -161,10 +162,8 @@ pub(crate) struct RecvShared {
     in_use: AtomicUsize,
     /// Receive buffers for reuse.
     pool: Mutex<Vec<Vec<u8>>>,
-    /// Origin of `progress_ms`.
-    base: Instant,
-    /// When a message last arrived or was handled, in ms since `base`.
-    progress_ms: AtomicU64,
+    /// When a message last arrived or was handled.
+    progress: ProgressClock,
     state: Mutex<State>,
     changed: Condvar,
 }
@@ -178,8 +177,7 @@ impl RecvShared {
             stopping: AtomicBool::new(false),
             in_use: AtomicUsize::new(0),
             pool: Mutex::new(Vec::new()),
-            base: Instant::now(),
-            progress_ms: AtomicU64::new(0),
+            progress: ProgressClock::new(),
             state: Mutex::new(State::default()),
             changed: Condvar::new(),
         }
@@ -219,14 +217,11 @@ impl RecvShared {
     }
 
     pub fn touch(&self) {
-        let ms = self.base.elapsed().as_millis();
-        self.progress_ms
-            .store(u64::try_from(ms).unwrap_or(u64::MAX), Ordering::Relaxed);
+        self.progress.touch();
     }
 
     fn idle_for(&self) -> Duration {
-        let last = Duration::from_millis(self.progress_ms.load(Ordering::Relaxed));
-        self.base.elapsed().saturating_sub(last)
+        self.progress.idle_for()
     }
 
     /// Records the first failure and wakes [`MpiReceiver::wait`].

@@ -15,6 +15,7 @@ use super::wire::{
 };
 use super::{ReceiveStats, TcpOptions, TransportError};
 use crate::store::client::deadline_after;
+use crate::transport::clock::ProgressClock;
 
 /// Where received runs go: `sink(sender_rank, file, offset, bytes)`, typically a positioned
 /// write into a preallocated output file. Called from several connection threads at once,
@@ -90,8 +91,7 @@ impl Receiver {
             sink,
             cancel,
             stopping: AtomicBool::new(false),
-            base: Instant::now(),
-            progress_ms: AtomicU64::new(0),
+            progress: ProgressClock::new(),
             state: Mutex::new(State::default()),
             changed: Condvar::new(),
             conns: Mutex::new(HashMap::new()),
@@ -231,11 +231,8 @@ struct Shared {
     sink: Sink,
     cancel: Arc<AtomicBool>,
     stopping: AtomicBool,
-    /// Origin of `progress_ms`.
-    base: Instant,
-    /// When a byte last arrived on any connection, in ms since `base`. An atomic rather than
-    /// part of `state`, because it is touched on every read.
-    progress_ms: AtomicU64,
+    /// When a byte last arrived on any connection.
+    progress: ProgressClock,
     state: Mutex<State>,
     changed: Condvar,
     /// A handle on every open connection, to shut them down on stop.
@@ -259,14 +256,11 @@ impl Shared {
     }
 
     fn touch(&self) {
-        let ms = self.base.elapsed().as_millis();
-        self.progress_ms
-            .store(u64::try_from(ms).unwrap_or(u64::MAX), Ordering::Relaxed);
+        self.progress.touch();
     }
 
     fn idle_for(&self) -> Duration {
-        let last = Duration::from_millis(self.progress_ms.load(Ordering::Relaxed));
-        self.base.elapsed().saturating_sub(last)
+        self.progress.idle_for()
     }
 
     /// Records the first failure and wakes [`Receiver::wait`].
