@@ -221,6 +221,30 @@ pub(crate) enum Decoded<T> {
     Stray,
 }
 
+/// Checks the prefix every message starts with (its magic, the protocol version) and says
+/// whether it belongs to `session`; `msg` holds at least 16 bytes (checked by the caller).
+fn of_session(
+    msg: &[u8],
+    magic: [u8; 4],
+    what: &str,
+    magic_name: &str,
+    session: u64,
+) -> Result<bool, String> {
+    if msg[0..4] != magic {
+        return Err(format!(
+            "{what} starts with {:02x?}, not the {magic_name} magic",
+            &msg[0..4]
+        ));
+    }
+    let version = u32_at(msg, 4);
+    if version != MPI_PROTOCOL_VERSION {
+        return Err(format!(
+            "protocol version {version} (this receiver speaks {MPI_PROTOCOL_VERSION})"
+        ));
+    }
+    Ok(u64_at(msg, 8) == session)
+}
+
 /// Checks a frame message against the limits and parses its run table into `runs`.
 pub(crate) fn decode_frame<'a>(
     msg: &'a [u8],
@@ -235,19 +259,7 @@ pub(crate) fn decode_frame<'a>(
             msg.len()
         ));
     }
-    if msg[0..4] != FRAME_MAGIC {
-        return Err(format!(
-            "frame starts with {:02x?}, not the frame magic",
-            &msg[0..4]
-        ));
-    }
-    let version = u32_at(msg, 4);
-    if version != MPI_PROTOCOL_VERSION {
-        return Err(format!(
-            "protocol version {version} (this receiver speaks {MPI_PROTOCOL_VERSION})"
-        ));
-    }
-    if u64_at(msg, 8) != session {
+    if !of_session(msg, FRAME_MAGIC, "frame", "frame", session)? {
         return Ok(Decoded::Stray);
     }
     let stream = u64_at(msg, 16);
@@ -307,19 +319,7 @@ pub(crate) fn decode_end(msg: &[u8], session: u64) -> Result<Decoded<End>, Strin
             msg.len()
         ));
     }
-    if msg[0..4] != END_MAGIC {
-        return Err(format!(
-            "end message starts with {:02x?}, not the end magic",
-            &msg[0..4]
-        ));
-    }
-    let version = u32_at(msg, 4);
-    if version != MPI_PROTOCOL_VERSION {
-        return Err(format!(
-            "protocol version {version} (this receiver speaks {MPI_PROTOCOL_VERSION})"
-        ));
-    }
-    if u64_at(msg, 8) != session {
+    if !of_session(msg, END_MAGIC, "end message", "end", session)? {
         return Ok(Decoded::Stray);
     }
     Ok(Decoded::Ours(End {
