@@ -177,6 +177,22 @@ pub fn remove_temps(dir: &Path, final_names: &[String], tag: &str) {
     }
 }
 
+/// Removes every temporary of run `tag` in `dir` ([`temp_name`] of any final name), whoever
+/// made it: a rank cleaning up after a failure may not know the file names yet.
+pub fn remove_run_temps(dir: &Path, tag: &str) {
+    let suffix = format!(".axsave-{tag}.tmp");
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    for e in entries.flatten() {
+        let name = e.file_name();
+        let name = name.to_string_lossy();
+        if name.starts_with('.') && name.ends_with(&suffix) {
+            let _ = std::fs::remove_file(e.path());
+        }
+    }
+}
+
 /// Reserves `len` bytes for `file` so that a full disk is found before any data is written.
 fn preallocate(file: &File, len: u64) -> std::io::Result<()> {
     use std::os::fd::AsRawFd;
@@ -203,6 +219,38 @@ fn preallocate(file: &File, len: u64) -> std::io::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Every temporary of the run goes, whatever its final name; nothing else does.
+    #[test]
+    fn run_temps_are_found_by_tag() {
+        let d = tempfile::tempdir().unwrap();
+        let names = [
+            temp_name("model-00001-of-00002.safetensors", "t1"),
+            temp_name("model.safetensors.index.json", "t1"),
+            temp_name("model.safetensors", "t2"),
+            "model.safetensors".to_string(),
+            "axsave-t1.tmp".to_string(),
+        ];
+        for n in &names {
+            std::fs::write(d.path().join(n), b"x").unwrap();
+        }
+        remove_run_temps(d.path(), "t1");
+        let mut left: Vec<String> = std::fs::read_dir(d.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        left.sort();
+        assert_eq!(
+            left,
+            [
+                ".model.safetensors.axsave-t2.tmp",
+                "axsave-t1.tmp",
+                "model.safetensors"
+            ]
+        );
+        // A directory that does not exist is nothing to clean.
+        remove_run_temps(&d.path().join("missing"), "t1");
+    }
 
     #[test]
     fn model_file_names() {

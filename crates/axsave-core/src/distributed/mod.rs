@@ -252,8 +252,7 @@ pub fn run(
         opts,
         client: &mut client,
         shared: shared.clone(),
-        temps: None,
-        token: None,
+        run_files: None,
     };
     let result = rank.run(start, &progress, &net);
     if let Err(e) = &result {
@@ -285,12 +284,10 @@ struct Rank<'a> {
     opts: &'a DistOptions,
     client: &'a mut StoreClient,
     shared: Arc<Shared>,
-    /// Output directory, layout file names and tag, once temporaries may exist.
-    temps: Option<(PathBuf, Vec<String>, String)>,
-    /// Rank 0's marker file in the output directory (sharded mode), known to every rank from
-    /// the join on: on failure any rank removes it, since rank 0 may be the one that died
-    /// (possibly before another rank had even learnt the file names).
-    token: Option<PathBuf>,
+    /// Output directory and run tag, from the join on. On failure this rank removes every
+    /// temporary of the run it can see (a dead rank's too when the directory is shared, even
+    /// one made before this rank learnt the file names) and rank 0's sharded-mode marker.
+    run_files: Option<(PathBuf, String)>,
 }
 
 impl Rank<'_> {
@@ -372,9 +369,7 @@ impl Rank<'_> {
             String::from_utf8_lossy(&self.receive("start", d)?).into_owned()
         };
         tracing::debug!(rank = me, tag, "joined");
-        if self.opts.mode == Mode::Sharded {
-            self.token = Some(self.opts.output.join(token_name(&tag)));
-        }
+        self.run_files = Some((self.opts.output.clone(), tag.clone()));
         crate::fault::point("joined", me);
         let watch: Vec<usize> = if me == 0 { (1..n).collect() } else { vec![0] };
         let watchdog = Watchdog::start(
@@ -477,8 +472,6 @@ impl Rank<'_> {
 
         // 3. Output: the shared-directory check, then this rank's files.
         let writes = plan.is_writer(me);
-        let names = layout.final_names();
-        self.temps = Some((opts.output.clone(), names.clone(), tag.clone()));
         if opts.mode == Mode::Sharded && writes && me != 0 {
             let token = opts.output.join(token_name(&tag));
             if !token.exists() {
@@ -650,7 +643,7 @@ impl Rank<'_> {
             let d = self.far();
             self.wait_keys(&["committed"], d)?;
             watchdog.stop();
-            self.temps = None;
+            self.run_files = None;
             return Ok(None);
         }
         let mut shas: Vec<Option<String>> = vec![None; layout.files.len()];
@@ -673,11 +666,11 @@ impl Rank<'_> {
         // others', so the commit happens in one place.
         drop(files);
         let replaced = finalize(&opts.output, &layout, &tag, &extras, &existing)?;
-        self.temps = None;
+        self.run_files = None;
         self.client.set("committed", b"1").map_err(remote)?;
         watchdog.stop();
-        if let Some(t) = self.token.take() {
-            let _ = std::fs::remove_file(t);
+        if opts.mode == Mode::Sharded {
+            let _ = std::fs::remove_file(opts.output.join(token_name(&tag)));
         }
         let mut dtypes: Vec<(DType, usize)> = Vec::new();
         for t in &layout.tensors {
@@ -811,11 +804,9 @@ impl Rank<'_> {
     /// After a failure: remove every temporary of this run that this rank can see (a dead
     /// writer's too, when the directory is shared), and rank 0's marker.
     fn cleanup(&mut self) {
-        if let Some((dir, names, tag)) = self.temps.take() {
-            output::remove_temps(&dir, &names, &tag);
-        }
-        if let Some(t) = self.token.take() {
-            let _ = std::fs::remove_file(t);
+        if let Some((dir, tag)) = self.run_files.take() {
+            output::remove_run_temps(&dir, &tag);
+            let _ = std::fs::remove_file(dir.join(token_name(&tag)));
         }
     }
 }
