@@ -310,3 +310,49 @@ fn source_rewritten_during_the_save_is_refused() {
     );
     assert_no_output(out.path());
 }
+
+/// One flipped byte in a `planner_data` key of a 4-rank FSDP checkpoint's `.metadata`: the
+/// tensor's nested path was lost and it was left out as "not under `model`" (21 tensors
+/// instead of 22, exit 0). The three parts of the metadata must agree.
+#[test]
+fn damaged_planner_data_key_is_refused() {
+    let (_t, ckpt) = copy_of("fsdp_w4");
+    let meta = ckpt.join(".metadata");
+    let mut data = std::fs::read(&meta).unwrap();
+    let key = b"model._orig_mod.layers.0._fsdp_wrapped_module.self_attn.q_proj.weight";
+    let planner = find(&data, b"planner_data").expect("planner_data in .metadata");
+    let at = planner + find(&data[planner..], key).expect("a planner_data key");
+    // The last letter of the key: `weight` becomes `weighu`.
+    data[at + key.len() - 1] ^= 0x01;
+    std::fs::write(&meta, &data).unwrap();
+    let err = must_fail(&ckpt);
+    assert!(
+        err.contains(".metadata")
+            && err.contains("planner_data")
+            && err.contains("self_attn.q_proj.weighu")
+            && err.contains("damaged"),
+        "{err}"
+    );
+}
+
+/// A flipped byte in a `storage_data` key's name: storage for a tensor nobody declared.
+#[test]
+fn damaged_storage_data_key_is_refused() {
+    let (_t, ckpt) = copy_of("fsdp_w4");
+    let meta = ckpt.join(".metadata");
+    let mut data = std::fs::read(&meta).unwrap();
+    let key = b"model._orig_mod.norm.weight";
+    let storage = find(&data, b"storage_data").expect("storage_data in .metadata");
+    let at = storage + find(&data[storage..], key).expect("a storage_data key");
+    data[at + key.len() - 1] ^= 0x01;
+    std::fs::write(&meta, &data).unwrap();
+    let err = must_fail(&ckpt);
+    assert!(
+        err.contains(".metadata") && err.contains("damaged"),
+        "{err}"
+    );
+}
+
+fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
+    hay.windows(needle.len()).position(|w| w == needle)
+}

@@ -67,6 +67,8 @@ struct Metadata {
     entries: Vec<(String, Option<TensorMeta>)>,
     storage: HashMap<(String, Vec<u64>), StorageInfo>,
     planner: HashMap<String, Vec<String>>,
+    /// Whether `planner_data` was a dict (DefaultSavePlanner's name → path map).
+    has_planner: bool,
 }
 
 /// Reads a DCP checkpoint directory into a catalog.
@@ -144,7 +146,9 @@ fn read_with(dir: &Path, metas: &[(String, Vec<u8>)], partial: bool) -> Result<C
         }
         merged.storage.extend(m.storage);
         merged.planner.extend(m.planner);
+        merged.has_planner |= m.has_planner;
     }
+    check_consistency(&merged, &meta_files[0])?;
 
     let mut files: Vec<SourceFile> = Vec::new();
     let mut file_index: HashMap<String, usize> = HashMap::new();
@@ -558,11 +562,15 @@ fn parse_metadata(p: &Pickle, path: &Path) -> Result<Metadata> {
         .and_then(|v| p.as_dict(v))
         .ok_or_else(|| bad("Metadata.state_dict_metadata is missing".into()))?;
     let mut out = Metadata::default();
+    let mut names = std::collections::HashSet::with_capacity(sdm.len());
     for (k, v) in sdm {
         let name = p
             .as_str(k)
             .ok_or_else(|| bad(format!("a state_dict_metadata key is {}", p.describe(k))))?
             .to_string();
+        if !names.insert(name.clone()) {
+            return Err(bad(format!("state_dict_metadata names {name:?} twice")));
+        }
         match p.class_of(v) {
             Some((_, "TensorStorageMetadata")) => {
                 let t = tensor_meta(p, v).map_err(|m| bad(format!("tensor {name}: {m}")))?;
@@ -581,30 +589,124 @@ fn parse_metadata(p: &Pickle, path: &Path) -> Result<Metadata> {
         for (k, v) in sd {
             let (fqn, offset) = metadata_index(p, k).map_err(bad)?;
             let info = storage_info(p, v).map_err(|m| bad(format!("storage of {fqn}: {m}")))?;
-            out.storage.insert((fqn, offset), info);
+            let key = (fqn, offset);
+            if out.storage.contains_key(&key) {
+                return Err(bad(format!(
+                    "storage_data holds the chunk of {} at {:?} twice",
+                    key.0, key.1
+                )));
+            }
+            out.storage.insert(key, info);
         }
     } else {
         return Err(bad("Metadata.storage_data is missing".into()));
     }
+    // DefaultSavePlanner records `{flat name: object path}` here; a custom planner may record
+    // anything (or None), which is then not used.
     if let Some(pd) = p.dict_get(state, "planner_data").and_then(|v| p.as_dict(v)) {
         for (k, v) in pd {
-            let (Some(fqn), Some(items)) = (p.as_str(k), p.as_sequence(v)) else {
-                continue;
-            };
-            let path: Option<Vec<String>> = items
-                .iter()
-                .map(|x| match x {
-                    Value::Str(s) => Some(s.to_string()),
-                    Value::Int(i) => Some(i.to_string()),
-                    _ => None,
-                })
-                .collect();
-            if let Some(path) = path {
-                out.planner.insert(fqn.to_string(), path);
+            let fqn = p
+                .as_str(k)
+                .ok_or_else(|| bad(format!("a planner_data key is {}", p.describe(k))))?;
+            let path: Option<Vec<String>> = p.as_sequence(v).and_then(|items| {
+                items
+                    .iter()
+                    .map(|x| match x {
+                        Value::Str(s) => Some(s.to_string()),
+                        Value::Int(i) => Some(i.to_string()),
+                        _ => None,
+                    })
+                    .collect()
+            });
+            let path = path.ok_or_else(|| {
+                bad(format!(
+                    "planner_data entry {fqn:?} is {}, not an object path",
+                    p.describe(v)
+                ))
+            })?;
+            if out.planner.insert(fqn.to_string(), path).is_some() {
+                return Err(bad(format!("planner_data names {fqn:?} twice")));
+            }
+        }
+        out.has_planner = true;
+    }
+    Ok(out)
+}
+
+/// Checks that the three parts of (merged) metadata describe the same items: every name has
+/// one entry; every `storage_data` key names an entry (and, for a tensor, one of its chunks);
+/// every chunk and every bytes item has storage; and, where `planner_data` was recorded, it
+/// maps exactly the entries' names, each to the object path whose dotted form is the name (as
+/// torch's `flatten_state_dict` makes it). A damaged byte in any of them would otherwise drop
+/// or misplace a tensor silently.
+fn check_consistency(m: &Metadata, path: &Path) -> Result<()> {
+    let bad = |msg: String| Err(FormatError::invalid(path, msg));
+    let mut entries: HashMap<&str, Option<&TensorMeta>> = HashMap::with_capacity(m.entries.len());
+    for (name, t) in &m.entries {
+        if entries.insert(name.as_str(), t.as_ref()).is_some() {
+            return bad(format!("state_dict_metadata names {name:?} twice"));
+        }
+    }
+    for (fqn, offset) in m.storage.keys() {
+        match entries.get(fqn.as_str()) {
+            None => {
+                return bad(format!(
+                    "storage_data names {fqn:?}, which state_dict_metadata does not hold: the metadata is damaged"
+                ));
+            }
+            Some(Some(t)) => {
+                if !t.chunks.iter().any(|(o, _)| o == offset) {
+                    return bad(format!(
+                        "storage_data of tensor {fqn}: no chunk at {offset:?} in state_dict_metadata: the metadata is damaged"
+                    ));
+                }
+            }
+            Some(None) => {
+                if !offset.is_empty() {
+                    return bad(format!(
+                        "storage_data of item {fqn}: an offset {offset:?} for a non-tensor item: the metadata is damaged"
+                    ));
+                }
             }
         }
     }
-    Ok(out)
+    for (name, t) in &m.entries {
+        let missing = match t {
+            // Ranks holding an empty shard save nothing for it.
+            Some(t) => t
+                .chunks
+                .iter()
+                .find(|(o, s)| {
+                    !s.contains(&0) && !m.storage.contains_key(&(name.clone(), o.clone()))
+                })
+                .map(|(o, _)| format!("tensor {name}: no storage entry for the chunk at {o:?}")),
+            None => (!m.storage.contains_key(&(name.clone(), Vec::new())))
+                .then(|| format!("item {name}: no storage entry")),
+        };
+        if let Some(msg) = missing {
+            return bad(format!("{msg}: the metadata is damaged"));
+        }
+    }
+    if m.has_planner {
+        for (fqn, obj_path) in &m.planner {
+            if !entries.contains_key(fqn.as_str()) {
+                return bad(format!(
+                    "planner_data names {fqn:?}, which state_dict_metadata does not hold: the metadata is damaged"
+                ));
+            }
+            if obj_path.join(".") != *fqn {
+                return bad(format!(
+                    "planner_data maps {fqn:?} to the path {obj_path:?}, whose name differs: the metadata is damaged"
+                ));
+            }
+        }
+        if let Some((name, _)) = m.entries.iter().find(|(n, _)| !m.planner.contains_key(n)) {
+            return bad(format!(
+                "tensor or item {name:?} of state_dict_metadata has no planner_data entry: the metadata is damaged"
+            ));
+        }
+    }
+    Ok(())
 }
 
 /// The `BUILD` state of an object (its `__dict__` or `__getstate__` result).
