@@ -356,3 +356,14 @@ fn damaged_storage_data_key_is_refused() {
 fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
     hay.windows(needle.len()).position(|w| w == needle)
 }
+
+/// torch saves a tensor named `__metadata__` happily; a safetensors file holding it is read
+/// by no reader (the key is the file's own metadata). Refused before anything is written.
+#[test]
+fn tensor_named_metadata_is_refused() {
+    let err = must_fail(&fixture("inputs/reserved_name/checkpoint"));
+    assert!(
+        err.contains("tensor __metadata__") && err.contains("reserves"),
+        "{err}"
+    );
+}

@@ -3,7 +3,9 @@
 
 use std::collections::{BTreeMap, HashMap};
 
-use axsave_formats::st_header::{BuiltHeader, HeaderTensor, build_header};
+use axsave_formats::st_header::{
+    BuiltHeader, HeaderTensor, MAX_HEADER_SIZE, METADATA_KEY, build_header,
+};
 use axsave_formats::{Catalog, DType};
 
 use crate::error::{CoreError, Result};
@@ -208,6 +210,12 @@ pub fn plan_layout(catalog: &Catalog, opts: &LayoutOptions) -> Result<Layout> {
             }
             continue;
         };
+        if name == METADATA_KEY {
+            return Err(CoreError::Layout(format!(
+                "tensor {} would be written as {METADATA_KEY:?}, the key safetensors reserves for the file's metadata: no reader accepts such a file (leave it out with --exclude, or rename it)",
+                t.name
+            )));
+        }
         if let Some(&j) = seen.get(&name) {
             return Err(CoreError::Layout(format!(
                 "tensors {} and {} both become {name} once wrapper prefixes are removed",
@@ -283,6 +291,7 @@ pub fn plan_layout(catalog: &Catalog, opts: &LayoutOptions) -> Result<Layout> {
             file_size,
         } = build_header(&header_tensors, &[("format", "pt")])
             .map_err(|e| CoreError::Layout(e.to_string()))?;
+        check_header_size(&name, bytes.len() as u64 - 8, &header_tensors)?;
         let mut order: Vec<(u64, usize)> = Vec::with_capacity(group.len());
         for (k, &ti) in group.iter().enumerate() {
             tensors[ti].file = fi;
@@ -305,9 +314,96 @@ pub fn plan_layout(catalog: &Catalog, opts: &LayoutOptions) -> Result<Layout> {
     })
 }
 
+/// Refuses a header longer than safetensors readers accept ([`MAX_HEADER_SIZE`]), naming the
+/// longest tensor names, which are what makes a header that large.
+fn check_header_size(file: &str, json_len: u64, tensors: &[HeaderTensor]) -> Result<()> {
+    if json_len <= MAX_HEADER_SIZE {
+        return Ok(());
+    }
+    let mut longest: Vec<&HeaderTensor> = tensors.iter().collect();
+    longest.sort_by_key(|t| std::cmp::Reverse(t.name.len()));
+    let names: Vec<String> = longest
+        .iter()
+        .take(3)
+        .map(|t| {
+            let shown: String = t.name.chars().take(60).collect();
+            format!("{shown}... ({} bytes)", t.name.len())
+        })
+        .collect();
+    Err(CoreError::Layout(format!(
+        "the header of {file} would be {json_len} bytes, more than the {MAX_HEADER_SIZE} safetensors readers accept ({} tensors; the longest names: {})",
+        tensors.len(),
+        names.join(", ")
+    )))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn catalog_of(tensors: Vec<axsave_formats::TensorEntry>) -> Catalog {
+        Catalog {
+            format: axsave_formats::Format::Dcp,
+            root: ".".into(),
+            files: Vec::new(),
+            tensors,
+            writer_ranks: None,
+            skipped: Vec::new(),
+            notes: Vec::new(),
+            records: Vec::new(),
+        }
+    }
+
+    fn entry(name: &str, dtype: DType, shape: &[u64]) -> axsave_formats::TensorEntry {
+        axsave_formats::TensorEntry {
+            name: name.into(),
+            path: vec![name.into()],
+            dtype,
+            shape: shape.to_vec(),
+            pieces: Vec::new(),
+        }
+    }
+
+    /// A header over safetensors' 100 MB limit is refused before anything is written, naming
+    /// the tensor whose name makes it so; one at the limit is accepted. (plan_layout calls this
+    /// with each file's built header; a real 100 MB name takes half a minute to serialize in a
+    /// debug build.)
+    #[test]
+    fn header_over_the_safetensors_limit_is_refused() {
+        let t = |name: &str| HeaderTensor {
+            name: name.into(),
+            dtype: DType::F32,
+            shape: vec![2],
+        };
+        let long = format!("layers.{}", "x".repeat(1000));
+        let tensors = [t("b"), t(&long), t("c")];
+        let err = check_header_size("model.safetensors", MAX_HEADER_SIZE + 1, &tensors)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("model.safetensors")
+                && err.contains("100000001 bytes, more than the 100000000")
+                && err.contains("layers.xxx")
+                && err.contains(&format!("({} bytes)", long.len())),
+            "{err}"
+        );
+        check_header_size("model.safetensors", MAX_HEADER_SIZE, &tensors).unwrap();
+    }
+
+    #[test]
+    fn reserved_metadata_name_is_refused() {
+        let catalog = catalog_of(vec![
+            entry("__metadata__", DType::F32, &[2]),
+            entry("b", DType::F32, &[1]),
+        ]);
+        let err = plan_layout(&catalog, &LayoutOptions::default())
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("__metadata__") && err.contains("reserves"),
+            "{err}"
+        );
+    }
 
     /// Fuzz regression (dcp_metadata): tensors whose sizes each fit in 64 bits but whose sum
     /// does not are refused, not summed into an overflow.

@@ -13,6 +13,13 @@ use safetensors::tensor::{Metadata, TensorInfo};
 use crate::dtype::DType;
 use crate::error::{FormatError, Result};
 
+/// The largest header (JSON length) safetensors readers accept: the crate's `MAX_HEADER_SIZE`,
+/// which the Python library and transformers use through it.
+pub const MAX_HEADER_SIZE: u64 = 100_000_000;
+
+/// The key safetensors reserves for a file's own metadata: no tensor may carry it.
+pub const METADATA_KEY: &str = "__metadata__";
+
 /// A tensor to place in an output file.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct HeaderTensor {
