@@ -9,7 +9,8 @@ use axsave_formats::st_header::{
 use axsave_formats::{Catalog, DType};
 
 use crate::error::{CoreError, Result};
-use crate::naming::output_names;
+use crate::naming::{NameFilter, output_names};
+use crate::scales::is_quantization_scale;
 
 /// What `--dtype` asks for.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
@@ -64,6 +65,11 @@ pub struct LayoutOptions {
     pub stem: String,
     /// Write only a PEFT adapter, under the names PEFT's `save_pretrained` gives it.
     pub adapter: bool,
+    /// Name globs (`--include`): when any is given, only tensors whose output name matches one
+    /// are written.
+    pub include: Vec<String>,
+    /// Name globs (`--exclude`): tensors whose output name matches one are left out.
+    pub exclude: Vec<String>,
 }
 
 impl Default for LayoutOptions {
@@ -74,6 +80,8 @@ impl Default for LayoutOptions {
             min_files: 1,
             stem: "model".into(),
             adapter: false,
+            include: Vec::new(),
+            exclude: Vec::new(),
         }
     }
 }
@@ -119,7 +127,8 @@ pub struct Layout {
     pub tensors: Vec<OutTensor>,
     /// Sum of the tensors' data sizes (the index's `metadata.total_size`).
     pub total_size: u64,
-    /// Catalog tensors left out (not under the `model` entry), by name.
+    /// Catalog tensors left out (not the model's, or filtered by `--include`/`--exclude`), by
+    /// name.
     pub left_out: Vec<String>,
 }
 
@@ -200,11 +209,12 @@ pub fn plan_layout(catalog: &Catalog, opts: &LayoutOptions) -> Result<Layout> {
             )
         })?;
     }
-    let mut tensors = Vec::new();
+    let filter = NameFilter::new(&opts.include, &opts.exclude)?;
     let mut left_out = Vec::new();
+    let mut chosen: Vec<(usize, String)> = Vec::new();
     let mut seen: HashMap<String, usize> = HashMap::new();
     for (i, (t, name)) in catalog.tensors.iter().zip(names).enumerate() {
-        let Some(name) = name else {
+        let Some(name) = name.filter(|n| filter.keeps(n)) else {
             if !opts.adapter {
                 left_out.push(t.name.clone());
             }
@@ -223,15 +233,31 @@ pub fn plan_layout(catalog: &Catalog, opts: &LayoutOptions) -> Result<Layout> {
             )));
         }
         seen.insert(name.clone(), i);
-        let dtype = opts.dtype.apply(t.dtype);
+        chosen.push((i, name));
+    }
+    // Scales of fp8/fp4 weights keep their dtype whatever --dtype says (see `scales`).
+    let source_dtype: HashMap<&str, DType> = chosen
+        .iter()
+        .map(|(i, n)| (n.as_str(), catalog.tensors[*i].dtype))
+        .collect();
+    let mut tensors = Vec::with_capacity(chosen.len());
+    for (i, name) in &chosen {
+        let t = &catalog.tensors[*i];
+        let scale = opts.dtype != DtypeChoice::Keep
+            && is_quantization_scale(name, |w| source_dtype.get(w).copied());
+        let dtype = if scale {
+            t.dtype
+        } else {
+            opts.dtype.apply(t.dtype)
+        };
         let nbytes = t
             .shape
             .iter()
             .try_fold(dtype.size() as u64, |a, &n| a.checked_mul(n))
             .ok_or_else(|| CoreError::Layout(format!("tensor {} is too large", t.name)))?;
         tensors.push(OutTensor {
-            name,
-            source: i,
+            name: name.clone(),
+            source: *i,
             dtype,
             shape: t.shape.clone(),
             file: 0,
