@@ -367,3 +367,46 @@ fn tensor_named_metadata_is_refused() {
         "{err}"
     );
 }
+
+/// A zstd item (torch ≥ 2.7 `_extensions`) that inflates far past what its chunk can hold: a
+/// frame of run-length blocks, 4 bytes each inflating to 128 KiB, in place of the first item
+/// (a skippable frame fills the rest of its length). It is refused once it passes the chunk's
+/// size, not inflated to whatever it claims (a 2 MB item could claim 64 GB).
+#[test]
+fn zstd_item_inflating_past_its_chunk_is_refused() {
+    let (_t, ckpt) = copy_of("zstd_w2");
+    let f = ckpt.join("__0_0.distcp");
+    let mut data = std::fs::read(&f).unwrap();
+    let magic = [0x28, 0xb5, 0x2f, 0xfd];
+    let starts: Vec<usize> = (0..data.len() - 4)
+        .filter(|&i| data[i..i + 4] == magic)
+        .take(2)
+        .collect();
+    let (start, end) = (starts[0], *starts.get(1).unwrap_or(&data.len()));
+    let len = end - start;
+    // Frame header: magic, descriptor 0 (no content size, not single-segment), window 128 KiB.
+    let mut bomb = magic.to_vec();
+    bomb.extend_from_slice(&[0x00, 0x38]);
+    let blocks = (len - bomb.len() - 8) / 4;
+    assert!(blocks >= 40, "item of {len} bytes too short");
+    for b in 0..blocks {
+        let last = u32::from(b + 1 == blocks);
+        let header = last | (1 << 1) | ((128 * 1024) << 3);
+        bomb.extend_from_slice(&header.to_le_bytes()[..3]);
+        bomb.push(0);
+    }
+    // A skippable frame: magic 0x184D2A50, its length, then anything.
+    bomb.extend_from_slice(&0x184d_2a50u32.to_le_bytes());
+    let pad = len - bomb.len() - 4;
+    bomb.extend_from_slice(&(pad as u32).to_le_bytes());
+    bomb.resize(len, 0);
+    data[start..end].copy_from_slice(&bomb);
+    std::fs::write(&f, &data).unwrap();
+    let err = must_fail(&ckpt);
+    assert!(
+        err.contains("__0_0.distcp")
+            && err.contains("zstd stream")
+            && err.contains("inflates past"),
+        "{err}"
+    );
+}

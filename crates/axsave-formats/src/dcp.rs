@@ -416,7 +416,7 @@ fn read_item(
         }
         [t] if t == ZSTD_DESCRIPTOR => {
             let item = &data.map(path)?[range];
-            let ht = zstd_head_tail(item).map_err(|e| {
+            let ht = zstd_head_tail(item, inflated_limit(sizes)).map_err(|e| {
                 FormatError::invalid(
                     path,
                     format!(
@@ -513,8 +513,25 @@ fn read_item(
     })
 }
 
-/// Streams a zstd-compressed item once, keeping its first and last bytes.
-fn zstd_head_tail(compressed: &[u8]) -> std::io::Result<HeadTail> {
+/// The most bytes a compressed item of a chunk of `sizes` may inflate to: the `torch.save`
+/// archive of the chunk holds its elements (the declared dtype, or a wider stored one: at most
+/// 8 bytes an element) plus its records, a few KB. A stream inflating past this is hostile or
+/// damaged, and is stopped there instead of being inflated to whatever it claims (a 2 MB item
+/// can inflate to 64 GB).
+fn inflated_limit(sizes: &[u64]) -> u64 {
+    sizes
+        .iter()
+        .try_fold(8u64, |a, &n| a.checked_mul(n))
+        .and_then(|n| n.checked_add(ZSTD_ITEM_OVERHEAD))
+        .unwrap_or(u64::MAX)
+}
+
+/// Room for a compressed item's records beside its tensor bytes (torch.save writes ~1.5 KB).
+const ZSTD_ITEM_OVERHEAD: u64 = 1 << 20;
+
+/// Streams a zstd-compressed item once, keeping its first and last bytes; refuses to inflate
+/// more than `limit` bytes.
+fn zstd_head_tail(compressed: &[u8], limit: u64) -> std::io::Result<HeadTail> {
     let mut dec = zstd::stream::read::Decoder::new(compressed)?;
     let mut head = Vec::new();
     let mut tail: std::collections::VecDeque<u8> = std::collections::VecDeque::new();
@@ -526,6 +543,11 @@ fn zstd_head_tail(compressed: &[u8]) -> std::io::Result<HeadTail> {
             break;
         }
         total += n as u64;
+        if total > limit {
+            return Err(std::io::Error::other(format!(
+                "inflates past {limit} bytes, more than the chunk's elements and records can take"
+            )));
+        }
         let chunk = &buf[..n];
         let room = HEAD_TAIL_WINDOW.saturating_sub(head.len());
         head.extend_from_slice(&chunk[..room.min(n)]);
