@@ -319,3 +319,21 @@ fn lying_lengths_do_not_allocate() {
         PickleErrorKind::MissingMemo(9)
     );
 }
+
+/// 3·10^7 MEMOIZE ops (3.2 GB of memo before) are refused at the second one; memoizing one
+/// container twice too. Values memoized once each, as picklers write them, still parse.
+#[test]
+fn memoizing_one_value_again_is_refused() {
+    let mut flood = b"\x80\x04N".to_vec();
+    flood.resize(flood.len() + 30_000_000, 0x94);
+    flood.push(b'.');
+    let e = parse(&flood).unwrap_err();
+    assert_eq!(e.offset, 4, "{e}");
+    assert!(e.to_string().contains("memoized twice"), "{e}");
+    // A list memoized, fetched back and memoized again.
+    let e = parse(b"\x80\x04]\x94h\x00\x94.").unwrap_err();
+    assert!(e.to_string().contains("memoized twice"), "{e}");
+    // None then a list, each memoized once.
+    let p = parse(b"\x80\x04N\x94]\x94\x86\x94.").unwrap();
+    assert!(p.node_count() >= 2);
+}

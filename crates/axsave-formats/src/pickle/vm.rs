@@ -91,6 +91,9 @@ pub fn parse_with_limits(data: &[u8], limits: Limits) -> Result<Pickle, PickleEr
         memo: HashMap::new(),
         nodes: Vec::new(),
         depth: Vec::new(),
+        memoized: Vec::new(),
+        pushes: 0,
+        last_memo_push: None,
         limits,
     };
     m.run()
@@ -107,6 +110,11 @@ struct Machine<'a> {
     nodes: Vec<Node>,
     /// Nesting depth of each node (1 for a container of scalars).
     depth: Vec<usize>,
+    /// Whether each node has been memoized.
+    memoized: Vec<bool>,
+    /// Values pushed so far, and that count at the last memo store.
+    pushes: u64,
+    last_memo_push: Option<u64>,
     limits: Limits,
 }
 
@@ -186,6 +194,7 @@ impl<'a> Machine<'a> {
             )));
         }
         self.stack.push(v);
+        self.pushes += 1;
         Ok(())
     }
 
@@ -241,6 +250,7 @@ impl<'a> Machine<'a> {
         self.check_depth(d)?;
         self.nodes.push(node);
         self.depth.push(d);
+        self.memoized.push(false);
         Ok(Value::Ref(self.nodes.len() - 1))
     }
 
@@ -277,8 +287,33 @@ impl<'a> Machine<'a> {
         }
     }
 
+    /// Stores the top of the stack in the memo. Python's pickler memoizes each object once,
+    /// right after making it; storing one value again (a file of nothing but `MEMOIZE` grew the
+    /// memo by a 24-byte entry per byte of input) is refused, and the memo never holds more
+    /// entries than [`Limits::max_nodes`].
     fn memo_put(&mut self, idx: u64) -> R<()> {
         let v = self.top()?.clone();
+        let again = match v {
+            Value::Ref(i) => self.memoized.get(i).copied().unwrap_or(false),
+            _ => self.last_memo_push == Some(self.pushes),
+        };
+        if again {
+            return self.err(PickleErrorKind::BadOperand(
+                "the same value is memoized twice (no pickler writes this)".into(),
+            ));
+        }
+        if let Value::Ref(i) = v {
+            if let Some(m) = self.memoized.get_mut(i) {
+                *m = true;
+            }
+        }
+        self.last_memo_push = Some(self.pushes);
+        if self.memo.len() >= self.limits.max_nodes && !self.memo.contains_key(&idx) {
+            return self.err(PickleErrorKind::Limit(format!(
+                "more than {} memo entries",
+                self.limits.max_nodes
+            )));
+        }
         self.memo.insert(idx, v);
         Ok(())
     }
