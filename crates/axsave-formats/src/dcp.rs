@@ -27,6 +27,14 @@ use crate::zip::HeadTail;
 /// Largest metadata pickle accepted (a 400B-parameter model's is a few MB).
 const METADATA_LIMIT: u64 = 1 << 30;
 
+/// Most objects the metadata pickle may build. A tensor costs about 10 (its
+/// `TensorStorageMetadata`, properties, size, chunk list, planner path) and each chunk about
+/// 15 more (`ChunkStorageMetadata`, two sizes, its `MetadataIndex` and `_StorageInfo`), so this
+/// admits some 500,000 chunks: a model of 10^5 tensors saved by 4 ranks, or a 1,000-tensor
+/// model by 500. Each object costs a few hundred bytes to hold while the file is read; a
+/// hostile file describing 10^6 tensors took 5.3 GB before.
+pub const METADATA_MAX_OBJECTS: usize = 8_000_000;
+
 /// The one transform a DCP item may carry that axsave decodes.
 const ZSTD_DESCRIPTOR: &str = "stream.zstd/1";
 
@@ -119,11 +127,7 @@ fn read_with(dir: &Path, metas: &[(String, Vec<u8>)], partial: bool) -> Result<C
     let mut merged = Metadata::default();
     let mut seen: HashMap<String, usize> = HashMap::new();
     for (path, (_, bytes)) in meta_files.iter().zip(metas) {
-        let pickle = pickle::parse(bytes).map_err(|source| FormatError::Pickle {
-            path: path.clone(),
-            base: 0,
-            source,
-        })?;
+        let pickle = parse_metadata_pickle(path, bytes, METADATA_MAX_OBJECTS)?;
         let m = parse_metadata(&pickle, path)?;
         // Per-rank metadata files (torch ≥ 2.9 without collectives) each describe the chunks
         // that rank saved: concatenate chunk lists, keep the first order of names.
@@ -256,6 +260,30 @@ fn read_with(dir: &Path, metas: &[(String, Vec<u8>)], partial: bool) -> Result<C
         skipped,
         notes,
         records: Vec::new(),
+    })
+}
+
+/// Parses a metadata pickle, building at most `max_objects` objects.
+fn parse_metadata_pickle(path: &Path, bytes: &[u8], max_objects: usize) -> Result<Pickle> {
+    let limits = pickle::Limits {
+        max_nodes: max_objects,
+        ..pickle::Limits::default()
+    };
+    pickle::parse_with_limits(bytes, limits).map_err(|source| {
+        if matches!(source.kind, pickle::PickleErrorKind::Limit(_)) {
+            FormatError::invalid(
+                path,
+                format!(
+                    "{source}: more than a DCP checkpoint of some 500,000 chunks needs; refused"
+                ),
+            )
+        } else {
+            FormatError::Pickle {
+                path: path.to_path_buf(),
+                base: 0,
+                source,
+            }
+        }
     })
 }
 
@@ -862,6 +890,29 @@ mod tests {
     fn read_meta(bytes: Vec<u8>) -> Result<Catalog> {
         let dir = tempfile::tempdir().unwrap();
         read_partial(dir.path(), &[(".metadata".to_string(), bytes)])
+    }
+
+    /// A metadata pickle building more objects than the cap is refused with the file named
+    /// (the real cap, 8,000,000, takes 16 s to reach in a debug build: a smaller one here).
+    #[test]
+    fn metadata_past_the_object_cap_is_refused() {
+        let mut m = b"\x80\x02]".to_vec();
+        for _ in 0..1001 {
+            m.extend_from_slice(b"}a");
+        }
+        m.push(b'.');
+        let path = Path::new("ckpt/.metadata");
+        let err = parse_metadata_pickle(path, &m, 1000)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.starts_with("ckpt/.metadata: ")
+                && err.contains("more than 1000 objects")
+                && err.contains("500,000 chunks"),
+            "{err}"
+        );
+        assert!(parse_metadata_pickle(path, &m, 1002).is_ok());
+        assert_eq!(METADATA_MAX_OBJECTS, 8_000_000);
     }
 
     #[test]

@@ -108,8 +108,8 @@ struct Machine<'a> {
     marks: Vec<usize>,
     memo: HashMap<u64, Value>,
     nodes: Vec<Node>,
-    /// Nesting depth of each node (1 for a container of scalars).
-    depth: Vec<usize>,
+    /// Nesting depth of each node (1 for a container of scalars; at most `max_depth`).
+    depth: Vec<u32>,
     /// Whether each node has been memoized.
     memoized: Vec<bool>,
     /// Values pushed so far, and that count at the last memo store.
@@ -223,7 +223,7 @@ impl<'a> Machine<'a> {
 
     fn value_depth(&self, v: &Value) -> usize {
         match v {
-            Value::Ref(i) => self.depth.get(*i).copied().unwrap_or(0),
+            Value::Ref(i) => self.depth.get(*i).map_or(0, |&d| d as usize),
             _ => 0,
         }
     }
@@ -249,7 +249,7 @@ impl<'a> Machine<'a> {
             .unwrap_or(0);
         self.check_depth(d)?;
         self.nodes.push(node);
-        self.depth.push(d);
+        self.depth.push(u32::try_from(d).unwrap_or(u32::MAX));
         self.memoized.push(false);
         Ok(Value::Ref(self.nodes.len() - 1))
     }
@@ -271,9 +271,9 @@ impl<'a> Machine<'a> {
             .map(|c| self.value_depth(c))
             .max()
             .unwrap_or(0);
-        if d > self.depth[target] {
+        if d > self.depth[target] as usize {
             self.check_depth(d)?;
-            self.depth[target] = d;
+            self.depth[target] = u32::try_from(d).unwrap_or(u32::MAX);
         }
         Ok(())
     }
@@ -435,21 +435,18 @@ impl<'a> Machine<'a> {
     }
 
     fn call(&mut self, callable: Value, args: Value, kwargs: Option<Value>, newobj: bool) -> R<()> {
-        let v = self.alloc(Node::Object(Object {
+        let v = self.alloc(Node::Object(Box::new(Object {
             callable,
             args,
             kwargs,
             newobj,
             ..Object::default()
-        }))?;
+        })))?;
         self.push(v)
     }
 
     fn global(&mut self, module: Rc<str>, name: Rc<str>) -> R<()> {
-        let v = self.alloc(Node::Global {
-            module: module.to_string(),
-            name: name.to_string(),
-        })?;
+        let v = self.alloc(Node::Global { module, name })?;
         self.push(v)
     }
 
