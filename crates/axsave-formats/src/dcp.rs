@@ -27,12 +27,12 @@ use crate::zip::HeadTail;
 /// Largest metadata pickle accepted (a 400B-parameter model's is a few MB).
 const METADATA_LIMIT: u64 = 1 << 30;
 
-/// Most objects the metadata pickle may build. A tensor costs about 10 (its
-/// `TensorStorageMetadata`, properties, size, chunk list, planner path) and each chunk about
-/// 15 more (`ChunkStorageMetadata`, two sizes, its `MetadataIndex` and `_StorageInfo`), so this
-/// admits some 500,000 chunks: a model of 10^5 tensors saved by 4 ranks, or a 1,000-tensor
-/// model by 500. Each object costs a few hundred bytes to hold while the file is read; a
-/// hostile file describing 10^6 tensors took 5.3 GB before.
+/// Most objects the metadata pickle may build. torch's metadata takes about 20 per chunk (a
+/// `ChunkStorageMetadata` and its two sizes, the chunk's `MetadataIndex` and `_StorageInfo`,
+/// its share of the tensor's own entry and planner path: 21 in the 8-rank FSDP fixture), so
+/// this admits some 400,000 chunks: a model of 10^5 tensors saved by 4 ranks, or a
+/// 1,000-tensor model by 400. Each object costs a few hundred bytes to hold while the file is
+/// read; a hostile file describing 10^6 tensors took 5.3 GB before.
 pub const METADATA_MAX_OBJECTS: usize = 8_000_000;
 
 /// The one transform a DCP item may carry that axsave decodes.
@@ -274,7 +274,7 @@ fn parse_metadata_pickle(path: &Path, bytes: &[u8], max_objects: usize) -> Resul
             FormatError::invalid(
                 path,
                 format!(
-                    "{source}: more than a DCP checkpoint of some 500,000 chunks needs; refused"
+                    "{source}: more than a DCP checkpoint of some 400,000 chunks needs; refused"
                 ),
             )
         } else {
@@ -908,7 +908,7 @@ mod tests {
         assert!(
             err.starts_with("ckpt/.metadata: ")
                 && err.contains("more than 1000 objects")
-                && err.contains("500,000 chunks"),
+                && err.contains("400,000 chunks"),
             "{err}"
         );
         assert!(parse_metadata_pickle(path, &m, 1002).is_ok());
