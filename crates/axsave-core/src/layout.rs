@@ -268,6 +268,11 @@ pub fn plan_layout(catalog: &Catalog, opts: &LayoutOptions) -> Result<Layout> {
     if tensors.is_empty() {
         return Err(CoreError::Layout(if opts.adapter {
             "the adapter has no tensors: nothing to write".into()
+        } else if !left_out.is_empty() {
+            format!(
+                "nothing to write: {} (an optimizer-only checkpoint? --include chooses tensors by name)",
+                crate::naming::left_out_summary(&left_out)
+            )
         } else {
             "the checkpoint holds no tensors to write".into()
         }));
@@ -414,6 +419,21 @@ mod tests {
             "{err}"
         );
         check_header_size("model.safetensors", MAX_HEADER_SIZE, &tensors).unwrap();
+    }
+
+    /// Accelerate's `optimizer_0` directory holds only `{"optimizer": ...}`: nothing is the
+    /// model's, and the error says what was left out.
+    #[test]
+    fn optimizer_only_checkpoint_says_what_was_left_out() {
+        let mut t = entry("optimizer.state.w.exp_avg", DType::F32, &[2]);
+        t.path = vec!["optimizer".into(), "state.w.exp_avg".into()];
+        let err = plan_layout(&catalog_of(vec![t]), &LayoutOptions::default())
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("nothing to write: left out 1 tensor") && err.contains("optimizer (1)"),
+            "{err}"
+        );
     }
 
     #[test]
