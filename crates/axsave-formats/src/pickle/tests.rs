@@ -337,3 +337,21 @@ fn memoizing_one_value_again_is_refused() {
     let p = parse(b"\x80\x04N\x94]\x94\x86\x94.").unwrap();
     assert!(p.node_count() >= 2);
 }
+
+/// Memo indices out of order (a hand-made pickle): stored past the dense run, found again.
+#[test]
+fn memo_indices_out_of_order() {
+    // 'a' BINPUT 5, 'b' BINPUT 0, 'c' BINPUT 1, then BINGET 5, 0, 1 into a tuple; MEMOIZE of a
+    // fresh value takes index 3 (the memo's length).
+    let p = parse(
+        b"\x80\x04(\x8c\x01aq\x05\x8c\x01bq\x00\x8c\x01cq\x01\x8c\x01d\x94h\x05h\x00h\x01h\x03t.",
+    )
+    .unwrap();
+    let items: Vec<&str> = p
+        .as_sequence(p.root())
+        .unwrap()
+        .iter()
+        .map(|v| p.as_str(v).unwrap())
+        .collect();
+    assert_eq!(items, ["a", "b", "c", "d", "a", "b", "c", "d"]);
+}

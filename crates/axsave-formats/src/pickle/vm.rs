@@ -88,7 +88,7 @@ pub fn parse_with_limits(data: &[u8], limits: Limits) -> Result<Pickle, PickleEr
         op_pos: 0,
         stack: Vec::new(),
         marks: Vec::new(),
-        memo: HashMap::new(),
+        memo: Memo::default(),
         nodes: Vec::new(),
         depth: Vec::new(),
         memoized: Vec::new(),
@@ -106,7 +106,7 @@ struct Machine<'a> {
     stack: Vec<Value>,
     /// Stack heights at each `MARK`.
     marks: Vec<usize>,
-    memo: HashMap<u64, Value>,
+    memo: Memo,
     nodes: Vec<Node>,
     /// Nesting depth of each node (1 for a container of scalars; at most `max_depth`).
     depth: Vec<u32>,
@@ -119,6 +119,44 @@ struct Machine<'a> {
 }
 
 type R<T> = Result<T, PickleError>;
+
+/// The memo: picklers number entries 0, 1, 2, ... (MEMOIZE takes the next number), so entries
+/// live in a vector; an index past its end (a hand-made pickle) goes to a map.
+#[derive(Default)]
+struct Memo {
+    dense: Vec<Option<Value>>,
+    sparse: HashMap<u64, Value>,
+    len: usize,
+}
+
+impl Memo {
+    /// Number of distinct indices stored (what `MEMOIZE` numbers the next entry).
+    fn len(&self) -> usize {
+        self.len
+    }
+
+    fn get(&self, idx: u64) -> Option<&Value> {
+        match usize::try_from(idx).ok().and_then(|i| self.dense.get(i)) {
+            Some(v) => v.as_ref(),
+            None => self.sparse.get(&idx),
+        }
+    }
+
+    fn put(&mut self, idx: u64, v: Value) {
+        let i = usize::try_from(idx).unwrap_or(usize::MAX);
+        let new = self.get(idx).is_none();
+        if i < self.dense.len() {
+            self.dense[i] = Some(v);
+        } else if i == self.dense.len() && !self.sparse.contains_key(&idx) {
+            self.dense.push(Some(v));
+        } else {
+            self.sparse.insert(idx, v);
+        }
+        if new {
+            self.len += 1;
+        }
+    }
+}
 
 impl<'a> Machine<'a> {
     fn err<T>(&self, kind: PickleErrorKind) -> R<T> {
@@ -308,18 +346,18 @@ impl<'a> Machine<'a> {
             }
         }
         self.last_memo_push = Some(self.pushes);
-        if self.memo.len() >= self.limits.max_nodes && !self.memo.contains_key(&idx) {
+        if self.memo.len() >= self.limits.max_nodes && self.memo.get(idx).is_none() {
             return self.err(PickleErrorKind::Limit(format!(
                 "more than {} memo entries",
                 self.limits.max_nodes
             )));
         }
-        self.memo.insert(idx, v);
+        self.memo.put(idx, v);
         Ok(())
     }
 
     fn memo_get(&mut self, idx: u64) -> R<()> {
-        match self.memo.get(&idx) {
+        match self.memo.get(idx) {
             Some(v) => {
                 let v = v.clone();
                 self.push(v)
