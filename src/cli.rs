@@ -103,9 +103,25 @@ pub struct SaveArgs {
 
     /// Dtype of floating tensors in the output (default: keep, or what the config implies);
     /// integer and bool tensors always keep theirs. `bf16`/`fp16` round to nearest even exactly
-    /// as torch's `.to()` does.
+    /// as torch's `.to()` does. Quantized weights are never converted: float8 and packed fp4
+    /// (`float4_e2m1fn_x2`, written as safetensors `F4`) tensors keep their dtype, and so do
+    /// their scales: a tensor named `<module>.weight_scale_inv`, `.weight_scale`,
+    /// `.weight_scale_2` or `.input_scale` whose `<module>.weight` is float8 or fp4.
     #[arg(long, value_enum)]
     pub dtype: Option<DtypeArg>,
+
+    /// Write only tensors whose output name matches one of these globs (`*`, `?`, `[..]`;
+    /// repeatable), e.g. `--include 'model.layers.*'`. Applied after axsave's own choice of
+    /// what is the model: under a top-level `model` entry (Accelerate, Lightning) only that;
+    /// else everything except torchtitan's, Lightning's and the usual optimizer, lr_scheduler,
+    /// dataloader and train_state entries.
+    #[arg(long, value_name = "GLOB")]
+    pub include: Option<Vec<String>>,
+
+    /// Leave out tensors whose output name matches one of these globs (repeatable), e.g.
+    /// `--exclude 'ema.*' --exclude '*.rotary_emb.inv_freq'`.
+    #[arg(long, value_name = "GLOB")]
+    pub exclude: Option<Vec<String>>,
 
     /// Largest output file before the model is split into shards plus an index (default 5GB).
     /// Decimal units as transformers reads them (KB, MB, GB = powers of 1000; KiB, MiB, GiB =

@@ -136,9 +136,8 @@ pub fn save(a: &SaveArgs) -> Result<()> {
     }
     if !report.left_out.is_empty() {
         tracing::info!(
-            "left out {} tensors outside the `model` entry (e.g. {})",
-            report.left_out.len(),
-            report.left_out[0]
+            "{}",
+            axsave_core::naming::left_out_summary(&report.left_out)
         );
     }
     for x in &report.replaced {
@@ -342,9 +341,8 @@ fn save_alone(
     let (layout, report) = result?;
     if !layout.left_out.is_empty() {
         tracing::info!(
-            "left out {} tensors outside the `model` entry (e.g. {})",
-            layout.left_out.len(),
-            layout.left_out[0]
+            "{}",
+            axsave_core::naming::left_out_summary(&layout.left_out)
         );
     }
     for x in &report.replaced {

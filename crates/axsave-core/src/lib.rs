@@ -14,6 +14,7 @@ pub mod naming;
 pub mod output;
 pub mod plan;
 pub mod save;
+pub mod scales;
 pub mod size;
 pub mod sources;
 pub mod transport;

@@ -13,6 +13,13 @@ use safetensors::tensor::{Metadata, TensorInfo};
 use crate::dtype::DType;
 use crate::error::{FormatError, Result};
 
+/// The largest header (JSON length) safetensors readers accept: the crate's `MAX_HEADER_SIZE`,
+/// which the Python library and transformers use through it.
+pub const MAX_HEADER_SIZE: u64 = 100_000_000;
+
+/// The key safetensors reserves for a file's own metadata: no tensor may carry it.
+pub const METADATA_KEY: &str = "__metadata__";
+
 /// A tensor to place in an output file.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct HeaderTensor {
@@ -62,8 +69,13 @@ pub fn build_header(tensors: &[HeaderTensor], metadata: &[(&str, &str)]) -> Resu
         let t = &tensors[i];
         let n = t.nbytes();
         rel[i] = (offset, offset + n);
-        let shape = t
-            .shape
+        let header_shape = t.dtype.header_shape(&t.shape).ok_or_else(|| {
+            FormatError::unsupported(
+                &t.name,
+                "a 0-d float4_e2m1fn_x2 tensor (safetensors cannot describe half a byte)",
+            )
+        })?;
+        let shape = header_shape
             .iter()
             .map(|&d| usize::try_from(d))
             .collect::<std::result::Result<Vec<_>, _>>()
@@ -123,7 +135,15 @@ impl InputHeader {
             let dtype = DType::from_safetensors(info.dtype).ok_or_else(|| {
                 FormatError::unsupported(path, format!("dtype {:?} of tensor {name}", info.dtype))
             })?;
-            let shape = info.shape.iter().map(|&d| d as u64).collect();
+            let st_shape: Vec<u64> = info.shape.iter().map(|&d| d as u64).collect();
+            let shape = dtype.torch_shape(&st_shape).ok_or_else(|| {
+                FormatError::unsupported(
+                    path,
+                    format!(
+                        "F4 tensor {name} of shape {st_shape:?} (torch packs fp4 in pairs along the last dimension, which must be even)"
+                    ),
+                )
+            })?;
             out.push((
                 name,
                 dtype,
