@@ -56,17 +56,41 @@ fn default_workers() -> usize {
         .clamp(2, 8)
 }
 
-/// A short random tag for temporary file names.
-fn run_tag() -> String {
-    let nanos = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.subsec_nanos())
-        .unwrap_or(0);
-    format!("{:x}{:04x}", std::process::id(), nanos & 0xffff)
+/// How long a save may take to cancel itself after SIGTERM, SIGINT or SIGHUP before the
+/// signal thread removes the run's temporaries itself and exits (a second signal: at once).
+const CANCEL_GRACE: Duration = Duration::from_secs(4);
+
+/// SIGTERM, SIGINT and SIGHUP cancel the save (see `axsave_core::interrupt`): the save's error
+/// path removes the temporaries and the process exits 128 + the signal number.
+fn handle_signals() -> Result<()> {
+    use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
+    let mut signals = signal_hook::iterator::Signals::new([SIGTERM, SIGINT, SIGHUP])
+        .context("cannot install the signal handlers")?;
+    std::thread::Builder::new()
+        .name("signals".into())
+        .spawn(move || {
+            for sig in signals.forever() {
+                if axsave_core::interrupt::raise(sig) {
+                    tracing::warn!(
+                        "received {}: cancelling the save",
+                        axsave_core::interrupt::signal_name(sig)
+                    );
+                    std::thread::spawn(move || {
+                        std::thread::sleep(CANCEL_GRACE);
+                        axsave_core::interrupt::abandon(sig)
+                    });
+                } else {
+                    axsave_core::interrupt::abandon(sig);
+                }
+            }
+        })
+        .context("cannot start the signal thread")?;
+    Ok(())
 }
 
 /// The default command: a save by this process alone, or this rank's part of a save by several.
 pub fn save(a: &SaveArgs) -> Result<()> {
+    handle_signals()?;
     let mut world = axsave_dist::detect_from_process_env()?;
     world.log_detected();
     let started = std::time::Instant::now();
@@ -315,7 +339,7 @@ fn save_alone(
         memory_budget: r.memory_budget,
         force: a.force,
         workers,
-        tag: run_tag(),
+        tag: axsave_core::runtag::RunTag::new().to_string(),
         extras: r.extras.clone(),
         gpu: gpu.map(|(g, _)| g),
     };
