@@ -15,6 +15,7 @@
 //! heartbeats; any failure anywhere cancels every rank, which then removes the temporaries it
 //! can see and exits non-zero. No final-named file appears unless every rank succeeded.
 
+pub mod identity;
 pub mod inventory;
 pub mod remote;
 pub mod watchdog;
@@ -419,6 +420,9 @@ impl Rank<'_> {
             let b = self.receive(&format!("inv/{r}"), d)?;
             invs.push(unjson(&b, "inventory")?);
         }
+        // Every rank must read the same checkpoint; each rank checks all, so all fail alike.
+        let ids: Vec<identity::Identity> = invs.iter().map(|i| i.identity.clone()).collect();
+        identity::check_same(&ids)?;
         let shared_source =
             invs.iter().all(|i| i.files == invs[0].files) && invs[0].detected.is_some();
 
