@@ -6,6 +6,7 @@ use std::sync::atomic::AtomicU64;
 use std::time::Duration;
 
 use anyhow::{Context, Result};
+use axsave_core::axolotl::CleanupPlan;
 use axsave_core::distributed::{self, DistOptions, Progress as DistProgress, sha256_file};
 use axsave_core::save::{SaveOptions, save_local};
 use axsave_core::size::{human, parse_size};
@@ -103,13 +104,24 @@ pub fn save(a: &SaveArgs) -> Result<()> {
             tracing::warn!("{w}");
         }
     }
+    // What --cleanup will remove, decided now: a conflict (the output inside the checkpoint,
+    // a file as source) fails before anything is written, and --dry-run shows the same plan.
+    let cleanup_plan = if r.cleanup {
+        Some(cleanup_plan(&r, &world)?)
+    } else {
+        None
+    };
     if a.dry_run {
         // A plan needs no other rank: rank 0 prints it, the others have nothing to do.
-        return if world.rank == 0 { dry_run(&r) } else { Ok(()) };
+        return if world.rank == 0 {
+            dry_run(&r, cleanup_plan.as_ref())
+        } else {
+            Ok(())
+        };
     }
     let workers = a.workers.unwrap_or_else(default_workers);
     if world.world_size == 1 {
-        return save_alone(a, &r, workers, &world, started);
+        return save_alone(a, &r, workers, &world, started, cleanup_plan.as_ref());
     }
     let _span = tracing::info_span!("rank", r = world.rank).entered();
     let use_mpi = transport::wants_mpi(r.transport, world.launcher);
@@ -150,8 +162,8 @@ pub fn save(a: &SaveArgs) -> Result<()> {
     }
     let Some(report) = result? else {
         // Each rank removes its own view of the source when it is not shared.
-        if r.cleanup {
-            cleanup(&r, &world)?;
+        if let Some(p) = &cleanup_plan {
+            cleanup(p)?;
         }
         return Ok(());
     };
@@ -184,8 +196,11 @@ pub fn save(a: &SaveArgs) -> Result<()> {
         human((report.bytes as f64 / report.seconds.max(1e-9)) as u64),
         human(report.network_bytes),
     );
-    if r.cleanup && (report.shared_source || world.rank == 0) {
-        cleanup(&r, &world)?;
+    if let Some(p) = cleanup_plan
+        .as_ref()
+        .filter(|_| report.shared_source || world.rank == 0)
+    {
+        cleanup(p)?;
     }
     if a.json {
         let summary = serde_json::json!({
@@ -207,25 +222,27 @@ pub fn save(a: &SaveArgs) -> Result<()> {
     Ok(())
 }
 
-/// `--cleanup`: this rank's view of the source, once the save is committed.
-fn cleanup(r: &Resolved, world: &axsave_dist::World) -> Result<()> {
+/// What `--cleanup` will remove of this rank's view of the source.
+fn cleanup_plan(r: &Resolved, world: &axsave_dist::World) -> Result<CleanupPlan> {
     let src = axsave_core::distributed::inventory::expand_source(
         &r.source,
         world.rank,
         world.local_rank,
         world.node_rank,
     )?;
-    let src = std::path::Path::new(&src);
-    if src.exists() {
-        for removed in axsave_core::axolotl::cleanup_source(src, &r.output)? {
-            tracing::info!("cleanup: removed {removed}");
-        }
+    Ok(CleanupPlan::new(std::path::Path::new(&src), &r.output)?)
+}
+
+/// `--cleanup`, once the save is committed.
+fn cleanup(plan: &CleanupPlan) -> Result<()> {
+    for removed in plan.execute()? {
+        tracing::info!("cleanup: removed {removed}");
     }
     Ok(())
 }
 
 /// `--dry-run`: what would be read and written.
-fn dry_run(r: &Resolved) -> Result<()> {
+fn dry_run(r: &Resolved, cleanup: Option<&CleanupPlan>) -> Result<()> {
     let source = std::path::PathBuf::from(&r.source);
     let catalog = detect::open(&source)?;
     let layout = axsave_core::layout::plan_layout(&catalog, &r.layout)?;
@@ -272,12 +289,8 @@ fn dry_run(r: &Resolved) -> Result<()> {
             existing.join(", ")
         );
     }
-    if r.cleanup {
-        outln!(
-            o,
-            "cleanup: would remove {} after success",
-            source.display()
-        );
+    for p in cleanup.iter().flat_map(|c| &c.remove) {
+        outln!(o, "cleanup: would remove {} after success", p.display());
     }
     print_stdout(&o)
 }
@@ -327,6 +340,7 @@ fn save_alone(
     workers: usize,
     world: &axsave_dist::World,
     started: std::time::Instant,
+    cleanup_plan: Option<&CleanupPlan>,
 ) -> Result<()> {
     let gpu = single_process_gpu(a, r, world)?;
     if let Some((_, desc)) = &gpu {
@@ -384,8 +398,8 @@ fn save_alone(
         report.seconds,
         human((report.bytes as f64 / report.seconds.max(1e-9)) as u64)
     );
-    if r.cleanup {
-        cleanup(r, world)?;
+    if let Some(p) = cleanup_plan {
+        cleanup(p)?;
     }
     if a.json {
         let mut files = Vec::new();
