@@ -142,6 +142,10 @@ pub fn save(a: &SaveArgs) -> Result<()> {
         transport: r.transport,
         device: a.device,
         mpi_available: ready.net.is_mpi(),
+        job_token: match ready.job_token {
+            Some(t) => Some(t),
+            None => job_token_from_env()?,
+        },
     };
     if world.rank == 0 {
         tracing::info!(
@@ -220,6 +224,21 @@ pub fn save(a: &SaveArgs) -> Result<()> {
         print_stdout(&format!("{}\n", serde_json::to_string_pretty(&summary)?))?;
     }
     Ok(())
+}
+
+/// `AXSAVE_JOB_TOKEN`, which `axsave launch` sets for its ranks: the secret every data
+/// connection of the job must present (64 hex digits).
+fn job_token_from_env() -> Result<Option<[u8; axsave_dist::transport::TOKEN_LEN]>> {
+    match std::env::var("AXSAVE_JOB_TOKEN") {
+        Err(_) => Ok(None),
+        Ok(v) => distributed::unhex(&v).map(Some).ok_or_else(|| {
+            UsageError(format!(
+                "AXSAVE_JOB_TOKEN must be {} hex digits (as `axsave launch` sets it)",
+                2 * axsave_dist::transport::TOKEN_LEN
+            ))
+            .into()
+        }),
+    }
 }
 
 /// What `--cleanup` will remove of this rank's view of the source.

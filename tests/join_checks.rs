@@ -209,3 +209,39 @@ fn a_huge_world_size_fails_in_time_with_a_short_message() {
         "{text}"
     );
 }
+
+/// Ranks given different job tokens (`AXSAVE_JOB_TOKEN`, which `axsave launch` sets) are not
+/// one job: refused at the join, before any data connection, on every rank.
+#[test]
+fn ranks_with_different_job_tokens_are_refused() {
+    let t = tempfile::tempdir().unwrap();
+    let out = t.path().join("out");
+    let children = spawn_ranks(
+        2,
+        &["--source", s(&fixture(A)), "--output", s(&out), "--quiet"],
+        &|r| vec![("AXSAVE_JOB_TOKEN".into(), format!("{r:064x}"))],
+    );
+    for (r, (code, text, _)) in wait_ranks(children, Duration::from_secs(60))
+        .into_iter()
+        .enumerate()
+    {
+        assert_eq!(code, Some(1), "rank {r}: {text}");
+        assert!(
+            text.contains("rank 1 (on") && text.contains("was given another job token"),
+            "rank {r}: {text}"
+        );
+    }
+    assert_no_output(&out);
+    // A malformed token is a usage error.
+    let mut c = Command::new(bin());
+    c.args(["--source", s(&fixture(A)), "--output", s(&out)]);
+    clean_env(&mut c);
+    c.env("RANK", "0")
+        .env("WORLD_SIZE", "2")
+        .env("MASTER_ADDR", "127.0.0.1")
+        .env("MASTER_PORT", free_port().to_string())
+        .env("AXSAVE_JOB_TOKEN", "abc");
+    let o = c.output().unwrap();
+    assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
+    assert!(stderr(&o).contains("AXSAVE_JOB_TOKEN must be 64 hex digits"));
+}

@@ -81,6 +81,12 @@ pub struct DistOptions {
     pub device: Option<usize>,
     /// Whether the MPI transport can be used ([`crate::transport::mpi_available`]).
     pub mpi_available: bool,
+    /// The job token every data connection must present, when the launcher gave every rank
+    /// the same one through a private channel (`axsave launch`'s `AXSAVE_JOB_TOKEN`, the MPI
+    /// bootstrap). Without one, rank 0 mints a token and hands it out through the store, which
+    /// still keeps out connections of other runs but proves nothing against whoever can read
+    /// the store.
+    pub job_token: Option<[u8; axsave_dist::transport::TOKEN_LEN]>,
 }
 
 /// What rank 0 reports after a successful save.
@@ -153,6 +159,16 @@ struct Hello {
     host: String,
     #[serde(default)]
     pid: u32,
+    /// A digest of the job token this rank was given (never the token itself).
+    #[serde(default)]
+    token_digest: Option<String>,
+}
+
+/// Rank 0's word that the run starts: its tag, and the job token when rank 0 minted it.
+#[derive(serde::Serialize, serde::Deserialize)]
+struct Start {
+    tag: String,
+    token: Option<String>,
 }
 
 #[derive(serde::Serialize, serde::Deserialize)]
@@ -376,20 +392,44 @@ impl Rank<'_> {
             fingerprint: opts.fingerprint.clone(),
             host: hostname(),
             pid: std::process::id(),
+            token_digest: opts.job_token.map(|t| token_digest(&t)),
         };
         self.claim_rank(&hello)?;
         self.client
             .set(&format!("hello/{me}"), &json(&hello)?)
             .map_err(remote)?;
-        let tag = if me == 0 {
+        let (tag, token) = if me == 0 {
             self.check_hellos()?;
             let tag = crate::runtag::RunTag::new().to_string();
-            broadcast_bytes(self.client, "start", tag.as_bytes()).map_err(remote)?;
-            tag
+            // Through the store only when the launcher gave no token (see `job_token`).
+            let minted = match opts.job_token {
+                Some(_) => None,
+                None => Some(random_token()),
+            };
+            let start = Start {
+                tag: tag.clone(),
+                token: minted.map(|t| hex(&t)),
+            };
+            broadcast_bytes(self.client, "start", &json(&start)?).map_err(remote)?;
+            (tag, opts.job_token.or(minted))
         } else {
             let d = self.deadline();
-            String::from_utf8_lossy(&self.receive("start", d)?).into_owned()
+            let start: Start = unjson(&self.receive("start", d)?, "start")?;
+            let token =
+                match (&start.token, opts.job_token) {
+                    (_, Some(t)) => Some(t),
+                    (Some(h), None) => Some(unhex(h).ok_or_else(|| {
+                        CoreError::Remote("malformed job token from rank 0".into())
+                    })?),
+                    (None, None) => None,
+                };
+            (start.tag, token)
         };
+        let token = token.ok_or_else(|| {
+            CoreError::Remote(
+                "rank 0 was given a job token (AXSAVE_JOB_TOKEN) and this rank none: start every rank from the same launcher".into(),
+            )
+        })?;
         tracing::debug!(rank = me, tag, "joined");
         self.guard = Some(crate::interrupt::register_run(&self.opts.output, &tag)?);
         self.run_files = Some((self.opts.output.clone(), tag.clone()));
@@ -537,6 +577,7 @@ impl Rank<'_> {
                 let expected = plan.bytes_received_by(me);
                 let tcp = TcpOptions {
                     session: session_of(&tag),
+                    token,
                     frame_bytes: frame_bytes(opts.memory_budget, n, opts.workers),
                     io_timeout: opts.timeout,
                 };
@@ -820,6 +861,18 @@ impl Rank<'_> {
                         h.host, h.world_size
                     )));
                 }
+                let mine = self.opts.job_token.map(|t| token_digest(&t));
+                if h.token_digest != mine {
+                    let (theirs, ours) = match (&h.token_digest, &mine) {
+                        (Some(_), Some(_)) => ("another job token", "its own"),
+                        (Some(_), None) => ("a job token", "none"),
+                        _ => ("no job token", "one"),
+                    };
+                    return Err(CoreError::Remote(format!(
+                        "rank {r} (on {}) was given {theirs} (AXSAVE_JOB_TOKEN) and rank 0 {ours}: start every rank from the same launcher",
+                        h.host
+                    )));
+                }
                 if h.fingerprint != self.opts.fingerprint {
                     return Err(CoreError::Remote(format!(
                         "rank {r} (on {}) was started with different arguments than rank 0 ({} vs {}): every rank must get the same command line",
@@ -1002,6 +1055,46 @@ impl crate::gpu::nccl::Exchange for Rank<'_> {
 /// The marker rank 0 leaves in the output directory for the sharded-mode check.
 fn token_name(tag: &str) -> String {
     format!(".axsave-{tag}.shared")
+}
+
+/// A fresh random job token.
+pub fn random_token() -> [u8; axsave_dist::transport::TOKEN_LEN] {
+    let mut t = [0u8; axsave_dist::transport::TOKEN_LEN];
+    if getrandom::fill(&mut t).is_err() {
+        // No random source (never seen on Linux): the run tag's randomness is the best left.
+        let tag = crate::runtag::RunTag::new().to_string();
+        t.copy_from_slice(&sha256(tag.as_bytes())[..axsave_dist::transport::TOKEN_LEN]);
+    }
+    t
+}
+
+/// A token as hex (how `AXSAVE_JOB_TOKEN` carries it).
+pub fn hex(b: &[u8]) -> String {
+    b.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// A token from the hex of [`hex`]: exactly [`TOKEN_LEN`](axsave_dist::transport::TOKEN_LEN)
+/// bytes.
+pub fn unhex(s: &str) -> Option<[u8; axsave_dist::transport::TOKEN_LEN]> {
+    let s = s.trim();
+    if s.len() != 2 * axsave_dist::transport::TOKEN_LEN || !s.is_ascii() {
+        return None;
+    }
+    let mut t = [0u8; axsave_dist::transport::TOKEN_LEN];
+    for (i, b) in t.iter_mut().enumerate() {
+        *b = u8::from_str_radix(&s[2 * i..2 * i + 2], 16).ok()?;
+    }
+    Some(t)
+}
+
+fn sha256(b: &[u8]) -> Vec<u8> {
+    use sha2::Digest;
+    sha2::Sha256::digest(b).to_vec()
+}
+
+/// What ranks compare at the join: a digest of the token, which says nothing about it.
+fn token_digest(t: &[u8]) -> String {
+    hex(&sha256(t)[..8])
 }
 
 /// "ranks 1, 2, 5" or "ranks 1, 2, …, 10 and 99990 more": at most `max` numbers.
