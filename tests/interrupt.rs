@@ -276,3 +276,112 @@ fn a_later_save_removes_the_temporaries_of_a_dead_run() {
     want.sort();
     assert_eq!(listing(&out), want);
 }
+
+/// A rank signalled after it reported its part (waiting for rank 0's commit) leaves the run's
+/// files alone while rank 0 holds the output lock: rank 0 commits a complete model.
+#[test]
+fn a_signal_after_reporting_does_not_pull_files_from_under_the_commit() {
+    let t = tempfile::tempdir().unwrap();
+    let out = t.path().join("out");
+    let (hit, release) = (t.path().join("hit"), t.path().join("release"));
+    let (o, h, rl) = (out.clone(), hit.clone(), release.clone());
+    let mut children = spawn_ranks(
+        2,
+        &[
+            "--source",
+            s(&fixture(FIXTURE)),
+            "--output",
+            s(&o),
+            "--mode",
+            "sharded",
+            "--quiet",
+            "--timeout",
+            "20",
+        ],
+        &move |_| {
+            vec![
+                ("AXSAVE_FAULT".into(), "committing@0".into()),
+                ("AXSAVE_FAULT_FILE".into(), s(&h).into()),
+                ("AXSAVE_FAULT_RELEASE".into(), s(&rl).into()),
+            ]
+        },
+    );
+    wait_hit(&hit, &mut children);
+    signal(children[1].id(), libc::SIGTERM);
+    // Rank 1 exits; its temporaries stay for rank 0.
+    let start = Instant::now();
+    while children[1].try_wait().unwrap().is_none() {
+        assert!(
+            start.elapsed() < Duration::from_secs(20),
+            "rank 1 did not exit"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let temps = listing(&out)
+        .into_iter()
+        .filter(|n| n.ends_with(".tmp"))
+        .count();
+    assert_eq!(temps, 2, "{:?}", listing(&out));
+    std::fs::write(&release, b"").unwrap();
+    let results = wait_ranks(children, Duration::from_secs(60));
+    assert_eq!(results[1].0, Some(143), "{}", results[1].1);
+    assert_eq!(results[0].0, Some(0), "{}", results[0].1);
+    let reference = t.path().join("reference");
+    assert_ok(&axsave(&[
+        "--source",
+        s(&fixture(FIXTURE)),
+        "--output",
+        s(&reference),
+    ]));
+    assert!(
+        tensors(&out) == tensors(&reference),
+        "not the reference model"
+    );
+    assert!(
+        listing(&out).iter().all(|n| !n.starts_with('.')),
+        "{:?}",
+        listing(&out)
+    );
+}
+
+/// Ctrl-C on `axsave launch`: passed on to the ranks, which cancel and clean up; the launcher
+/// exits 130.
+#[test]
+fn ctrl_c_on_the_launcher_cancels_every_rank() {
+    let t = tempfile::tempdir().unwrap();
+    let out = t.path().join("out");
+    let hit = t.path().join("hit");
+    let mut c = Command::new(bin());
+    c.args([
+        "launch",
+        "-n",
+        "2",
+        "--",
+        "--source",
+        s(&fixture(FIXTURE)),
+        "--output",
+        s(&out),
+        "--mode",
+        "sharded",
+        "--quiet",
+    ]);
+    clean_env(&mut c);
+    c.env("AXSAVE_FAULT", "copying@1")
+        .env("AXSAVE_FAULT_FILE", &hit)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let mut launcher = c.spawn().unwrap();
+    wait_hit(&hit, std::slice::from_mut(&mut launcher));
+    assert!(listing(&out).iter().any(|n| n.ends_with(".tmp")));
+    signal(launcher.id(), libc::SIGINT);
+    let (code, text) = finish(launcher, Duration::from_secs(30));
+    assert_eq!(code, Some(130), "{text}");
+    for r in 0..2 {
+        assert!(
+            text.contains(&format!("[rank {r}]  WARN received SIGINT")),
+            "rank {r}: {text}"
+        );
+    }
+    assert!(!text.contains("sending SIGKILL"), "{text}");
+    assert_nothing_left(&out);
+}

@@ -7,7 +7,8 @@
 //! variable (always, outside tests) this does nothing.
 //!
 //! Points: `joined` (after the rendezvous), `copying` (at its first piece), `synced` (its
-//! files are on disk, success not yet reported). A rank that dies after reporting success
+//! files are on disk, success not yet reported), `committing` (rank 0, every rank reported,
+//! about to rename the files into place). A rank that dies after reporting success
 //! does not stop the commit: its part of the model is complete and durable by then.
 
 use std::sync::OnceLock;

@@ -276,6 +276,7 @@ pub fn run(
         run_files: None,
         guard: None,
         lock: None,
+        reported: false,
     };
     let result = rank.run(start, &progress, &net);
     let interrupted = crate::interrupt::received().filter(|_| shared.failure().is_none());
@@ -324,6 +325,8 @@ struct Rank<'a> {
     guard: Option<crate::interrupt::RunGuard>,
     /// Rank 0: the output directory's lock, from the plan to the end of the commit.
     lock: Option<crate::lock::OutputLock>,
+    /// Whether this rank reported its part written (`ok/{rank}`).
+    reported: bool,
 }
 
 impl Rank<'_> {
@@ -707,6 +710,10 @@ impl Rank<'_> {
             .map_err(remote)?;
         progress.done.store(total, Ordering::Relaxed);
         if me != 0 {
+            // From now on rank 0 may be renaming this run's files: a failure here must not
+            // remove them under it (see `cleanup`), nor may the signal backstop.
+            self.reported = true;
+            self.guard = None;
             let d = self.far();
             self.wait_keys(&["committed"], d)?;
             watchdog.stop();
@@ -733,6 +740,7 @@ impl Rank<'_> {
         // Rank 0 renames every file, its own and (in sharded mode, in the shared directory) the
         // others', so the commit happens in one place.
         drop(files);
+        crate::fault::point("committing", me);
         let replaced = match &self.guard {
             Some(g) => g.commit(|| finalize(&opts.output, &layout, &tag, &extras, &existing))?,
             None => finalize(&opts.output, &layout, &tag, &extras, &existing)?,
@@ -941,6 +949,19 @@ impl Rank<'_> {
     /// writer's too, when the directory is shared), and rank 0's marker.
     fn cleanup(&mut self) {
         if let Some((dir, tag)) = self.run_files.take() {
+            // The other ranks look at rank 0's output lock. Free: rank 0 died (or finished), so
+            // this rank removes what is left, the lock file included (taking the lock and
+            // dropping it removes it). Held: rank 0 is alive; once this rank has reported its
+            // part, rank 0 may be committing those files, or will remove them itself when it
+            // fails, so they are left to it.
+            let _free = match (self.world.rank, dir.is_dir()) {
+                (0, _) | (_, false) => None,
+                _ => match crate::lock::OutputLock::acquire(&dir, &tag) {
+                    Ok(l) => Some(l),
+                    Err(_) if self.reported => return,
+                    Err(_) => None,
+                },
+            };
             output::remove_run_temps(&dir, &tag);
             let _ = std::fs::remove_file(dir.join(token_name(&tag)));
         }
