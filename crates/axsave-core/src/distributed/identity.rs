@@ -2,7 +2,7 @@
 //!
 //! Each rank digests the files that say which checkpoint its view of `--source` is (they are
 //! small): DCP's `.metadata` (and per-rank `__N.metadata`), a safetensors index (or a single
-//! file's header), DeepSpeed's `latest` and the pickle (`data.pkl`) of each `*model_states.pt`
+//! file's header, or the headers of DCP's Hugging Face-mode shards), DeepSpeed's `latest` and the pickle (`data.pkl`) of each `*model_states.pt`
 //! of the tag it reads, plus the checkpoint's own id where it has one (DCP's `save_id`, the
 //! DeepSpeed tag). Every rank receives every rank's digests with the inventories and checks them
 //! the same way: a file name two ranks both see must have the same digest, and save ids must
@@ -66,7 +66,8 @@ impl Identity {
                 id.digests.push((name.clone(), sha256(&bytes)));
             } else if name.ends_with(".safetensors.index.json") {
                 id.digests.push((name.clone(), sha256(&read(&path)?)));
-            } else if name == "model.safetensors"
+            } else if (name == "model.safetensors"
+                || (name.starts_with("shard-") && name.ends_with(".safetensors")))
                 && let Some(h) = safetensors_header(&path)?
             {
                 id.digests.push((format!("{name} (header)"), sha256(&h)));

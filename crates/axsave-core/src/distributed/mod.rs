@@ -932,7 +932,12 @@ impl Rank<'_> {
         }
         if self.opts.mode == Mode::Sharded {
             let token = self.opts.output.join(token_name(tag));
-            std::fs::write(&token, hostname()).map_err(|e| CoreError::io(&token, e))?;
+            // Created exclusively, never through a link planted at its name.
+            std::io::Write::write_all(
+                &mut output::create_exclusive(&token, false)?,
+                hostname().as_bytes(),
+            )
+            .map_err(|e| CoreError::io(&token, e))?;
         }
         let bundle = Bundle {
             catalog,
