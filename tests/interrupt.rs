@@ -385,3 +385,41 @@ fn ctrl_c_on_the_launcher_cancels_every_rank() {
     assert!(!text.contains("sending SIGKILL"), "{text}");
     assert_nothing_left(&out);
 }
+
+/// A rank stuck where the save cannot look at its cancel flag (connecting to a rendezvous store
+/// that never comes up) still exits 143 within seconds of SIGTERM, not after
+/// --rendezvous-timeout: the signal thread's backstop.
+#[test]
+fn a_rank_stuck_joining_exits_soon_after_sigterm() {
+    let t = tempfile::tempdir().unwrap();
+    let out = t.path().join("out");
+    let mut c = Command::new(bin());
+    c.args([
+        "--source",
+        s(&fixture(FIXTURE)),
+        "--output",
+        s(&out),
+        "--rendezvous-timeout",
+        "300",
+    ]);
+    clean_env(&mut c);
+    c.env("RANK", "1")
+        .env("WORLD_SIZE", "2")
+        .env("MASTER_ADDR", "127.0.0.1")
+        .env("MASTER_PORT", free_port().to_string())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let child = c.spawn().unwrap();
+    std::thread::sleep(Duration::from_millis(500));
+    let sent = Instant::now();
+    signal(child.id(), libc::SIGTERM);
+    let (code, text) = finish(child, Duration::from_secs(60));
+    assert_eq!(code, Some(143), "{text}");
+    assert!(
+        sent.elapsed() < Duration::from_secs(15),
+        "{:?}",
+        sent.elapsed()
+    );
+    assert!(text.contains("interrupted by SIGTERM"), "{text}");
+    assert!(!out.exists() || listing(&out).is_empty());
+}
