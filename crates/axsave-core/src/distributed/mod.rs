@@ -18,6 +18,7 @@
 pub mod identity;
 pub mod inventory;
 pub mod remote;
+pub mod token;
 pub mod watchdog;
 
 use std::net::{IpAddr, SocketAddr, UdpSocket};
@@ -46,6 +47,8 @@ use crate::transport::{Choice, Transport, TransportRequest, select};
 use inventory::Inventory;
 pub use remote::Net;
 use remote::{Incoming, RemoteSink};
+use token::token_digest;
+pub use token::{hex, random_token, unhex};
 use watchdog::{Shared, Watchdog};
 
 /// Options of a multi-rank save (identical on every rank, checked at the rendezvous).
@@ -1081,46 +1084,6 @@ impl crate::gpu::nccl::Exchange for Rank<'_> {
 /// The marker rank 0 leaves in the output directory for the sharded-mode check.
 fn token_name(tag: &str) -> String {
     format!(".axsave-{tag}.shared")
-}
-
-/// A fresh random job token.
-pub fn random_token() -> [u8; axsave_dist::transport::TOKEN_LEN] {
-    let mut t = [0u8; axsave_dist::transport::TOKEN_LEN];
-    if getrandom::fill(&mut t).is_err() {
-        // No random source (never seen on Linux): the run tag's randomness is the best left.
-        let tag = crate::runtag::RunTag::new().to_string();
-        t.copy_from_slice(&sha256(tag.as_bytes())[..axsave_dist::transport::TOKEN_LEN]);
-    }
-    t
-}
-
-/// A token as hex (how `AXSAVE_JOB_TOKEN` carries it).
-pub fn hex(b: &[u8]) -> String {
-    b.iter().map(|b| format!("{b:02x}")).collect()
-}
-
-/// A token from the hex of [`hex`]: exactly [`TOKEN_LEN`](axsave_dist::transport::TOKEN_LEN)
-/// bytes.
-pub fn unhex(s: &str) -> Option<[u8; axsave_dist::transport::TOKEN_LEN]> {
-    let s = s.trim();
-    if s.len() != 2 * axsave_dist::transport::TOKEN_LEN || !s.is_ascii() {
-        return None;
-    }
-    let mut t = [0u8; axsave_dist::transport::TOKEN_LEN];
-    for (i, b) in t.iter_mut().enumerate() {
-        *b = u8::from_str_radix(&s[2 * i..2 * i + 2], 16).ok()?;
-    }
-    Some(t)
-}
-
-fn sha256(b: &[u8]) -> Vec<u8> {
-    use sha2::Digest;
-    sha2::Sha256::digest(b).to_vec()
-}
-
-/// What ranks compare at the join: a digest of the token, which says nothing about it.
-fn token_digest(t: &[u8]) -> String {
-    hex(&sha256(t)[..8])
 }
 
 /// "ranks 1, 2, 5" or "ranks 1, 2, …, 10 and 99990 more": at most `max` numbers.
