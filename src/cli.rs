@@ -28,7 +28,9 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
         axsave launch -n 4 -- --source ckpt --output final\n  \
         axsave inspect out/checkpoint-500/pytorch_model_fsdp_0\n  \
         axsave verify --source ckpt --output final\n\n\
-        Exit codes: 0 success, 1 failure, 2 bad usage. Logs go to stderr; RUST_LOG=debug shows more."
+        Exit codes: 0 success, 1 failure, 2 bad usage, 128+N cancelled by signal N (SIGTERM, \
+        SIGINT, SIGHUP: the temporaries are removed). One save at a time writes into an output \
+        directory (a lock, .axsave.lock). Logs go to stderr; RUST_LOG=debug shows more."
 )]
 pub struct Cli {
     /// What to do; without a subcommand, axsave saves.
@@ -140,7 +142,9 @@ pub struct SaveArgs {
     pub force: bool,
 
     /// After a successful save, remove the checkpoint directory it read (for DeepSpeed, the
-    /// tag directory and `latest`), and nothing else.
+    /// tag directory and `latest`; for a symbolic link, what it points to and then the link),
+    /// and nothing else. Decided before anything is written: an output inside that directory,
+    /// or a file as --source, is refused at once; --dry-run prints the same list.
     #[arg(long)]
     pub cleanup: bool,
 

@@ -6,6 +6,7 @@ use std::sync::atomic::AtomicU64;
 use std::time::Duration;
 
 use anyhow::{Context, Result};
+use axsave_core::axolotl::CleanupPlan;
 use axsave_core::distributed::{self, DistOptions, Progress as DistProgress, sha256_file};
 use axsave_core::save::{SaveOptions, save_local};
 use axsave_core::size::{human, parse_size};
@@ -56,17 +57,41 @@ fn default_workers() -> usize {
         .clamp(2, 8)
 }
 
-/// A short random tag for temporary file names.
-fn run_tag() -> String {
-    let nanos = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.subsec_nanos())
-        .unwrap_or(0);
-    format!("{:x}{:04x}", std::process::id(), nanos & 0xffff)
+/// How long a save may take to cancel itself after SIGTERM, SIGINT or SIGHUP before the
+/// signal thread removes the run's temporaries itself and exits (a second signal: at once).
+const CANCEL_GRACE: Duration = Duration::from_secs(4);
+
+/// SIGTERM, SIGINT and SIGHUP cancel the save (see `axsave_core::interrupt`): the save's error
+/// path removes the temporaries and the process exits 128 + the signal number.
+fn handle_signals() -> Result<()> {
+    use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
+    let mut signals = signal_hook::iterator::Signals::new([SIGTERM, SIGINT, SIGHUP])
+        .context("cannot install the signal handlers")?;
+    std::thread::Builder::new()
+        .name("signals".into())
+        .spawn(move || {
+            for sig in signals.forever() {
+                if axsave_core::interrupt::raise(sig) {
+                    tracing::warn!(
+                        "received {}: cancelling the save",
+                        axsave_core::interrupt::signal_name(sig)
+                    );
+                    std::thread::spawn(move || {
+                        std::thread::sleep(CANCEL_GRACE);
+                        axsave_core::interrupt::abandon(sig)
+                    });
+                } else {
+                    axsave_core::interrupt::abandon(sig);
+                }
+            }
+        })
+        .context("cannot start the signal thread")?;
+    Ok(())
 }
 
 /// The default command: a save by this process alone, or this rank's part of a save by several.
 pub fn save(a: &SaveArgs) -> Result<()> {
+    handle_signals()?;
     let mut world = axsave_dist::detect_from_process_env()?;
     world.log_detected();
     let started = std::time::Instant::now();
@@ -79,13 +104,24 @@ pub fn save(a: &SaveArgs) -> Result<()> {
             tracing::warn!("{w}");
         }
     }
+    // What --cleanup will remove, decided now: a conflict (the output inside the checkpoint,
+    // a file as source) fails before anything is written, and --dry-run shows the same plan.
+    let cleanup_plan = if r.cleanup {
+        Some(cleanup_plan(&r, &world)?)
+    } else {
+        None
+    };
     if a.dry_run {
         // A plan needs no other rank: rank 0 prints it, the others have nothing to do.
-        return if world.rank == 0 { dry_run(&r) } else { Ok(()) };
+        return if world.rank == 0 {
+            dry_run(&r, cleanup_plan.as_ref())
+        } else {
+            Ok(())
+        };
     }
     let workers = a.workers.unwrap_or_else(default_workers);
     if world.world_size == 1 {
-        return save_alone(a, &r, workers, &world, started);
+        return save_alone(a, &r, workers, &world, started, cleanup_plan.as_ref());
     }
     let _span = tracing::info_span!("rank", r = world.rank).entered();
     let use_mpi = transport::wants_mpi(r.transport, world.launcher);
@@ -106,6 +142,10 @@ pub fn save(a: &SaveArgs) -> Result<()> {
         transport: r.transport,
         device: a.device,
         mpi_available: ready.net.is_mpi(),
+        job_token: match ready.job_token {
+            Some(t) => Some(t),
+            None => job_token_from_env()?,
+        },
     };
     if world.rank == 0 {
         tracing::info!(
@@ -126,8 +166,8 @@ pub fn save(a: &SaveArgs) -> Result<()> {
     }
     let Some(report) = result? else {
         // Each rank removes its own view of the source when it is not shared.
-        if r.cleanup {
-            cleanup(&r, &world)?;
+        if let Some(p) = &cleanup_plan {
+            cleanup(p)?;
         }
         return Ok(());
     };
@@ -159,8 +199,11 @@ pub fn save(a: &SaveArgs) -> Result<()> {
         human((report.bytes as f64 / report.seconds.max(1e-9)) as u64),
         human(report.network_bytes),
     );
-    if r.cleanup && (report.shared_source || world.rank == 0) {
-        cleanup(&r, &world)?;
+    if let Some(p) = cleanup_plan
+        .as_ref()
+        .filter(|_| report.shared_source || world.rank == 0)
+    {
+        cleanup(p)?;
     }
     if a.json {
         let summary = serde_json::json!({
@@ -182,25 +225,42 @@ pub fn save(a: &SaveArgs) -> Result<()> {
     Ok(())
 }
 
-/// `--cleanup`: this rank's view of the source, once the save is committed.
-fn cleanup(r: &Resolved, world: &axsave_dist::World) -> Result<()> {
+/// `AXSAVE_JOB_TOKEN`, which `axsave launch` sets for its ranks: the secret every data
+/// connection of the job must present (64 hex digits).
+fn job_token_from_env() -> Result<Option<[u8; axsave_dist::transport::TOKEN_LEN]>> {
+    match std::env::var("AXSAVE_JOB_TOKEN") {
+        Err(_) => Ok(None),
+        Ok(v) => distributed::unhex(&v).map(Some).ok_or_else(|| {
+            UsageError(format!(
+                "AXSAVE_JOB_TOKEN must be {} hex digits (as `axsave launch` sets it)",
+                2 * axsave_dist::transport::TOKEN_LEN
+            ))
+            .into()
+        }),
+    }
+}
+
+/// What `--cleanup` will remove of this rank's view of the source.
+fn cleanup_plan(r: &Resolved, world: &axsave_dist::World) -> Result<CleanupPlan> {
     let src = axsave_core::distributed::inventory::expand_source(
         &r.source,
         world.rank,
         world.local_rank,
         world.node_rank,
     )?;
-    let src = std::path::Path::new(&src);
-    if src.exists() {
-        for removed in axsave_core::axolotl::cleanup_source(src, &r.output)? {
-            tracing::info!("cleanup: removed {removed}");
-        }
+    Ok(CleanupPlan::new(std::path::Path::new(&src), &r.output)?)
+}
+
+/// `--cleanup`, once the save is committed.
+fn cleanup(plan: &CleanupPlan) -> Result<()> {
+    for removed in plan.execute()? {
+        tracing::info!("cleanup: removed {removed}");
     }
     Ok(())
 }
 
 /// `--dry-run`: what would be read and written.
-fn dry_run(r: &Resolved) -> Result<()> {
+fn dry_run(r: &Resolved, cleanup: Option<&CleanupPlan>) -> Result<()> {
     let source = std::path::PathBuf::from(&r.source);
     let catalog = detect::open(&source)?;
     let layout = axsave_core::layout::plan_layout(&catalog, &r.layout)?;
@@ -247,12 +307,8 @@ fn dry_run(r: &Resolved) -> Result<()> {
             existing.join(", ")
         );
     }
-    if r.cleanup {
-        outln!(
-            o,
-            "cleanup: would remove {} after success",
-            source.display()
-        );
+    for p in cleanup.iter().flat_map(|c| &c.remove) {
+        outln!(o, "cleanup: would remove {} after success", p.display());
     }
     print_stdout(&o)
 }
@@ -302,6 +358,7 @@ fn save_alone(
     workers: usize,
     world: &axsave_dist::World,
     started: std::time::Instant,
+    cleanup_plan: Option<&CleanupPlan>,
 ) -> Result<()> {
     let gpu = single_process_gpu(a, r, world)?;
     if let Some((_, desc)) = &gpu {
@@ -314,7 +371,7 @@ fn save_alone(
         memory_budget: r.memory_budget,
         force: a.force,
         workers,
-        tag: run_tag(),
+        tag: axsave_core::runtag::RunTag::new().to_string(),
         extras: r.extras.clone(),
         gpu: gpu.map(|(g, _)| g),
     };
@@ -358,8 +415,8 @@ fn save_alone(
         report.seconds,
         human((report.bytes as f64 / report.seconds.max(1e-9)) as u64)
     );
-    if r.cleanup {
-        cleanup(r, world)?;
+    if let Some(p) = cleanup_plan {
+        cleanup(p)?;
     }
     if a.json {
         let mut files = Vec::new();

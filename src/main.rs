@@ -32,6 +32,11 @@ fn main() -> ExitCode {
         Err(e) => {
             let usage = e.downcast_ref::<commands::UsageError>().is_some();
             tracing::error!("{}", error_text(&e));
+            // A save cancelled by SIGTERM/SIGINT/SIGHUP (its temporaries removed): 128 + N, as
+            // a shell reports a command the signal stopped.
+            if let Some(sig) = axsave_core::interrupt::received() {
+                return ExitCode::from(128u8.saturating_add(u8::try_from(sig).unwrap_or(0)));
+            }
             if usage {
                 ExitCode::from(2)
             } else {
