@@ -10,6 +10,7 @@ pub mod fault;
 pub mod geometry;
 pub mod gpu;
 pub mod layout;
+pub mod merge_lora;
 pub mod naming;
 pub mod output;
 pub mod plan;
