@@ -267,10 +267,10 @@ mod tests {
 
     #[test]
     fn roundings() {
-        // 1 + 2^-9 + 2^-20 in bf16 (8 bits of mantissa): one rounding goes up, rounding the
-        // delta first (2^-9 + 2^-20 → 2^-9) makes a tie that rounds to even (down).
+        // 1 + 2^-8 + 2^-20 in bf16 (7 stored mantissa bits, ulp 2^-7 at 1): one rounding goes
+        // up; rounding the delta first (2^-8 + 2^-20 → 2^-8) makes a tie that rounds to even.
         let w = [1.0f32];
-        let d = [2f32.powi(-9) + 2f32.powi(-20)];
+        let d = [2f32.powi(-8) + 2f32.powi(-20)];
         let mut one = w;
         combine(DType::BF16, Combine::Add, &mut one, &d);
         let mut two = w;
