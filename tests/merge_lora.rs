@@ -13,7 +13,7 @@ use common::{assert_no_output, assert_ok, axsave, copy_dir, fixture, s, stderr, 
 type Tensors = BTreeMap<String, (String, Vec<usize>, Vec<u8>)>;
 
 /// (variant, base) as scripts/fixtures/lora.py made them.
-const VARIANTS: [(&str, &str); 7] = [
+const VARIANTS: [(&str, &str); 8] = [
     ("lora_bf16", "base_bf16"),
     ("lora_f32", "base_f32"),
     ("rslora_bf16", "base_bf16"),
@@ -21,6 +21,7 @@ const VARIANTS: [(&str, &str); 7] = [
     ("dora_f32", "base_f32"),
     ("embed_bf16", "base_bf16"),
     ("bias_bf16", "base_bf16"),
+    ("gpt2_fifo_bf16", "base_gpt2_bf16"),
 ];
 
 fn lora(rel: &str) -> PathBuf {
