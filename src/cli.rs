@@ -108,6 +108,12 @@ pub struct MergeLoraArgs {
     /// Threads (default: the number of CPUs, at most 8).
     #[arg(long, value_name = "N")]
     pub workers: Option<usize>,
+    /// With several ranks: seconds a rank may go unheard before the others give up.
+    #[arg(long, value_name = "SECONDS", default_value_t = 60)]
+    pub timeout: u64,
+    /// With several ranks: seconds to wait for every rank to join at the start.
+    #[arg(long, value_name = "SECONDS", default_value_t = 300)]
+    pub rendezvous_timeout: u64,
     /// Print a JSON summary on stdout when done.
     #[arg(long)]
     pub json: bool,

@@ -421,27 +421,12 @@ fn fingerprint(a: &SaveArgs, r: &Resolved) -> String {
     format!("{:08x}", h.finalize())
 }
 
-/// `axsave merge-lora`. Under a launcher, rank 0 merges alone and the other ranks exit at once
-/// with success (the merge is not split across ranks yet); the launcher's exit code is then
-/// rank 0's.
+/// `axsave merge-lora`: by this process alone, or this rank's share of a merge by several
+/// (every rank reads the inputs; they and the output directory must be visible to all).
 pub fn merge_lora(a: &MergeLoraArgs) -> Result<()> {
     use axsave_core::merge_lora::{self as ml, MergeOptions};
     let world = axsave_dist::detect_from_process_env()?;
-    if world.world_size > 1 && world.rank != 0 {
-        tracing::info!(
-            "rank {} of {}: merge-lora runs on rank 0 alone; nothing to do here",
-            world.rank,
-            world.world_size
-        );
-        return Ok(());
-    }
-    if world.world_size > 1 {
-        tracing::info!(
-            "{} ranks ({}): merge-lora runs on rank 0 alone",
-            world.world_size,
-            world.launcher
-        );
-    }
+    world.log_detected();
     let (base, adapter, output) = match &a.config {
         Some(path) => {
             let cfg = axsave_core::axolotl::config::AxolotlConfig::load(path)?;
@@ -471,6 +456,53 @@ pub fn merge_lora(a: &MergeLoraArgs) -> Result<()> {
         workers: a.workers.unwrap_or_else(default_workers),
         tag: run_tag(),
     };
+    let counter = AtomicU64::new(0);
+    if world.world_size > 1 {
+        let _span = tracing::info_span!("rank", r = world.rank).entered();
+        if world.rank == 0 {
+            tracing::info!(
+                "{} ranks ({}): merging {} + {}",
+                world.world_size,
+                world.launcher,
+                opts.base.display(),
+                opts.adapter.display()
+            );
+        }
+        let key = format!(
+            "{}|{}|{}|{}|{}",
+            opts.base.display(),
+            opts.adapter.display(),
+            opts.output.display(),
+            opts.max_shard_size,
+            opts.force
+        );
+        let mut h = crc32fast::Hasher::new();
+        h.update(key.as_bytes());
+        let times = ml::ranks::RankTimeouts {
+            timeout: Duration::from_secs(a.timeout.max(1)),
+            rendezvous: Duration::from_secs(a.rendezvous_timeout.max(1)),
+        };
+        let report = ml::ranks::run(
+            &world,
+            &opts,
+            &format!("{:08x}", h.finalize()),
+            times,
+            &counter,
+        )?;
+        if let Some(r) = report {
+            tracing::info!(
+                "wrote {} tensors ({} merged, {} replaced), {} to {} in {:.2}s",
+                r.tensors,
+                r.merged,
+                r.replaced,
+                human(r.bytes),
+                opts.output.display(),
+                r.seconds
+            );
+            merge_json(a, &opts.output, &r)?;
+        }
+        return Ok(());
+    }
     let prepared = ml::prepare(&opts)?;
     let (merged, replaced, kept) = prepared.plan.counts();
     tracing::info!(
@@ -481,7 +513,6 @@ pub fn merge_lora(a: &MergeLoraArgs) -> Result<()> {
         replaced,
         kept
     );
-    let counter = AtomicU64::new(0);
     let report = ml::merge_local(&prepared, &opts, &counter)?;
     for x in &report.removed {
         tracing::info!("removed {x} of the model this merge replaced");
@@ -499,23 +530,32 @@ pub fn merge_lora(a: &MergeLoraArgs) -> Result<()> {
         opts.output.display(),
         report.seconds
     );
-    if a.json {
-        let mut files = Vec::new();
-        for (p, size) in &report.files {
-            files.push(serde_json::json!({"path": p, "size": size, "sha256": sha256_file(p)?}));
-        }
-        let summary = serde_json::json!({
-            "output": opts.output,
-            "files": files,
-            "tensors": report.tensors,
-            "merged": report.merged,
-            "replaced": report.replaced,
-            "bytes": report.bytes,
-            "seconds": report.seconds,
-        });
-        print_stdout(&format!("{}\n", serde_json::to_string_pretty(&summary)?))?;
+    merge_json(a, &opts.output, &report)
+}
+
+/// `merge-lora --json`: the summary on stdout.
+fn merge_json(
+    a: &MergeLoraArgs,
+    output: &std::path::Path,
+    report: &axsave_core::merge_lora::MergeReport,
+) -> Result<()> {
+    if !a.json {
+        return Ok(());
     }
-    Ok(())
+    let mut files = Vec::new();
+    for (p, size) in &report.files {
+        files.push(serde_json::json!({"path": p, "size": size, "sha256": sha256_file(p)?}));
+    }
+    let summary = serde_json::json!({
+        "output": output,
+        "files": files,
+        "tensors": report.tensors,
+        "merged": report.merged,
+        "replaced": report.replaced,
+        "bytes": report.bytes,
+        "seconds": report.seconds,
+    });
+    print_stdout(&format!("{}\n", serde_json::to_string_pretty(&summary)?))
 }
 
 /// `axsave inspect`.

@@ -360,40 +360,165 @@ fn existing_output_needs_force() {
     assert_eq!(tensors(&out), tensors(&lora("lora_bf16/merged")));
 }
 
-/// Under `axsave launch -n 3`, rank 0 merges and the others exit 0: the result is PEFT's, the
-/// launcher exits 0, nothing hangs.
+fn launch_merge(n: &str, base: &Path, adapter: &Path, out: &Path, extra: &[&str]) -> Vec<String> {
+    let mut v: Vec<String> = ["launch", "-n", n, "--", "merge-lora", "--base"]
+        .iter()
+        .map(|x| x.to_string())
+        .collect();
+    v.extend([
+        s(base).to_string(),
+        "--adapter".into(),
+        s(adapter).to_string(),
+        "--output".into(),
+        s(out).to_string(),
+    ]);
+    v.extend(extra.iter().map(|x| x.to_string()));
+    v
+}
+
+/// Under `axsave launch -n 3` every rank merges a share of the tensors into the shared output
+/// files and rank 0 commits: the result is PEFT's, bit for bit.
 #[test]
-fn three_ranks_under_launch() {
+fn three_ranks_share_the_merge() {
     let t = tempfile::tempdir().unwrap();
-    let out = t.path().join("out");
-    let o = axsave(&[
-        "launch",
-        "-n",
+    for (variant, base) in [("dora_bf16", "base_bf16"), ("embed_bf16", "base_bf16")] {
+        let out = t.path().join(variant);
+        let args = launch_merge(
+            "3",
+            &lora(base),
+            &lora(&format!("{variant}/adapter")),
+            &out,
+            &["--max-shard-size", "20KB"],
+        );
+        let o = axsave(&args.iter().map(String::as_str).collect::<Vec<_>>());
+        assert_ok(&o);
+        let err = stderr(&o);
+        for r in 0..3 {
+            let line = err
+                .lines()
+                .find(|l| l.contains(&format!("rank {r}: writing ")))
+                .unwrap_or_else(|| panic!("rank {r} wrote nothing: {err}"));
+            assert!(!line.contains("writing 0 of"), "{line}");
+        }
+        assert_eq!(
+            tensors(&out),
+            tensors(&lora(&format!("{variant}/merged"))),
+            "{variant}"
+        );
+        assert!(
+            common::listing(&out)
+                .iter()
+                .all(|n| !n.contains(".axsave-")),
+            "temporaries left: {:?}",
+            common::listing(&out)
+        );
+    }
+}
+
+/// Failures across ranks: every rank exits non-zero and nothing is left behind, whether the
+/// inputs are wrong (every rank fails), the output exists (rank 0 refuses, the others learn
+/// it), or a rank dies in the middle (the others give up after --timeout).
+#[test]
+fn failures_across_ranks_leave_nothing() {
+    let t = tempfile::tempdir().unwrap();
+    let out = t.path().join("a");
+    let args = launch_merge(
         "3",
-        "--",
-        "merge-lora",
-        "--base",
-        s(&lora("base_bf16")),
-        "--adapter",
-        s(&lora("dora_bf16/adapter")),
-        "--output",
-        s(&out),
-    ]);
-    assert_ok(&o);
-    assert_eq!(tensors(&out), tensors(&lora("dora_bf16/merged")));
-    let o = axsave(&[
-        "launch",
-        "-n",
+        &t.path().join("nowhere"),
+        &lora("dora_bf16/adapter"),
+        &out,
+        &[],
+    );
+    let o = axsave(&args.iter().map(String::as_str).collect::<Vec<_>>());
+    assert!(!o.status.success(), "{}", stderr(&o));
+    assert!(stderr(&o).contains("does not exist"), "{}", stderr(&o));
+    assert_no_output(&out);
+
+    // An existing model without --force: untouched.
+    let out = t.path().join("b");
+    assert_ok(&merge(
+        &lora("base_f32"),
+        &lora("lora_f32/adapter"),
+        &out,
+        &[],
+    ));
+    let before = tensors(&out);
+    let args = launch_merge(
         "3",
-        "--",
-        "merge-lora",
-        "--base",
-        s(&t.path().join("nowhere")),
-        "--adapter",
-        s(&lora("dora_bf16/adapter")),
-        "--output",
-        s(&t.path().join("out2")),
-    ]);
+        &lora("base_bf16"),
+        &lora("lora_bf16/adapter"),
+        &out,
+        &[],
+    );
+    let o = axsave(&args.iter().map(String::as_str).collect::<Vec<_>>());
     assert!(!o.status.success());
-    assert_no_output(&t.path().join("out2"));
+    assert!(stderr(&o).contains("--force"), "{}", stderr(&o));
+    assert_eq!(tensors(&out), before);
+    assert_eq!(
+        common::listing(&out).len(),
+        3,
+        "{:?}",
+        common::listing(&out)
+    );
+
+    // Rank 1 killed after the files exist (ranks as torchrun or srun start them, so that no
+    // launcher stops the survivors): rank 0 and 2 give up after --timeout and remove the
+    // temporaries.
+    let out = t.path().join("c");
+    let fault = t.path().join("fault");
+    let fault_s = s(&fault).to_string();
+    let children = common::spawn_ranks(
+        3,
+        &[
+            "merge-lora",
+            "--base",
+            s(&lora("base_bf16")),
+            "--adapter",
+            s(&lora("lora_bf16/adapter")),
+            "--output",
+            s(&out),
+            "--timeout",
+            "3",
+        ],
+        &|_| {
+            vec![
+                ("AXSAVE_FAULT".into(), "merging@1".into()),
+                ("AXSAVE_FAULT_FILE".into(), fault_s.clone()),
+            ]
+        },
+    );
+    let started = std::time::Instant::now();
+    while !fault.exists() {
+        assert!(
+            started.elapsed().as_secs() < 60,
+            "rank 1 never reached the fault point"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    std::thread::sleep(std::time::Duration::from_millis(100));
+    assert!(
+        common::listing(&out).iter().any(|n| n.contains(".axsave-")),
+        "rank 0 made no temporaries: {:?}",
+        common::listing(&out)
+    );
+    let text = std::fs::read_to_string(&fault).unwrap();
+    let pid = text.split_whitespace().nth(1).unwrap();
+    let k = std::process::Command::new("kill")
+        .args(["-9", pid])
+        .status()
+        .unwrap();
+    assert!(k.success());
+    let results = common::wait_ranks(children, std::time::Duration::from_secs(60));
+    for (r, (code, text, took)) in results.iter().enumerate() {
+        if r != 1 {
+            assert_eq!(*code, Some(1), "rank {r}: {text}");
+            assert!(took.as_secs() < 30, "rank {r} took {took:?}");
+        }
+    }
+    assert!(
+        results[0].1.contains("rank 1 has not been heard from"),
+        "{}",
+        results[0].1
+    );
+    assert_no_output(&out);
 }

@@ -6,7 +6,8 @@
 //! variable (always, outside tests) this does nothing.
 //!
 //! Points: `joined` (after the rendezvous), `copying` (at its first piece), `synced` (its
-//! files are on disk, success not yet reported). A rank that dies after reporting success
+//! files are on disk, success not yet reported); `merging` (merge-lora across ranks: the
+//! output files exist, this rank has written nothing yet). A rank that dies after reporting success
 //! does not stop the commit: its part of the model is complete and durable by then.
 
 use std::sync::OnceLock;

@@ -9,6 +9,7 @@ pub mod axolotl;
 pub mod config;
 pub mod math;
 pub mod plan;
+pub mod ranks;
 
 use std::fs::File;
 use std::os::unix::fs::FileExt;
@@ -167,26 +168,34 @@ pub fn merge_local(p: &Prepared, opts: &MergeOptions, written: &AtomicU64) -> Re
         .build()
         .map_err(|e| CoreError::Merge(format!("cannot start {} threads: {e}", opts.workers)))?;
     let result = pool.install(|| {
-        let io = Io::open(p)?;
-        let block = (opts.memory_budget / (3 * opts.workers.max(1) as u64)).max(1 << 16) as usize;
-        for t in &p.layout.tensors {
-            write_tensor(p, &io, &files, t, block, written)?;
-        }
+        let all: Vec<usize> = (0..p.layout.tensors.len()).collect();
+        write_tensors(p, opts, &all, &files, written, &|| Ok(()))?;
         files.sync()
     });
     if let Err(e) = result {
         files.discard();
         return Err(e);
     }
+    drop(files);
+    commit(p, opts, &existing, start)
+}
+
+/// Renders the files beside the weights and renames everything into place (the weights are
+/// written and synced); on failure every temporary of the run is removed.
+pub fn commit(
+    p: &Prepared,
+    opts: &MergeOptions,
+    existing: &[String],
+    start: Instant,
+) -> Result<MergeReport> {
     let extras = match p.extras.render(&p.layout) {
         Ok(e) => e,
         Err(e) => {
-            files.discard();
+            output::remove_run_temps(&opts.output, &opts.tag);
             return Err(e);
         }
     };
-    drop(files);
-    let removed = crate::save::finalize(&opts.output, &p.layout, &opts.tag, &extras, &existing)?;
+    let removed = crate::save::finalize(&opts.output, &p.layout, &opts.tag, &extras, existing)?;
     let mut out_files: Vec<(PathBuf, u64)> = p
         .layout
         .files
@@ -213,6 +222,18 @@ pub fn merge_local(p: &Prepared, opts: &MergeOptions, written: &AtomicU64) -> Re
         removed,
         seconds: start.elapsed().as_secs_f64(),
     })
+}
+
+/// Where merged bytes go: the output files under their temporary names.
+pub trait WriteAt: Sync {
+    /// Writes `data` at byte `offset` of layout file `file`.
+    fn write_at(&self, file: usize, offset: u64, data: &[u8]) -> Result<()>;
+}
+
+impl WriteAt for OutputFiles {
+    fn write_at(&self, file: usize, offset: u64, data: &[u8]) -> Result<()> {
+        OutputFiles::write_at(self, file, offset, data)
+    }
 }
 
 /// The open base and adapter files.
@@ -272,10 +293,29 @@ fn adapter_f32(p: &Prepared, io: &Io, ai: usize) -> Result<Vec<f32>> {
     Ok(out)
 }
 
+/// Writes the layout tensors `which` (indices into `p.layout.tensors`), calling `check`
+/// between tensors (a multi-rank run stops there when another rank failed).
+pub fn write_tensors(
+    p: &Prepared,
+    opts: &MergeOptions,
+    which: &[usize],
+    files: &dyn WriteAt,
+    written: &AtomicU64,
+    check: &dyn Fn() -> Result<()>,
+) -> Result<()> {
+    let io = Io::open(p)?;
+    let block = (opts.memory_budget / (3 * opts.workers.max(1) as u64)).max(1 << 16) as usize;
+    for &i in which {
+        check()?;
+        write_tensor(p, &io, files, &p.layout.tensors[i], block, written)?;
+    }
+    Ok(())
+}
+
 fn write_tensor(
     p: &Prepared,
     io: &Io,
-    files: &OutputFiles,
+    files: &dyn WriteAt,
     t: &OutTensor,
     block: usize,
     written: &AtomicU64,
@@ -329,7 +369,7 @@ fn write_tensor(
 fn merge_weight(
     p: &Prepared,
     io: &Io,
-    files: &OutputFiles,
+    files: &dyn WriteAt,
     t: &OutTensor,
     op: &LoraOp,
     block: usize,

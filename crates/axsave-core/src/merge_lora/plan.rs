@@ -82,6 +82,9 @@ struct Parts {
     base_layer: Option<usize>,
 }
 
+/// Records an adapter tensor as one part of its module.
+type SetPart = fn(&mut Parts, usize);
+
 fn err(msg: String) -> CoreError {
     CoreError::Merge(msg)
 }
@@ -110,7 +113,7 @@ pub fn plan(base: &Catalog, adapter: &Catalog, cfg: &AdapterConfig) -> Result<Me
                 t.dtype
             )));
         }
-        let suffixes: [(&str, fn(&mut Parts, usize)); 8] = [
+        let suffixes: [(&str, SetPart); 8] = [
             (".lora_A.weight", |p, i| p.a = Some(i)),
             (".lora_B.weight", |p, i| p.b = Some(i)),
             (".lora_B.bias", |p, i| p.bias = Some(i)),
