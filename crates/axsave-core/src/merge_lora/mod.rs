@@ -334,13 +334,13 @@ fn write_tensor(
             })
         }
         Op::Replace(ai) => {
-            let vals = adapter_f32(p, io, *ai)?;
             let adapter_t = &p.adapter.tensors[*ai];
             let mut out = vec![0u8; t.nbytes as usize];
             if adapter_t.dtype == t.dtype {
                 read_tensor_bytes(&p.adapter, &io.adapter, *ai, 0, &mut out)?;
             } else {
-                math::from_f32(t.dtype, &vals, &mut out);
+                // Loaded into the base's module: `copy_` rounds to its dtype.
+                math::from_f32(t.dtype, &adapter_f32(p, io, *ai)?, &mut out);
             }
             files.write_at(t.file, t.offset, &out)?;
             written.fetch_add(t.nbytes, Ordering::Relaxed);
