@@ -57,6 +57,21 @@ pub enum Command {
     ///
     /// Example: axsave verify --source ckpt --output final
     Verify(VerifyArgs),
+    /// Merge a PEFT LoRA adapter into its safetensors base model, as PEFT's
+    /// `merge_and_unload()` computes it, in one streaming pass with bounded memory.
+    ///
+    /// The output has the base's tensor names, dtypes and shapes (`model.safetensors`, or
+    /// shards + index past --max-shard-size), the base's config.json and
+    /// generation_config.json, and the tokenizer (from the adapter directory, else the base).
+    /// Supported: LoRA on linear layers and embeddings, rsLoRA, rank_pattern/alpha_pattern,
+    /// fan_in_fan_out, DoRA on linear layers, lora_bias, modules_to_save. Anything else (another
+    /// PEFT type, an unknown setting) is refused by name before anything is written.
+    ///
+    /// Examples:
+    ///   axsave merge-lora --base models/llama --adapter out/adapter --output out/merged
+    ///   axsave merge-lora --config cfg.yml    # base_model, output_dir (or lora_model_dir) -> output_dir/merged
+    #[command(verbatim_doc_comment)]
+    MergeLora(MergeLoraArgs),
     // No `///` here: a doc comment on the variant would replace the long help and examples
     // that `LaunchArgs` carries.
     Launch(crate::launch::LaunchArgs),
@@ -64,6 +79,46 @@ pub enum Command {
     /// scripts/gpu-check.sh).
     #[command(hide = true)]
     GpuBench(GpuBenchArgs),
+}
+
+/// `axsave merge-lora`.
+#[derive(Args, Debug, Clone)]
+pub struct MergeLoraArgs {
+    /// The Axolotl config of the LoRA run: `base_model` (a local directory or the local Hugging
+    /// Face cache; never downloaded), the adapter in `lora_model_dir` or else `output_dir`, the
+    /// result in `output_dir/merged`, as `axolotl merge-lora` does.
+    #[arg(long, value_name = "FILE", conflicts_with_all = ["base", "adapter"])]
+    pub config: Option<PathBuf>,
+    /// The base model: a directory with model.safetensors or shards + index.
+    #[arg(long, value_name = "DIR", required_unless_present = "config")]
+    pub base: Option<PathBuf>,
+    /// The adapter directory: adapter_config.json + adapter_model.safetensors.
+    #[arg(long, value_name = "DIR", required_unless_present = "config")]
+    pub adapter: Option<PathBuf>,
+    /// Directory to write the merged model into (default with --config: output_dir/merged).
+    #[arg(long, value_name = "DIR", required_unless_present = "config")]
+    pub output: Option<PathBuf>,
+    /// Largest output file before the model is split into shards plus an index (default 5GB).
+    #[arg(long, value_name = "SIZE", default_value = "5GB")]
+    pub max_shard_size: String,
+    /// Memory the row blocks and copy buffers may use.
+    #[arg(long, value_name = "SIZE", default_value = "256MiB")]
+    pub memory_budget: String,
+    /// Replace a model already in the output directory.
+    #[arg(long)]
+    pub force: bool,
+    /// Threads (default: the number of CPUs, at most 8).
+    #[arg(long, value_name = "N")]
+    pub workers: Option<usize>,
+    /// With several ranks: seconds a rank may go unheard before the others give up.
+    #[arg(long, value_name = "SECONDS", default_value_t = 60)]
+    pub timeout: u64,
+    /// With several ranks: seconds to wait for every rank to join at the start.
+    #[arg(long, value_name = "SECONDS", default_value_t = 300)]
+    pub rendezvous_timeout: u64,
+    /// Print a JSON summary on stdout when done.
+    #[arg(long)]
+    pub json: bool,
 }
 
 /// `axsave gpu-bench` (hidden).

@@ -15,7 +15,7 @@ use axsave_formats::detect;
 use axsave_core::gpu::{LocalGpu, local_caps as local_gpu_caps};
 use axsave_core::transport::{Transport, select};
 
-use crate::cli::{GpuBenchArgs, InspectArgs, SaveArgs, VerifyArgs};
+use crate::cli::{GpuBenchArgs, InspectArgs, MergeLoraArgs, SaveArgs, VerifyArgs};
 use crate::progress::Progress;
 use crate::resolve::{Resolved, resolve_save};
 use crate::transport;
@@ -474,6 +474,143 @@ fn fingerprint(a: &SaveArgs, r: &Resolved) -> String {
     let mut h = crc32fast::Hasher::new();
     h.update(key.as_bytes());
     format!("{:08x}", h.finalize())
+}
+
+/// `axsave merge-lora`: by this process alone, or this rank's share of a merge by several
+/// (every rank reads the inputs; they and the output directory must be visible to all).
+pub fn merge_lora(a: &MergeLoraArgs) -> Result<()> {
+    use axsave_core::merge_lora::{self as ml, MergeOptions};
+    let world = axsave_dist::detect_from_process_env()?;
+    world.log_detected();
+    let (base, adapter, output) = match &a.config {
+        Some(path) => {
+            let cfg = axsave_core::axolotl::config::AxolotlConfig::load(path)?;
+            let cwd = std::env::current_dir()?;
+            let env = |k: &str| std::env::var(k).ok();
+            let p = ml::axolotl::merge_paths(&cfg, &cwd, &env)?;
+            let output = a.output.clone().unwrap_or(p.output);
+            (p.base, p.adapter, output)
+        }
+        None => match (&a.base, &a.adapter, &a.output) {
+            (Some(b), Some(ad), Some(o)) => (b.clone(), ad.clone(), o.clone()),
+            _ => {
+                return Err(UsageError(
+                    "--base, --adapter and --output are needed without --config".into(),
+                )
+                .into());
+            }
+        },
+    };
+    let opts = MergeOptions {
+        base,
+        adapter,
+        output,
+        max_shard_size: size_arg("--max-shard-size", &a.max_shard_size)?,
+        memory_budget: size_arg("--memory-budget", &a.memory_budget)?,
+        force: a.force,
+        workers: a.workers.unwrap_or_else(default_workers),
+        tag: run_tag(),
+    };
+    let counter = AtomicU64::new(0);
+    if world.world_size > 1 {
+        let _span = tracing::info_span!("rank", r = world.rank).entered();
+        if world.rank == 0 {
+            tracing::info!(
+                "{} ranks ({}): merging {} + {}",
+                world.world_size,
+                world.launcher,
+                opts.base.display(),
+                opts.adapter.display()
+            );
+        }
+        let key = format!(
+            "{}|{}|{}|{}|{}",
+            opts.base.display(),
+            opts.adapter.display(),
+            opts.output.display(),
+            opts.max_shard_size,
+            opts.force
+        );
+        let mut h = crc32fast::Hasher::new();
+        h.update(key.as_bytes());
+        let times = ml::ranks::RankTimeouts {
+            timeout: Duration::from_secs(a.timeout.max(1)),
+            rendezvous: Duration::from_secs(a.rendezvous_timeout.max(1)),
+        };
+        let report = ml::ranks::run(
+            &world,
+            &opts,
+            &format!("{:08x}", h.finalize()),
+            times,
+            &counter,
+        )?;
+        if let Some(r) = report {
+            tracing::info!(
+                "wrote {} tensors ({} merged, {} replaced), {} to {} in {:.2}s",
+                r.tensors,
+                r.merged,
+                r.replaced,
+                human(r.bytes),
+                opts.output.display(),
+                r.seconds
+            );
+            merge_json(a, &opts.output, &r)?;
+        }
+        return Ok(());
+    }
+    let prepared = ml::prepare(&opts)?;
+    let (merged, replaced, kept) = prepared.plan.counts();
+    tracing::info!(
+        "{} + {}: {} tensors merged, {} replaced (modules_to_save), {} copied",
+        opts.base.display(),
+        opts.adapter.display(),
+        merged,
+        replaced,
+        kept
+    );
+    let report = ml::merge_local(&prepared, &opts, &counter)?;
+    for x in &report.removed {
+        tracing::info!("removed {x} of the model this merge replaced");
+    }
+    tracing::info!(
+        "wrote {} tensors, {} in {} file{} to {} in {:.2}s",
+        report.tensors,
+        human(report.bytes),
+        prepared.layout.files.len(),
+        if prepared.layout.files.len() == 1 {
+            ""
+        } else {
+            "s"
+        },
+        opts.output.display(),
+        report.seconds
+    );
+    merge_json(a, &opts.output, &report)
+}
+
+/// `merge-lora --json`: the summary on stdout.
+fn merge_json(
+    a: &MergeLoraArgs,
+    output: &std::path::Path,
+    report: &axsave_core::merge_lora::MergeReport,
+) -> Result<()> {
+    if !a.json {
+        return Ok(());
+    }
+    let mut files = Vec::new();
+    for (p, size) in &report.files {
+        files.push(serde_json::json!({"path": p, "size": size, "sha256": sha256_file(p)?}));
+    }
+    let summary = serde_json::json!({
+        "output": output,
+        "files": files,
+        "tensors": report.tensors,
+        "merged": report.merged,
+        "replaced": report.replaced,
+        "bytes": report.bytes,
+        "seconds": report.seconds,
+    });
+    print_stdout(&format!("{}\n", serde_json::to_string_pretty(&summary)?))
 }
 
 /// `axsave inspect`.

@@ -20,6 +20,7 @@ fn main() -> ExitCode {
         Some(cli::Command::Inspect(a)) => commands::inspect(&a),
         Some(cli::Command::Verify(a)) => commands::verify(&a),
         Some(cli::Command::GpuBench(a)) => commands::gpu_bench(&a),
+        Some(cli::Command::MergeLora(a)) => commands::merge_lora(&a),
         // The launcher's exit code is its ranks' (or 128 + a signal), not just 0 or 1.
         Some(cli::Command::Launch(a)) => match launch::run(&a) {
             Ok(code) => return code,

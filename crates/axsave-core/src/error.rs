@@ -43,6 +43,10 @@ pub enum CoreError {
         /// Wanted dtype.
         to: String,
     },
+    /// A LoRA adapter cannot be merged into its base (a tensor that does not fit, a missing
+    /// module, an unsupported setting); the message names the tensor or the setting.
+    #[error("{0}")]
+    Merge(String),
     /// `verify` found a difference.
     #[error("{0}")]
     Mismatch(String),

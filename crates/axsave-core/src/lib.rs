@@ -12,6 +12,7 @@ pub mod gpu;
 pub mod interrupt;
 pub mod layout;
 pub mod lock;
+pub mod merge_lora;
 pub mod naming;
 pub mod output;
 pub mod plan;
