@@ -57,6 +57,12 @@ fn default_workers() -> usize {
         .clamp(2, 8)
 }
 
+/// A tag for temporary file names: owner, start time and random bits (see
+/// `axsave_core::runtag`), so a later save can tell a dead run's leftovers.
+fn run_tag() -> String {
+    axsave_core::runtag::RunTag::new().to_string()
+}
+
 /// How long a save may take to cancel itself after SIGTERM, SIGINT or SIGHUP before the
 /// signal thread removes the run's temporaries itself and exits (a second signal: at once).
 const CANCEL_GRACE: Duration = Duration::from_secs(4);
@@ -371,7 +377,7 @@ fn save_alone(
         memory_budget: r.memory_budget,
         force: a.force,
         workers,
-        tag: axsave_core::runtag::RunTag::new().to_string(),
+        tag: run_tag(),
         extras: r.extras.clone(),
         gpu: gpu.map(|(g, _)| g),
     };

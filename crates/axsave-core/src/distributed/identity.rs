@@ -60,7 +60,9 @@ impl Identity {
             let path = source.join(name);
             if axsave_formats::dcp::is_metadata_name(name) {
                 let bytes = read(&path)?;
-                if id.save_id.is_none() {
+                // Only the global `.metadata`: each rank's `__N.metadata` of a save without
+                // collectives carries a save id of its own.
+                if name == ".metadata" {
                     id.save_id = dcp_save_id(&bytes);
                 }
                 id.digests.push((name.clone(), sha256(&bytes)));
@@ -243,6 +245,27 @@ mod tests {
         assert!(err.contains(".metadata sha256 "), "{err}");
         // A rank that sees no identity file proves nothing and contradicts nothing.
         check_same(&[a.clone(), Identity::default(), a]).unwrap();
+    }
+
+    /// Per-rank metadata (`__N.metadata`, torch 2.9+ saves without collectives): each file has
+    /// its own save id, so node-local views of one such checkpoint are not a mismatch.
+    #[test]
+    fn per_rank_metadata_views_of_one_checkpoint_agree() {
+        let t = tempfile::tempdir().unwrap();
+        let src = fixture("dcp/per_rank_meta_w2/checkpoint");
+        let ids: Vec<Identity> = (0..2)
+            .map(|r| {
+                let d = t.path().join(format!("rank{r}"));
+                std::fs::create_dir_all(&d).unwrap();
+                for f in [format!("__{r}.metadata"), format!("__{r}_0.distcp")] {
+                    std::fs::copy(src.join(&f), d.join(&f)).unwrap();
+                }
+                Identity::of(&d).unwrap()
+            })
+            .collect();
+        check_same(&ids).unwrap();
+        let shared = Identity::of(&src).unwrap();
+        check_same(&[shared.clone(), shared, ids[0].clone()]).unwrap();
     }
 
     #[test]
