@@ -1,0 +1,3 @@
+"""Placeholder replaced below."""
+def save_trained_model(cfg, trainer, model):
+    raise NotImplementedError
