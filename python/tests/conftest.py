@@ -76,3 +76,30 @@ def all_names(directory: Path) -> list:
     if not directory.exists():
         return []
     return sorted(p.name for p in directory.iterdir())
+
+
+def read_safetensors(path: Path) -> dict:
+    """name → (dtype, shape, bytes) of a safetensors file, an index, or a directory with one
+    (pure Python: the tests that use it run without torch)."""
+    import json
+    import struct
+
+    path = Path(path)
+    if path.is_dir():
+        index = path / "model.safetensors.index.json"
+        path = index if index.exists() else path / "model.safetensors"
+    if path.name.endswith(".index.json"):
+        files = sorted(set(json.loads(path.read_text())["weight_map"].values()))
+        out = {}
+        for f in files:
+            out.update(read_safetensors(path.parent / f))
+        return out
+    data = path.read_bytes()
+    (n,) = struct.unpack("<Q", data[:8])
+    header = json.loads(data[8 : 8 + n])
+    header.pop("__metadata__", None)
+    base = 8 + n
+    return {
+        k: (v["dtype"], tuple(v["shape"]), data[base + v["data_offsets"][0] : base + v["data_offsets"][1]])
+        for k, v in header.items()
+    }
