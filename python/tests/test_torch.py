@@ -120,3 +120,104 @@ def test_torchrun_one_rank_failing_makes_every_rank_raise(py, tmp_path):
 def test_env_launched_one_rank_failing_makes_every_rank_raise(py, tmp_path):
     assert _env_launched(py, tmp_path, "fail") == [0, 0, 0]
     _check_failed(tmp_path)
+
+
+def test_callback_turns_the_final_checkpoint_into_the_model(py, tmp_path):
+    r = _run([py, str(JOBS / "trainer_job.py"), str(ROOT / "python"), str(tmp_path)])
+    assert r.returncode == 0
+    res = json.loads((tmp_path / "result.json").read_text())
+    # save_steps=2 of 5 steps: the callback had the Trainer save the last step too.
+    assert res["source"] == str(tmp_path / "run" / "checkpoint-5")
+    assert {"checkpoint-2", "checkpoint-4", "checkpoint-5", "model.safetensors", "config.json"} <= set(res["files"])
+    s = res["summary"]
+    assert s["dtype"] == {"BF16": 21} and s["world_size"] == 1
+    got = (tmp_path / "run" / "model.safetensors").read_bytes()
+    assert got == (tmp_path / "reference.safetensors").read_bytes()
+    assert res["matches_live_model"] is True
+    assert res["config_architectures"] == ["LlamaForCausalLM"]
+
+
+AXOLOTL_CFG = """\
+base_model: ./base
+model_type: AutoModelForCausalLM
+tokenizer_type: AutoTokenizer
+plugins:
+  - axsave.integrations.axolotl.AxsavePlugin
+datasets:
+  - path: ./data.jsonl
+    type: completion
+dataset_prepared_path: ./prepared
+val_set_size: 0.0
+output_dir: ./out
+sequence_len: 32
+sample_packing: false
+micro_batch_size: 1
+gradient_accumulation_steps: 1
+max_steps: 3
+save_steps: 2
+optimizer: adamw_torch
+lr_scheduler: constant
+learning_rate: 1e-3
+bf16: false
+fp16: false
+tf32: false
+logging_steps: 1
+special_tokens:
+  bos_token: "<s>"
+  eos_token: "</s>"
+  pad_token: "<pad>"
+axsave:
+  max_shard_size: 5GB
+fsdp_version: 2
+fsdp_config:
+  offload_params: false
+  cpu_ram_efficient_loading: false
+  auto_wrap_policy: TRANSFORMER_BASED_WRAP
+  transformer_layer_cls_to_wrap: LlamaDecoderLayer
+  state_dict_type: SHARDED_STATE_DICT
+  final_state_dict_type: SHARDED_STATE_DICT
+  reshard_after_forward: true
+"""
+
+
+def test_axolotl_plugin_saves_a_two_rank_fsdp2_run_through_axsave(py, tmp_path):
+    import random
+    import shutil
+
+    from conftest import FIXTURES
+
+    shutil.copytree(FIXTURES / "axolotl" / "base", tmp_path / "base")
+    rnd = random.Random(0)
+    words = "the cat sat on a mat and then ran to the dog who was very happy about it".split()
+    (tmp_path / "data.jsonl").write_text(
+        "".join(json.dumps({"text": " ".join(rnd.choice(words) for _ in range(12))}) + "\n" for _ in range(40))
+    )
+    (tmp_path / "cfg.yml").write_text(AXOLOTL_CFG)
+    env = _env(AXOLOTL_DO_NOT_TRACK="1", HF_HUB_OFFLINE="1", PYTHONPATH=str(ROOT / "python"),
+               PATH=os.path.dirname(py) + os.pathsep + os.environ.get("PATH", ""))
+    port = str(free_port())
+    r = subprocess.run(
+        [py, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", port,
+         str(JOBS / "axolotl_cpu_fsdp.py"), "cfg.yml"],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900,
+    )
+    log = r.stdout + r.stderr
+    assert r.returncode == 0, log[-8000:]
+    out = tmp_path / "out"
+    assert "Plugin loaded successfully: axsave.integrations.axolotl.AxsavePlugin" in log
+    # The save went through axsave, on both ranks, from the DCP the trainer wrote of the live model.
+    assert "2 ranks (torchrun), gather mode" in log
+    assert f"reading {out}/pytorch_model_fsdp_0 (the final save)" in log.replace("/./", "/")
+    assert not (out / "merged").exists()  # Axolotl's own in-memory merge did not run
+    ref = tmp_path / "reference.safetensors"
+    assert _run([py, str(JOBS / "reference.py"), str(out / "pytorch_model_fsdp_0"), str(ref)]).returncode == 0
+    assert (out / "model.safetensors").read_bytes() == ref.read_bytes()
+    # The last checkpoint holds the same weights (the run ended on a save step).
+    ref3 = tmp_path / "reference3.safetensors"
+    assert _run([py, str(JOBS / "reference.py"), str(out / "checkpoint-3" / "pytorch_model_fsdp_0"), str(ref3)]).returncode == 0
+    assert ref3.read_bytes() == ref.read_bytes()
+    # bf16: false → fp32 kept (Axolotl 0.21's merge would have written bf16).
+    assert {v[0] for v in read_safetensors(out / "model.safetensors").values()} == {"F32"}
+    config = json.loads((out / "config.json").read_text())
+    assert config["architectures"] == ["LlamaForCausalLM"]
+    assert (out / "tokenizer.json").exists()
