@@ -21,7 +21,8 @@ import socket
 import subprocess
 import sys
 import threading
-from typing import Any, Mapping, Optional
+from collections.abc import Mapping
+from typing import Any
 
 from ._bin import binary_path
 
@@ -40,7 +41,7 @@ class AxsaveError(RuntimeError):
     * ``stderr``: the last lines the binary wrote to stderr, as one string.
     """
 
-    def __init__(self, message: str, returncode: Optional[int] = None, stderr: str = ""):
+    def __init__(self, message: str, returncode: int | None = None, stderr: str = ""):
         super().__init__(message)
         self.message = message
         self.returncode = returncode
@@ -100,7 +101,7 @@ def _flag(name: str) -> str:
 def _check_size(name: str, value: Any) -> str:
     """A size as axsave reads it (``5GB``, ``500MB``, ``2GiB``, ``1000000``); ints are bytes."""
     if isinstance(value, bool) or not isinstance(value, (int, str)):
-        raise ValueError(f"{name}: expected a size such as '2GB' or a number of bytes, got {value!r}")
+        raise ValueError(f"{name}: expected a size such as '2GB' or a number of bytes, got {value!r}")  # noqa: TRY004 (the API promises ValueError for a bad value)
     if isinstance(value, int):
         if value < 0:
             raise ValueError(f"{name}: a size cannot be negative, got {value}")
@@ -113,9 +114,7 @@ def _check_size(name: str, value: Any) -> str:
     except ValueError:
         ok = False
     if not ok:
-        raise ValueError(
-            f"{name}: invalid size {value!r} (examples: '5GB', '500MB', '2GiB', 1000000)"
-        )
+        raise ValueError(f"{name}: invalid size {value!r} (examples: '5GB', '500MB', '2GiB', 1000000)")
     return value.strip()
 
 
@@ -131,7 +130,7 @@ def _check_seconds(name: str, value: Any) -> str:
 
 def _check_count(name: str, value: Any, least: int) -> str:
     if isinstance(value, bool) or not isinstance(value, int):
-        raise ValueError(f"{name}: expected an integer, got {value!r}")
+        raise ValueError(f"{name}: expected an integer, got {value!r}")  # noqa: TRY004 (the API promises ValueError for a bad value)
     if value < least:
         raise ValueError(f"{name}: must be at least {least}, got {value}")
     return str(value)
@@ -148,7 +147,7 @@ def _check_choice(name: str, value: Any) -> str:
 
 def _check_path(name: str, value: Any) -> str:
     if not isinstance(value, (str, os.PathLike)):
-        raise ValueError(f"{name}: expected a path, got {value!r}")
+        raise ValueError(f"{name}: expected a path, got {value!r}")  # noqa: TRY004 (the API promises ValueError for a bad value)
     text = os.fspath(value)
     if isinstance(text, bytes):
         text = os.fsdecode(text)
@@ -212,10 +211,9 @@ def _torch_dist():
     of more than one rank; never imports torch."""
     dist = sys.modules.get("torch.distributed")
     try:
-        if dist is not None and dist.is_available() and dist.is_initialized():
-            if dist.get_world_size() > 1:
-                return dist
-    except Exception:  # an odd torch build: behave as if there were no process group
+        if dist is not None and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            return dist
+    except Exception:  # noqa: BLE001 (an odd torch build: behave as if there were no group)
         return None
     return None
 
@@ -224,7 +222,7 @@ def _default_store(dist):
     """The store of the job's default process group (keys set there are seen by every rank)."""
     try:
         return dist.distributed_c10d._get_default_store()
-    except Exception:
+    except Exception:  # noqa: BLE001, S110 (a private torch API: fall back to MASTER_ADDR/PORT)
         pass
     host = os.environ.get("MASTER_ADDR")
     port = os.environ.get("MASTER_PORT")
@@ -236,7 +234,7 @@ def _default_store(dist):
     return dist.TCPStore(host, int(port), is_master=False, timeout=datetime.timedelta(seconds=60))
 
 
-def _store_host(store) -> Optional[str]:
+def _store_host(store) -> str | None:
     s = store
     for _ in range(8):
         host = getattr(s, "host", None)
@@ -248,7 +246,7 @@ def _store_host(store) -> Optional[str]:
     return os.environ.get("MASTER_ADDR")
 
 
-def _reachable_ip(toward: Optional[str]) -> str:
+def _reachable_ip(toward: str | None) -> str:
     """This host's address as seen on the route to ``toward`` (no packet is sent)."""
     if os.environ.get("AXSAVE_ADDR"):
         return os.environ["AXSAVE_ADDR"]
@@ -310,7 +308,7 @@ def _child_env(rendezvous_timeout: float) -> dict:
     else:
         try:
             store.wait([key], datetime.timedelta(seconds=rendezvous_timeout))
-        except Exception as e:  # torch raises DistStoreError / RuntimeError on timeout
+        except Exception as e:  # noqa: BLE001 (DistStoreError / RuntimeError on timeout)
             raise AxsaveError(
                 f"rank 0 did not start its save within {rendezvous_timeout:g} s "
                 f"(every rank must call axsave.save): {e}"
@@ -336,7 +334,7 @@ _ERROR_LINE = re.compile(r"^\s*ERROR\s+(?:[\w-]+\{[^}]*\}:\s*)*(?P<msg>.*)$")
 _FLAG_IN_TEXT = re.compile(r"--([a-z][a-z-]*)")
 
 
-def _last_error(lines) -> Optional[str]:
+def _last_error(lines) -> str | None:
     for line in reversed(lines):
         m = _ERROR_LINE.match(line)
         if m and m.group("msg").strip():
@@ -354,7 +352,7 @@ def _as_keywords(text: str) -> str:
     return _FLAG_IN_TEXT.sub(sub, text)
 
 
-def run_binary(args: list, env: Optional[dict] = None, stream: bool = True):
+def run_binary(args: list, env: dict | None = None, stream: bool = True):
     """Runs ``axsave ARGS``; returns ``(returncode, stdout, last stderr lines)``.
 
     stderr is copied line by line to ``sys.stderr`` as it comes (``stream``). If this
@@ -378,7 +376,7 @@ def run_binary(args: list, env: Optional[dict] = None, stream: bool = True):
                 try:
                     sys.stderr.write(line)
                     sys.stderr.flush()
-                except Exception:  # a closed or odd sys.stderr must not break the save
+                except Exception:  # noqa: BLE001, S110 (a closed sys.stderr must not break the save)
                     pass
 
     reader = threading.Thread(target=pump, name="axsave-stderr", daemon=True)
@@ -401,7 +399,7 @@ def run_binary(args: list, env: Optional[dict] = None, stream: bool = True):
     return code, out.decode("utf-8", "replace"), list(tail)
 
 
-def save(source: Any = None, output: Any = None, **options: Any) -> Optional[dict]:
+def save(source: Any = None, output: Any = None, **options: Any) -> dict | None:
     """Save a checkpoint as Hugging Face safetensors, as ``axsave --source S --output O`` does.
 
     ``source`` and ``output`` are paths (``source`` may hold ``{rank}``, ``{local_rank}``,

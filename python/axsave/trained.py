@@ -16,11 +16,12 @@ import logging
 import os
 import pathlib
 import tempfile
-from typing import Any, Mapping, Optional
+from collections.abc import Mapping
+from typing import Any
 
 from .api import save
 
-__all__ = ["save_trained_model", "load_cfg"]
+__all__ = ["load_cfg", "save_trained_model"]
 
 LOG = logging.getLogger("axsave")
 
@@ -56,7 +57,7 @@ def load_cfg(cfg: Any) -> tuple:
         with open(path, encoding="utf-8") as f:
             data = yaml.safe_load(f) or {}
         if not isinstance(data, Mapping):
-            raise ValueError(f"cfg: {path} does not hold a YAML mapping")
+            raise ValueError(f"cfg: {path} does not hold a YAML mapping")  # noqa: TRY004
         return dict(data), path
     if isinstance(cfg, Mapping):
         return dict(cfg), None
@@ -91,7 +92,7 @@ def _is_peft(model: Any) -> bool:
     return isinstance(model, PeftModel) or isinstance(inner, PeftModel)
 
 
-def write_sharded_checkpoint(trainer: Any, output_dir: str, model: Any = None) -> Optional[str]:
+def write_sharded_checkpoint(trainer: Any, output_dir: str, model: Any = None) -> str | None:
     """Has the trainer write the live model's sharded checkpoint into ``output_dir`` (every
     rank must call this: the writes are collective). Returns what was written
     (``"fsdp"``: ``output_dir/pytorch_model_fsdp_0``; ``"deepspeed"``: ``output_dir/latest``
@@ -105,7 +106,10 @@ def write_sharded_checkpoint(trainer: Any, output_dir: str, model: Any = None) -
         plugin.set_state_dict_type("SHARDED_STATE_DICT")
         try:
             save_fsdp_model(
-                plugin, accelerator, trainer.model, output_dir,
+                plugin,
+                accelerator,
+                trainer.model,
+                output_dir,
                 adapter_only=_is_peft(model if model is not None else trainer.model),
             )
         finally:
@@ -117,9 +121,10 @@ def write_sharded_checkpoint(trainer: Any, output_dir: str, model: Any = None) -
 
         engine = trainer.model_wrapped
         kwargs = {}
-        if _is_peft(trainer.model) and "exclude_frozen_parameters" in inspect.signature(
-            engine.save_checkpoint
-        ).parameters:
+        if (
+            _is_peft(trainer.model)
+            and "exclude_frozen_parameters" in inspect.signature(engine.save_checkpoint).parameters
+        ):
             kwargs["exclude_frozen_parameters"] = True
         engine.save_checkpoint(output_dir, **kwargs)
         accelerator.wait_for_everyone()
@@ -135,7 +140,7 @@ def _zero3() -> bool:
     return bool(is_deepspeed_zero3_enabled())
 
 
-def _needs_axolotl(data: Mapping, model: Any) -> Optional[str]:
+def _needs_axolotl(data: Mapping, model: Any) -> str | None:
     """Why Axolotl's own function must save this run, or None."""
     if data.get("qat"):
         return "qat"
@@ -169,7 +174,7 @@ def _axolotl_save(cfg: Any, data: dict, trainer: Any, model: Any) -> None:
     original(cfg, trainer, model)
 
 
-def save_trained_model(cfg: Any, trainer: Any, model: Any, **options: Any) -> Optional[dict]:
+def save_trained_model(cfg: Any, trainer: Any, model: Any, **options: Any) -> dict | None:
     """Save the trained model the way Axolotl's ``save_trained_model`` promises, through axsave.
 
     ``cfg`` is the run's config: a dict, an Axolotl ``DictDefault`` or the YAML's path (a
@@ -209,4 +214,3 @@ def save_trained_model(cfg: Any, trainer: Any, model: Any, **options: Any) -> Op
     options.setdefault("force", True)
     with config_file(cfg) as (path, _):
         return save(config=path, **options)
-

@@ -22,8 +22,17 @@ if os.environ.get("AXSAVE_TEST_INSTALLED") != "1":
     sys.path.insert(0, str(ROOT / "python"))
 
 LAUNCHER_PREFIXES = ("SLURM_", "OMPI_", "PMI", "TORCHELASTIC", "MV2_", "MPI_LOCAL")
-LAUNCHER_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK",
-                 "MASTER_ADDR", "MASTER_PORT", "AXSAVE_RUN_ID", "RUST_LOG")
+LAUNCHER_VARS = (
+    "RANK",
+    "WORLD_SIZE",
+    "LOCAL_RANK",
+    "LOCAL_WORLD_SIZE",
+    "GROUP_RANK",
+    "MASTER_ADDR",
+    "MASTER_PORT",
+    "AXSAVE_RUN_ID",
+    "RUST_LOG",
+)
 
 
 def find_binary() -> str:
@@ -44,11 +53,7 @@ def find_binary() -> str:
 
 def clean_env(env: dict) -> dict:
     """``env`` without launcher variables leaked from whoever runs the tests."""
-    return {
-        k: v
-        for k, v in env.items()
-        if not k.startswith(LAUNCHER_PREFIXES) and k not in LAUNCHER_VARS
-    }
+    return {k: v for k, v in env.items() if not k.startswith(LAUNCHER_PREFIXES) and k not in LAUNCHER_VARS}
 
 
 @pytest.fixture(autouse=True)

@@ -13,18 +13,18 @@ import sys
 import textwrap
 import time
 
-import pytest
-
-from conftest import FIXTURES, ROOT, all_names, clean_env, final_named, free_port
-
 import axsave
+import pytest
 from axsave import api
+from conftest import FIXTURES, ROOT, all_names, clean_env, final_named, free_port
 
 DCP = FIXTURES / "dcp"
 
 
 def test_import_axsave_imports_no_torch():
-    code = "import sys, axsave; print(sorted(m for m in ('torch', 'transformers', 'numpy') if m in sys.modules))"
+    code = (
+        "import sys, axsave; print(sorted(m for m in ('torch', 'transformers', 'numpy') if m in sys.modules))"
+    )
     env = dict(os.environ, PYTHONPATH=str(ROOT / "python"))
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
@@ -177,7 +177,10 @@ def test_error_line_parsing():
     assert api._last_error(lines) == "rank 2 failed: ckpt/__2_0.distcp: truncated at byte 12"
     assert api._last_error(["ERROR plain message"]) == "plain message"
     assert api._last_error(["INFO nothing"]) is None
-    assert api._as_keywords("--max-shard-size: bad, --unknown-flag stays") == "max_shard_size: bad, --unknown-flag stays"
+    assert (
+        api._as_keywords("--max-shard-size: bad, --unknown-flag stays")
+        == "max_shard_size: bad, --unknown-flag stays"
+    )
 
 
 def test_torchrun_saves_get_their_own_store_keys(monkeypatch):
@@ -216,12 +219,28 @@ def _ranks(tmp_path, n, source, output):
     procs = []
     for r in range(n):
         env = clean_env(dict(os.environ))
-        env.update(RANK=str(r), WORLD_SIZE=str(n), LOCAL_RANK=str(r), LOCAL_WORLD_SIZE=str(n),
-                   MASTER_ADDR="127.0.0.1", MASTER_PORT=port, AXSAVE_RUN_ID=f"pytest-{port}")
-        procs.append(subprocess.Popen(
-            [sys.executable, str(script), str(ROOT / "python"), str(source), str(output),
-             str(tmp_path / f"result{r}.json")], env=env,
-        ))
+        env.update(
+            RANK=str(r),
+            WORLD_SIZE=str(n),
+            LOCAL_RANK=str(r),
+            LOCAL_WORLD_SIZE=str(n),
+            MASTER_ADDR="127.0.0.1",
+            MASTER_PORT=port,
+            AXSAVE_RUN_ID=f"pytest-{port}",
+        )
+        procs.append(
+            subprocess.Popen(
+                [
+                    sys.executable,
+                    str(script),
+                    str(ROOT / "python"),
+                    str(source),
+                    str(output),
+                    str(tmp_path / f"result{r}.json"),
+                ],
+                env=env,
+            )
+        )
     for p in procs:
         assert p.wait(timeout=120) == 0
     return [json.loads((tmp_path / f"result{r}.json").read_text()) for r in range(n)]
@@ -233,7 +252,9 @@ def test_three_ranks_save_together_like_axsave_processes(tmp_path):
     assert "error" not in results[0], results
     assert results[0]["ok"]["world_size"] == 3 and results[0]["ok"]["launcher"] == "env"
     assert results[1]["ok"] is None and results[2]["ok"] is None
-    assert (out / "model.safetensors").read_bytes() == (DCP / "fsdp_w4" / "reference.safetensors").read_bytes()
+    assert (out / "model.safetensors").read_bytes() == (
+        DCP / "fsdp_w4" / "reference.safetensors"
+    ).read_bytes()
 
 
 def test_one_rank_failing_makes_every_rank_raise(tmp_path):
@@ -245,7 +266,7 @@ def test_one_rank_failing_makes_every_rank_raise(tmp_path):
         node = tmp_path / f"node{r}"
         node.mkdir()
         shutil.copy(src / ".metadata", node)
-        for w in ([r] if r < 2 else [2, 3]):
+        for w in [r] if r < 2 else [2, 3]:
             shutil.copy(src / f"__{w}_0.distcp", node)
     victim = tmp_path / "node1" / "__1_0.distcp"
     victim.write_bytes(victim.read_bytes()[:100])

@@ -26,14 +26,14 @@ The plugin also declares the ``axsave:`` key, so Axolotl's config validation kee
 from __future__ import annotations
 
 import logging
-from typing import Any, Optional
+from typing import Any
 
 from axolotl.integrations.base import BasePlugin
 from pydantic import BaseModel, Field
 
 from .. import trained
 
-__all__ = ["AxsavePlugin", "AxsaveArgs"]
+__all__ = ["AxsaveArgs", "AxsavePlugin"]
 
 LOG = logging.getLogger("axsave")
 
@@ -41,7 +41,7 @@ LOG = logging.getLogger("axsave")
 class AxsaveArgs(BaseModel):
     """The config keys the plugin adds: ``axsave:``, axsave's own section."""
 
-    axsave: Optional[dict[str, Any]] = Field(
+    axsave: dict[str, Any] | None = Field(
         default=None,
         json_schema_extra={
             "description": "axsave's options for the final save: source, output, mode, dtype, "

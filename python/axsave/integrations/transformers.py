@@ -17,13 +17,13 @@ import json
 import os
 import re
 import shutil
-from typing import Any, Optional
+from typing import Any
 
 from transformers import TrainerCallback
 
 from ..api import save
 
-__all__ = ["AxsaveCallback", "newest_checkpoint", "checkpoint_source"]
+__all__ = ["AxsaveCallback", "checkpoint_source", "newest_checkpoint"]
 
 _CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
 # Small files of a checkpoint that belong with the final model.
@@ -43,7 +43,7 @@ _MODEL_FILES = (
 )
 
 
-def checkpoint_source(checkpoint: str) -> Optional[str]:
+def checkpoint_source(checkpoint: str) -> str | None:
     """What axsave reads in a Trainer checkpoint directory: FSDP's ``pytorch_model_fsdp_0``
     (DCP), the directory itself when it holds DeepSpeed's ``latest`` or a safetensors model,
     else ``None``."""
@@ -56,15 +56,13 @@ def checkpoint_source(checkpoint: str) -> Optional[str]:
     return None
 
 
-def newest_checkpoint(output_dir: str) -> Optional[str]:
+def newest_checkpoint(output_dir: str) -> str | None:
     """The ``checkpoint-N`` with the highest N that holds something axsave reads."""
     try:
         names = os.listdir(output_dir)
     except FileNotFoundError:
         return None
-    found = sorted(
-        ((int(m.group(1)), n) for n in names if (m := _CHECKPOINT.match(n))), reverse=True
-    )
+    found = sorted(((int(m.group(1)), n) for n in names if (m := _CHECKPOINT.match(n))), reverse=True)
     for _, name in found:
         path = os.path.join(output_dir, name)
         if checkpoint_source(path):
@@ -94,7 +92,7 @@ class AxsaveCallback(TrainerCallback):
 
     def __init__(
         self,
-        output: Optional[str] = None,
+        output: str | None = None,
         on_save: bool = False,
         save_final_checkpoint: bool = True,
         **options: Any,
@@ -107,8 +105,8 @@ class AxsaveCallback(TrainerCallback):
         self.save_final_checkpoint = save_final_checkpoint
         self.options = options
         self.options.setdefault("force", True)
-        self.summary: Optional[dict] = None
-        self.source: Optional[str] = None
+        self.summary: dict | None = None
+        self.source: str | None = None
 
     def on_step_end(self, args, state, control, **kwargs):
         if self.save_final_checkpoint and state.max_steps and state.global_step >= state.max_steps:
@@ -121,8 +119,10 @@ class AxsaveCallback(TrainerCallback):
         return control
 
     def on_train_end(self, args, state, control, **kwargs):
-        if self.convert_on_save and self.source and self.source.startswith(
-            os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
+        if (
+            self.convert_on_save
+            and self.source
+            and self.source.startswith(os.path.join(args.output_dir, f"checkpoint-{state.global_step}"))
         ):
             return control  # on_save converted the final checkpoint already
         self._convert(args, state)

@@ -90,10 +90,9 @@ def reference(torch, ckpt, out_file, dtype=None):
 
 def job(pkgdir, work, mode):
     sys.path.insert(0, pkgdir)
+    import axsave
     import torch
     import torch.distributed as dist
-
-    import axsave
 
     rank = dist.get_rank()
     ckpt = os.path.join(work, "ckpt")
@@ -104,8 +103,12 @@ def job(pkgdir, work, mode):
         result["summary"] = axsave.save(ckpt, os.path.join(work, "out"), timeout=30)
         # A second save in the same job: its rendezvous keys must not meet the first one's.
         result["summary_bf16"] = axsave.save(
-            ckpt, os.path.join(work, "out_bf16"), dtype=torch.bfloat16, mode="sharded",
-            max_shard_size=600, timeout=30,
+            ckpt,
+            os.path.join(work, "out_bf16"),
+            dtype=torch.bfloat16,
+            mode="sharded",
+            max_shard_size=600,
+            timeout=30,
         )
         result["seconds"] = time.monotonic() - t0
         if rank == 0:
