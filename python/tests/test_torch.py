@@ -292,3 +292,32 @@ def test_axolotl_plugin_saves_a_two_rank_fsdp2_run_through_axsave(py, tmp_path):
     config = json.loads((out / "config.json").read_text())
     assert config["architectures"] == ["LlamaForCausalLM"]
     assert (out / "tokenizer.json").exists()
+
+
+def test_callback_under_a_two_rank_fsdp2_trainer_run(py, tmp_path):
+    port = str(free_port())
+    r = _run(
+        [
+            py,
+            "-m",
+            "torch.distributed.run",
+            "--nproc-per-node",
+            "2",
+            "--master-port",
+            port,
+            str(JOBS / "trainer_fsdp_job.py"),
+            str(ROOT / "python"),
+            str(tmp_path),
+        ]
+    )
+    assert r.returncode == 0
+    res = json.loads((tmp_path / "result.json").read_text())
+    run = tmp_path / "run"
+    assert res["fsdp"] is True
+    assert res["source"] == str(run / "checkpoint-5" / "pytorch_model_fsdp_0")
+    s = res["summary"]
+    assert s["world_size"] == 2 and s["launcher"] == "torchrun" and s["dtype"] == {"F32": 21}
+    ref = tmp_path / "reference.safetensors"
+    assert _run([py, str(JOBS / "reference.py"), res["source"], str(ref)]).returncode == 0
+    assert (run / "model.safetensors").read_bytes() == ref.read_bytes()
+    assert json.loads((run / "config.json").read_text())["architectures"] == ["LlamaForCausalLM"]

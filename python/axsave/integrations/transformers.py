@@ -115,7 +115,7 @@ class AxsaveCallback(TrainerCallback):
 
     def on_save(self, args, state, control, **kwargs):
         if self.convert_on_save:
-            self._convert(args, state)
+            self._convert(args, state, kwargs.get("model"))
         return control
 
     def on_train_end(self, args, state, control, **kwargs):
@@ -125,10 +125,10 @@ class AxsaveCallback(TrainerCallback):
             and self.source.startswith(os.path.join(args.output_dir, f"checkpoint-{state.global_step}"))
         ):
             return control  # on_save converted the final checkpoint already
-        self._convert(args, state)
+        self._convert(args, state, kwargs.get("model"))
         return control
 
-    def _convert(self, args, state) -> None:
+    def _convert(self, args, state, model=None) -> None:
         checkpoint = newest_checkpoint(args.output_dir)
         if checkpoint is None:
             raise FileNotFoundError(
@@ -141,6 +141,13 @@ class AxsaveCallback(TrainerCallback):
         self.summary = save(source, output, **self.options)
         if state.is_world_process_zero:
             _copy_model_files(checkpoint, output)
+            config = getattr(model, "config", None)
+            if not os.path.exists(os.path.join(output, "config.json")) and hasattr(config, "to_dict"):
+                # FSDP's sharded checkpoints hold no config.json: write the model's.
+                data = config.to_dict()
+                if not data.get("architectures"):  # as save_pretrained sets it
+                    data["architectures"] = [type(getattr(model, "module", model)).__name__]
+                _write_config(data, os.path.join(output, "config.json"))
 
     def __repr__(self) -> str:
         return f"AxsaveCallback(output={self.output!r}, on_save={self.convert_on_save}, {self.options})"
@@ -154,16 +161,18 @@ def _copy_model_files(checkpoint: str, output: str) -> None:
         dst = os.path.join(output, name)
         if name == "config.json":
             with open(src, encoding="utf-8") as f:
-                config = json.load(f)
-            archs = config.get("architectures")
-            if isinstance(archs, list):
-                config["architectures"] = [
-                    a[4:] if isinstance(a, str) and a.startswith("FSDP") else a for a in archs
-                ]
-            tmp = dst + ".axsave-tmp"
-            with open(tmp, "w", encoding="utf-8") as f:
-                json.dump(config, f, indent=2, sort_keys=True)
-                f.write("\n")
-            os.replace(tmp, dst)
+                _write_config(json.load(f), dst)
         else:
             shutil.copyfile(src, dst)
+
+
+def _write_config(config: dict, dst: str) -> None:
+    """Writes a model config, with the ``FSDP`` class-name prefix FSDP2 adds removed."""
+    archs = config.get("architectures")
+    if isinstance(archs, list):
+        config["architectures"] = [a[4:] if isinstance(a, str) and a.startswith("FSDP") else a for a in archs]
+    tmp = dst + ".axsave-tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(config, f, indent=2, sort_keys=True)
+        f.write("\n")
+    os.replace(tmp, dst)
