@@ -195,8 +195,10 @@ def save_trained_model(cfg: Any, trainer: Any, model: Any, **options: Any) -> di
     Runs that are not sharded (one process, DDP, DeepSpeed ZeRO-1/2) hold the whole model on
     every rank: there is nothing to consolidate, and Axolotl's own ``save_trained_model``
     (else ``trainer.save_model``) saves it; so do runs with QAT, ReLoRA, llm-compressor,
-    expert- or tensor-parallel adapters, or modules with ``_post_training`` hooks. Returns axsave's summary on rank 0, ``None`` elsewhere.
-    Raises :class:`axsave.AxsaveError` on every rank when the save fails on any.
+    expert- or tensor-parallel adapters, or modules with ``_post_training`` hooks.
+
+    Returns axsave's summary on rank 0, ``None`` elsewhere (and when Axolotl saved). Raises
+    :class:`axsave.AxsaveError` on every rank when the save fails on any.
     """
     data, _ = load_cfg(cfg)
     why = _needs_axolotl(data, model)

@@ -6,13 +6,12 @@ import enum
 import os
 import pathlib
 
+import axsave
 import pytest
+from axsave import trained
 from conftest import FIXTURES, all_names
 
 yaml = pytest.importorskip("yaml", reason="PyYAML is not installed (pip install pyyaml)")
-
-import axsave
-from axsave import trained
 
 
 class Kind(enum.Enum):
