@@ -198,10 +198,13 @@ RANK_SCRIPT = textwrap.dedent(
     import json, sys, time
     sys.path.insert(0, sys.argv[1])
     import axsave
-    source, output, result = sys.argv[2:5]
+    RENDEZVOUS = float(sys.argv[6])
+    source, output, result, skip = sys.argv[2:6]
+    if skip == "1":
+        sys.exit(3)  # this rank dies before it calls save
     t0 = time.monotonic()
     try:
-        r = axsave.save(source, output, timeout=10, rendezvous_timeout=60, quiet=True)
+        r = axsave.save(source, output, timeout=10, rendezvous_timeout=RENDEZVOUS, quiet=True)
         out = {"ok": r}
     except axsave.AxsaveError as e:
         out = {"error": str(e), "code": e.returncode}
@@ -211,8 +214,9 @@ RANK_SCRIPT = textwrap.dedent(
 )
 
 
-def _ranks(tmp_path, n, source, output):
-    """n Python processes, each calling axsave.save with the variables a launcher sets."""
+def _ranks(tmp_path, n, source, output, dead=None, rendezvous=60):
+    """n Python processes, each calling axsave.save with the variables a launcher sets (rank
+    ``dead`` exits with code 3 instead)."""
     script = tmp_path / "rank.py"
     script.write_text(RANK_SCRIPT)
     port = str(free_port())
@@ -237,13 +241,15 @@ def _ranks(tmp_path, n, source, output):
                     str(source),
                     str(output),
                     str(tmp_path / f"result{r}.json"),
+                    "1" if r == dead else "0",
+                    str(rendezvous),
                 ],
                 env=env,
             )
         )
-    for p in procs:
-        assert p.wait(timeout=120) == 0
-    return [json.loads((tmp_path / f"result{r}.json").read_text()) for r in range(n)]
+    for r, p in enumerate(procs):
+        assert p.wait(timeout=120) == (3 if r == dead else 0)
+    return [json.loads((tmp_path / f"result{r}.json").read_text()) for r in range(n) if r != dead]
 
 
 def test_three_ranks_save_together_like_axsave_processes(tmp_path):
@@ -281,3 +287,14 @@ def test_one_rank_failing_makes_every_rank_raise(tmp_path):
     assert all("__1_0.distcp" in res["error"] for res in results), results
     assert elapsed < 60, elapsed
     assert final_named(out) == [] and all_names(out) == []
+
+
+def test_a_rank_that_never_calls_save_makes_the_others_raise(tmp_path):
+    out = tmp_path / "out"
+    started = time.monotonic()
+    results = _ranks(tmp_path, 3, DCP / "fsdp_w4" / "checkpoint", out, dead=1, rendezvous=5)
+    assert time.monotonic() - started < 60
+    for res in results:
+        assert "error" in res and res["code"] == 1, res
+        assert res["seconds"] < 5 + 10, res
+    assert all_names(out) == []
