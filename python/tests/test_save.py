@@ -298,3 +298,63 @@ def test_a_rank_that_never_calls_save_makes_the_others_raise(tmp_path):
         assert "error" in res and res["code"] == 1, res
         assert res["seconds"] < 5 + 10, res
     assert all_names(out) == []
+
+
+def _processes_with(marker: str) -> list:
+    """Pids of live processes whose command line contains ``marker`` (Linux /proc)."""
+    pids = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/cmdline", "rb") as f:
+                cmd = f.read().replace(b"\0", b" ").decode("utf-8", "replace")
+        except OSError:
+            continue
+        if marker in cmd and "python" not in cmd.split(" ")[0]:
+            pids.append(int(entry))
+    return pids
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc"), reason="needs /proc to find the binary's process")
+def test_interrupting_save_stops_the_binary(tmp_path):
+    # Rank 0 of 2 waits for a rank 1 that never comes; Ctrl-C (SIGINT) on the Python process
+    # must stop the binary (SIGTERM, waited for) before KeyboardInterrupt goes on.
+    import signal
+
+    out = tmp_path / "interrupted-out"
+    script = tmp_path / "wait.py"
+    script.write_text(
+        textwrap.dedent(
+            """
+            import sys
+            sys.path.insert(0, sys.argv[1])
+            import axsave
+            try:
+                axsave.save(sys.argv[2], sys.argv[3], rendezvous_timeout=120, quiet=True)
+            except KeyboardInterrupt:
+                sys.exit(42)
+            """
+        )
+    )
+    env = clean_env(dict(os.environ))
+    env.update(RANK="0", WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
+    p = subprocess.Popen(
+        [sys.executable, str(script), str(ROOT / "python"), str(DCP / "fsdp_w2" / "checkpoint"), str(out)],
+        env=env,
+    )
+    deadline = time.monotonic() + 30
+    while not _processes_with(str(out)) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert _processes_with(str(out)), "the binary did not start"
+    time.sleep(0.5)
+    p.send_signal(signal.SIGINT)
+    try:
+        assert p.wait(timeout=30) == 42
+        assert _processes_with(str(out)) == []
+    finally:
+        if p.poll() is None:
+            p.kill()
+        for pid in _processes_with(str(out)):  # only the binary this test started
+            os.kill(pid, signal.SIGKILL)
+    assert final_named(out) == []
