@@ -156,16 +156,25 @@ assert 'torch' not in sys.modules, 'import axsave imported torch'
   for kind in python binary; do
     local -a cmd=(axsave)
     [ $kind = python ] && cmd=(python -m axsave)
-    "${run[@]}" RANK=0 WORLD_SIZE=2 MASTER_ADDR=127.0.0.1 MASTER_PORT="$port" \
+    # Its own process group (setsid execs in place: same pid), emptied afterwards whatever
+    # happened, so that a wrapper that forked could leave no axsave behind.
+    setsid "${run[@]}" RANK=0 WORLD_SIZE=2 MASTER_ADDR=127.0.0.1 MASTER_PORT="$port" \
       "${cmd[@]}" --source "$fixture/checkpoint" --output "$tmp/out-sig-$kind" --quiet >/dev/null 2>&1 &
-    local pid=$!
+    local pid=$! i
+    # Until the process is axsave (python has exec'd it), at most 20 s; then a second more, so
+    # that both are waiting for the peer when the signal comes.
+    for ((i = 0; i < 200; i++)); do
+      exe=$(readlink "/proc/$pid/exe" || true)
+      [ "$exe" = "$venv/bin/axsave" ] && break
+      sleep 0.1
+    done
     sleep 1
-    exe=$(readlink "/proc/$pid/exe" || true)
-    kill -TERM "$pid"
+    kill -TERM "$pid" 2>/dev/null || true
     set +e
     wait "$pid"
     local rc=$?
     set -e
+    kill -KILL -- "-$pid" 2>/dev/null || true
     if [ $kind = python ]; then rc_py=$rc; exe_py=$exe; else rc_bin=$rc; fi
   done
   if [ "$exe_py" = "$venv/bin/axsave" ] && [ "$rc_py" = "$rc_bin" ] && [ "$rc_py" != 0 ]; then
@@ -180,7 +189,7 @@ assert 'torch' not in sys.modules, 'import axsave imported torch'
       save_and_compare "$tmp/out-api-$2" "${run[@]}" python -c "
 import sys, axsave
 summary = axsave.save(sys.argv[2], sys.argv[4])
-assert isinstance(summary, dict), summary" --source
+assert isinstance(summary, dict), summary"
   else
     skip "axsave.save: this package has no axsave.save (the Python API is not in this tree)"
   fi
