@@ -9,7 +9,8 @@
 # Usage:
 #   scripts/test-wheel.sh            builds a wheel for this machine with maturin (dev profile, in
 #                                    target/ beside cargo's own debug build, which scripts/test.sh
-#                                    has just made, so little is compiled) and tests it; then the
+#                                    has just made, so little is compiled) and tests it, checks
+#                                    that `pip install .` installs from the source tree; then the
 #                                    aarch64 wheel of this version in target/wheels/ (made by
 #                                    scripts/wheel.sh) under qemu, or says why it skips
 #   scripts/test-wheel.sh WHEEL...   tests these wheels (scripts/wheel.sh's release wheels)
@@ -230,6 +231,20 @@ test_qemu() {
   check "$arch under qemu: saves $fixture byte-identical to the reference" \
     save_and_compare "$tmp/out-$arch" "${run[@]}"
 }
+
+# `pip install .` from this source tree (maturin as the PEP 517 backend; dev profile, as above).
+if [ $# -eq 0 ]; then
+  "$py" -m venv "$tmp/venv-source"
+  if MATURIN_PEP517_ARGS="--profile dev" "$tmp/venv-source/bin/python" -m pip install -q \
+    --disable-pip-version-check . >"$tmp/pip-source.log" 2>&1 &&
+    [ "$("$tmp/venv-source/bin/axsave" --version)" = "axsave $version" ] &&
+    [ "$("$tmp/venv-source/bin/python" -m axsave --version)" = "axsave $version" ]; then
+    pass "pip install . (the source tree, PEP 517 via maturin) installs axsave $version"
+  else
+    fail "pip install . (the source tree)"
+    tail -20 "$tmp/pip-source.log" | sed 's/^/    /'
+  fi
+fi
 
 n=0
 for whl in "${wheels[@]}"; do
