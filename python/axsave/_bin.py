@@ -26,7 +26,7 @@ def _installed_by_wheel() -> list[str]:
         files = []
     for f in files:
         if f.name == _EXE and f.parent.name in ("bin", "Scripts"):
-            found.append(str(f.locate()))
+            found.append(os.path.normpath(str(f.locate())))
     schemes = [None]
     try:
         schemes.append(sysconfig.get_preferred_scheme("user"))
