@@ -304,7 +304,11 @@ pub fn write_tensors(
     check: &dyn Fn() -> Result<()>,
 ) -> Result<()> {
     let io = Io::open(p)?;
-    let block = (opts.memory_budget / (3 * opts.workers.max(1) as u64)).max(1 << 16) as usize;
+    // Blocks of a few MiB: large enough for long sequential I/O, small enough that the
+    // allocator recycles them (fresh multi-MiB buffers per block cost page faults that took
+    // most of the time).
+    let block =
+        (opts.memory_budget / (3 * opts.workers.max(1) as u64)).clamp(1 << 16, 4 << 20) as usize;
     for &i in which {
         check()?;
         write_tensor(p, &io, files, &p.layout.tensors[i], block, written)?;
