@@ -336,6 +336,22 @@ fn mismatched_adapters_name_the_tensor() {
     fails(&lora("base_bf16"), t.path(), "no adapter_config.json");
 }
 
+/// A wrong call is a usage error (exit 2); --help explains.
+#[test]
+fn usage() {
+    let o = axsave(&["merge-lora", "--base", "x"]);
+    assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
+    let o = axsave(&["merge-lora", "--config", "c.yml", "--base", "x"]);
+    assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
+    let o = axsave(&["merge-lora", "--help"]);
+    assert!(o.status.success());
+    let help = String::from_utf8_lossy(&o.stdout);
+    assert!(
+        help.contains("merge_and_unload") && help.contains("--max-shard-size"),
+        "{help}"
+    );
+}
+
 /// An output that already holds a model is refused without --force, and replaced with it.
 #[test]
 fn existing_output_needs_force() {
