@@ -336,6 +336,49 @@ fn mismatched_adapters_name_the_tensor() {
     fails(&lora("base_bf16"), t.path(), "no adapter_config.json");
 }
 
+/// A `modules_to_save` copy saved in fp32 is rounded to the base's bf16 as PEFT's load does
+/// (here: bf16 values widened exactly, so the result must be PEFT's own).
+#[test]
+fn modules_to_save_copy_in_another_dtype() {
+    let t = tempfile::tempdir().unwrap();
+    let adapter = t.path().join("adapter");
+    copy_dir(&lora("embed_bf16/adapter"), &adapter);
+    let file = adapter.join("adapter_model.safetensors");
+    let mut all = tensors(&file);
+    let (dt, shape, data) = all.remove("base_model.model.lm_head.weight").unwrap();
+    assert_eq!(dt, "BF16");
+    let widened: Vec<u8> = data
+        .chunks_exact(2)
+        .flat_map(|c| [0, 0, c[0], c[1]])
+        .collect();
+    all.insert(
+        "base_model.model.lm_head.weight".into(),
+        ("F32".into(), shape, widened),
+    );
+    let views: Vec<(String, safetensors::tensor::TensorView)> = all
+        .iter()
+        .map(|(n, (dt, shape, data))| {
+            let dtype = match dt.as_str() {
+                "BF16" => safetensors::Dtype::BF16,
+                _ => safetensors::Dtype::F32,
+            };
+            (
+                n.clone(),
+                safetensors::tensor::TensorView::new(dtype, shape.clone(), data).unwrap(),
+            )
+        })
+        .collect();
+    safetensors::serialize_to_file(views, None, &file).unwrap();
+    let out = t.path().join("out");
+    assert_ok(&merge(
+        &lora("base_bf16"),
+        &adapter,
+        &out,
+        &["--memory-budget", "1KiB"],
+    ));
+    assert_eq!(tensors(&out), tensors(&lora("embed_bf16/merged")));
+}
+
 /// A wrong call is a usage error (exit 2); --help explains.
 #[test]
 fn usage() {

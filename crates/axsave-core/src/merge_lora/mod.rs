@@ -338,17 +338,30 @@ fn write_tensor(
             })
         }
         Op::Replace(ai) => {
-            let adapter_t = &p.adapter.tensors[*ai];
-            let mut out = vec![0u8; t.nbytes as usize];
-            if adapter_t.dtype == t.dtype {
-                read_tensor_bytes(&p.adapter, &io.adapter, *ai, 0, &mut out)?;
-            } else {
-                // Loaded into the base's module: `copy_` rounds to its dtype.
-                math::from_f32(t.dtype, &adapter_f32(p, io, *ai)?, &mut out);
-            }
-            files.write_at(t.file, t.offset, &out)?;
-            written.fetch_add(t.nbytes, Ordering::Relaxed);
-            Ok(())
+            // In chunks, converted on the way when the dtypes differ (loaded into the base's
+            // module, `copy_` rounds to its dtype).
+            let from = p.adapter.tensors[*ai].dtype;
+            let (fs, ts) = (from.size() as u64, t.dtype.size() as u64);
+            let per = (block as u64 / fs.max(ts)).max(1);
+            let numel = t.nbytes / ts;
+            let starts: Vec<u64> = (0..numel).step_by(per as usize).collect();
+            starts.par_iter().try_for_each(|&e0| {
+                let n = per.min(numel - e0);
+                let mut raw = vec![0u8; (n * fs) as usize];
+                read_tensor_bytes(&p.adapter, &io.adapter, *ai, e0 * fs, &mut raw)?;
+                let out = if from == t.dtype {
+                    raw
+                } else {
+                    let mut vals = vec![0f32; n as usize];
+                    math::to_f32(from, &raw, &mut vals);
+                    let mut out = vec![0u8; (n * ts) as usize];
+                    math::from_f32(t.dtype, &vals, &mut out);
+                    out
+                };
+                files.write_at(t.file, t.offset + e0 * ts, &out)?;
+                written.fetch_add(out.len() as u64, Ordering::Relaxed);
+                Ok(())
+            })
         }
         Op::Bias(ai, scale) => {
             let lb = adapter_f32(p, io, *ai)?;
