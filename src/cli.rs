@@ -62,7 +62,7 @@ pub enum Command {
     /// shards + index past --max-shard-size), the base's config.json and
     /// generation_config.json, and the tokenizer (from the adapter directory, else the base).
     /// Supported: LoRA on linear layers and embeddings, rsLoRA, rank_pattern/alpha_pattern,
-    /// fan_in_fan_out, DoRA on linear layers, lora_bias, modules_to_save. Anything else (another
+    /// fan_in_fan_out, DoRA (linear layers and embeddings), lora_bias, modules_to_save. Anything else (another
     /// PEFT type, an unknown setting) is refused by name before anything is written.
     ///
     /// Examples:

@@ -206,8 +206,8 @@ fn merge_weight(
     let out_dtype = t.dtype;
     let rows_per_block = (block / (cols.max(1) * 4)).max(1);
     let starts: Vec<usize> = (0..rows).step_by(rows_per_block).collect();
-    starts.par_iter().try_for_each(|&row0| {
-        let n = rows_per_block.min(rows - row0);
+    // Rows `row0 .. row0 + n` of W (widened to fp32) and of the delta.
+    let load = |row0: usize, n: usize| -> Result<(Vec<f32>, Vec<f32>)> {
         let mut raw = vec![0u8; n * cols * w_dtype.size()];
         read_tensor_bytes(
             w_catalog,
@@ -226,9 +226,34 @@ fn merge_weight(
         }
         let mut delta = vec![0f32; n * cols];
         lr.delta_rows(row0, n, &mut delta);
-        match &magnitude {
-            Some(m) => math::dora_rows(&mut w, &delta, cols, &m[row0..row0 + n]),
-            None => math::combine(out_dtype, op.combine, &mut w, &delta),
+        Ok((w, delta))
+    };
+    // DoRA over a transposed weight needs every row before any is written: a first pass (in
+    // row order) sums the squares of each column.
+    let column_factor = match (&magnitude, op.transposed) {
+        (Some(m), true) => {
+            let mut acc = vec![0f32; cols];
+            for &row0 in &starts {
+                let n = rows_per_block.min(rows - row0);
+                let (w, delta) = load(row0, n)?;
+                math::dora_column_squares(&w, &delta, cols, &mut acc);
+            }
+            Some(
+                acc.iter()
+                    .zip(m)
+                    .map(|(a, m)| *m / a.sqrt())
+                    .collect::<Vec<f32>>(),
+            )
+        }
+        _ => None,
+    };
+    starts.par_iter().try_for_each(|&row0| {
+        let n = rows_per_block.min(rows - row0);
+        let (mut w, delta) = load(row0, n)?;
+        match (&magnitude, &column_factor) {
+            (_, Some(f)) => math::dora_columns(&mut w, &delta, cols, f),
+            (Some(m), None) => math::dora_rows(&mut w, &delta, cols, &m[row0..row0 + n]),
+            (None, _) => math::combine(out_dtype, op.combine, &mut w, &delta),
         }
         let mut out = vec![0u8; n * cols * out_dtype.size()];
         math::from_f32(out_dtype, &w, &mut out);
