@@ -40,18 +40,20 @@ bin=$PWD/target/release/axsave
 mkdir -p "$BENCH_DIR"
 BENCH_DIR=$(cd "$BENCH_DIR" && pwd)
 ckpt=$BENCH_DIR/ckpt-l${LAYERS}-h${HIDDEN}
-if [ ! -f "$ckpt/.metadata" ]; then
-  echo "==> writing the benchmark checkpoint with torch ($LAYERS layers, hidden $HIDDEN, 4 ranks)"
-  rm -rf "$ckpt"
-  "$PYTHON" scripts/bench/make_checkpoint.py "$ckpt" --layers "$LAYERS" --hidden "$HIDDEN"
+if [ "$what" != merge ]; then
+  if [ ! -f "$ckpt/.metadata" ]; then
+    echo "==> writing the benchmark checkpoint with torch ($LAYERS layers, hidden $HIDDEN, 4 ranks)"
+    rm -rf "$ckpt"
+    "$PYTHON" scripts/bench/make_checkpoint.py "$ckpt" --layers "$LAYERS" --hidden "$HIDDEN"
+  fi
+  bytes=$(du -cb "$ckpt"/*.distcp | tail -1 | cut -f1)
 fi
-bytes=$(du -cb "$ckpt"/*.distcp | tail -1 | cut -f1)
 
 # Each contender starts with nothing dirty in the page cache, so none pays for another's
 # writeback; the source is warm, as on a node that just wrote it.
 measure() { sync; "$PYTHON" scripts/bench/measure.py "$@" | tee -a "$results"; }
 fresh() { rm -rf "$@"; mkdir -p "$@"; }
-cat "$ckpt"/*.distcp > /dev/null
+[ "$what" = merge ] || cat "$ckpt"/*.distcp > /dev/null
 
 report() {  # report RESULTS TITLE
   "$PYTHON" - "$1" "$bytes" "$2" <<'PY'

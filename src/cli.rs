@@ -60,16 +60,19 @@ pub enum Command {
     /// Merge a PEFT LoRA adapter into its safetensors base model, as PEFT's
     /// `merge_and_unload()` computes it, in one streaming pass with bounded memory.
     ///
-    /// The output has the base's tensor names, dtypes and shapes (`model.safetensors`, or
-    /// shards + index past --max-shard-size), the base's config.json and
-    /// generation_config.json, and the tokenizer (from the adapter directory, else the base).
-    /// Supported: LoRA on linear layers and embeddings, rsLoRA, rank_pattern/alpha_pattern,
-    /// fan_in_fan_out, DoRA on linear layers, lora_bias, modules_to_save. Anything else (another
-    /// PEFT type, an unknown setting) is refused by name before anything is written.
+    /// The output has the base's tensor names, dtypes and shapes (`model.safetensors`,
+    /// or shards + index past --max-shard-size), the base's config.json and
+    /// generation_config.json, and the tokenizer (from the adapter directory, else the
+    /// base). Supported: LoRA on linear layers and embeddings, rsLoRA, rank_pattern and
+    /// alpha_pattern, fan_in_fan_out, DoRA, lora_bias, modules_to_save. Anything else
+    /// (another PEFT type, an unknown setting) is refused by name before anything is
+    /// written. Under a launcher the ranks share the tensors (the output directory must
+    /// be shared).
     ///
     /// Examples:
     ///   axsave merge-lora --base models/llama --adapter out/adapter --output out/merged
-    ///   axsave merge-lora --config cfg.yml    # base_model, output_dir (or lora_model_dir) -> output_dir/merged
+    ///   axsave merge-lora --config cfg.yml   # -> output_dir/merged
+    ///   axsave launch -n 4 -- merge-lora --config cfg.yml
     #[command(verbatim_doc_comment)]
     MergeLora(MergeLoraArgs),
     // No `///` here: a doc comment on the variant would replace the long help and examples

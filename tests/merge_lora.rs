@@ -13,7 +13,7 @@ use common::{assert_no_output, assert_ok, axsave, copy_dir, fixture, s, stderr, 
 type Tensors = BTreeMap<String, (String, Vec<usize>, Vec<u8>)>;
 
 /// (variant, base) as scripts/fixtures/lora.py made them.
-const VARIANTS: [(&str, &str); 8] = [
+const VARIANTS: [(&str, &str); 10] = [
     ("lora_bf16", "base_bf16"),
     ("lora_f32", "base_f32"),
     ("rslora_bf16", "base_bf16"),
@@ -22,6 +22,8 @@ const VARIANTS: [(&str, &str); 8] = [
     ("embed_bf16", "base_bf16"),
     ("bias_bf16", "base_bf16"),
     ("gpt2_fifo_bf16", "base_gpt2_bf16"),
+    ("dora_embed_bf16", "base_bf16"),
+    ("gpt2_dora_bf16", "base_gpt2_bf16"),
 ];
 
 fn lora(rel: &str) -> PathBuf {
@@ -157,19 +159,65 @@ fn config_and_tokenizer_are_copied() {
     );
 }
 
+/// Writes `tensors` as safetensors (names sorted) to `path`.
+fn write_st(path: &Path, tensors: &Tensors) {
+    let views: Vec<(String, safetensors::tensor::TensorView)> = tensors
+        .iter()
+        .map(|(n, (dt, shape, data))| {
+            let dtype = match dt.as_str() {
+                "BF16" => safetensors::Dtype::BF16,
+                "F32" => safetensors::Dtype::F32,
+                other => panic!("{other}"),
+            };
+            (
+                n.clone(),
+                safetensors::tensor::TensorView::new(dtype, shape.clone(), data).unwrap(),
+            )
+        })
+        .collect();
+    safetensors::serialize_to_file(views, None, path).unwrap();
+}
+
 /// A sharded base (index + 2 files) gives the same merge; a small --max-shard-size gives
 /// shards + index with the same tensors.
 #[test]
 fn sharded_base_and_sharded_output() {
     let t = tempfile::tempdir().unwrap();
     let want = tensors(&lora("lora_bf16/merged"));
+    // base_bf16 in two shards and an index, as transformers names them.
+    let base = t.path().join("base");
+    std::fs::create_dir_all(&base).unwrap();
+    std::fs::copy(lora("base_bf16/config.json"), base.join("config.json")).unwrap();
+    let all = tensors(&lora("base_bf16"));
+    let half = all.len() / 2;
+    let (first, second): (Tensors, Tensors) = (
+        all.iter()
+            .take(half)
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect(),
+        all.iter()
+            .skip(half)
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect(),
+    );
+    let names = [
+        "model-00001-of-00002.safetensors",
+        "model-00002-of-00002.safetensors",
+    ];
+    write_st(&base.join(names[0]), &first);
+    write_st(&base.join(names[1]), &second);
+    let weight_map: serde_json::Map<String, serde_json::Value> = first
+        .keys()
+        .map(|k| (k.clone(), names[0].into()))
+        .chain(second.keys().map(|k| (k.clone(), names[1].into())))
+        .collect();
+    std::fs::write(
+        base.join("model.safetensors.index.json"),
+        serde_json::to_vec(&serde_json::json!({"metadata": {}, "weight_map": weight_map})).unwrap(),
+    )
+    .unwrap();
     let out = t.path().join("a");
-    assert_ok(&merge(
-        &lora("base_bf16_sharded"),
-        &lora("lora_bf16/adapter"),
-        &out,
-        &[],
-    ));
+    assert_ok(&merge(&base, &lora("lora_bf16/adapter"), &out, &[]));
     assert_eq!(tensors(&out), want);
     let out = t.path().join("b");
     assert_ok(&merge(
@@ -308,20 +356,7 @@ fn mismatched_adapters_name_the_tensor() {
     copy_dir(&lora("base_bf16"), &base);
     let mut kept = tensors(&lora("base_bf16"));
     kept.remove("model.layers.1.self_attn.o_proj.weight");
-    let views: Vec<(String, safetensors::tensor::TensorView)> = kept
-        .iter()
-        .map(|(n, (dt, shape, data))| {
-            let dtype = match dt.as_str() {
-                "BF16" => safetensors::Dtype::BF16,
-                _ => safetensors::Dtype::F32,
-            };
-            (
-                n.clone(),
-                safetensors::tensor::TensorView::new(dtype, shape.clone(), data).unwrap(),
-            )
-        })
-        .collect();
-    safetensors::serialize_to_file(views, None, &base.join("model.safetensors")).unwrap();
+    write_st(&base.join("model.safetensors"), &kept);
     fails(
         &base,
         &lora("lora_bf16/adapter"),
@@ -334,6 +369,52 @@ fn mismatched_adapters_name_the_tensor() {
         "does not exist",
     );
     fails(&lora("base_bf16"), t.path(), "no adapter_config.json");
+}
+
+/// A `modules_to_save` copy saved in fp32 is rounded to the base's bf16 as PEFT's load does
+/// (here: bf16 values widened exactly, so the result must be PEFT's own).
+#[test]
+fn modules_to_save_copy_in_another_dtype() {
+    let t = tempfile::tempdir().unwrap();
+    let adapter = t.path().join("adapter");
+    copy_dir(&lora("embed_bf16/adapter"), &adapter);
+    let file = adapter.join("adapter_model.safetensors");
+    let mut all = tensors(&file);
+    let (dt, shape, data) = all.remove("base_model.model.lm_head.weight").unwrap();
+    assert_eq!(dt, "BF16");
+    let widened: Vec<u8> = data
+        .chunks_exact(2)
+        .flat_map(|c| [0, 0, c[0], c[1]])
+        .collect();
+    all.insert(
+        "base_model.model.lm_head.weight".into(),
+        ("F32".into(), shape, widened),
+    );
+    write_st(&file, &all);
+    let out = t.path().join("out");
+    assert_ok(&merge(
+        &lora("base_bf16"),
+        &adapter,
+        &out,
+        &["--memory-budget", "1KiB"],
+    ));
+    assert_eq!(tensors(&out), tensors(&lora("embed_bf16/merged")));
+}
+
+/// A wrong call is a usage error (exit 2); --help explains.
+#[test]
+fn usage() {
+    let o = axsave(&["merge-lora", "--base", "x"]);
+    assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
+    let o = axsave(&["merge-lora", "--config", "c.yml", "--base", "x"]);
+    assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
+    let o = axsave(&["merge-lora", "--help"]);
+    assert!(o.status.success());
+    let help = String::from_utf8_lossy(&o.stdout);
+    assert!(
+        help.contains("merge_and_unload") && help.contains("--max-shard-size"),
+        "{help}"
+    );
 }
 
 /// An output that already holds a model is refused without --force, and replaced with it.
@@ -377,11 +458,11 @@ fn launch_merge(n: &str, base: &Path, adapter: &Path, out: &Path, extra: &[&str]
 }
 
 /// Under `axsave launch -n 3` every rank merges a share of the tensors into the shared output
-/// files and rank 0 commits: the result is PEFT's, bit for bit.
+/// files (sharded at 20 KB) and rank 0 commits: every variant as PEFT merges it.
 #[test]
 fn three_ranks_share_the_merge() {
     let t = tempfile::tempdir().unwrap();
-    for (variant, base) in [("dora_bf16", "base_bf16"), ("embed_bf16", "base_bf16")] {
+    for (variant, base) in VARIANTS {
         let out = t.path().join(variant);
         let args = launch_merge(
             "3",
@@ -400,10 +481,11 @@ fn three_ranks_share_the_merge() {
                 .unwrap_or_else(|| panic!("rank {r} wrote nothing: {err}"));
             assert!(!line.contains("writing 0 of"), "{line}");
         }
-        assert_eq!(
-            tensors(&out),
-            tensors(&lora(&format!("{variant}/merged"))),
-            "{variant}"
+        compare(
+            &format!("{variant}, 3 ranks"),
+            &tensors(&lora(base)),
+            &tensors(&out),
+            &tensors(&lora(&format!("{variant}/merged"))),
         );
         assert!(
             common::listing(&out)

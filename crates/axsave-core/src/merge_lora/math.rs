@@ -10,8 +10,10 @@
 //!   the weight's dtype;
 //! - `Embedding.merge`: `weight += delta.to(weight.dtype)`: delta = `(B @ A)^T * scaling`,
 //!   rounded to the weight's dtype first, then the sum rounded again;
-//! - DoRA (`DoraLinearVariant.merge_unsafe`): `norm = ‖W + delta‖` per output row (fp32),
-//!   `W' = (magnitude / norm) * (W + delta)` in fp32, rounded once;
+//! - DoRA (`DoraLinearVariant.merge_unsafe`, `DoraEmbeddingVariant`): `norm = ‖W + delta‖` per
+//!   output row (fp32; per stored column for embeddings and `fan_in_fan_out`, whose DoRA layers
+//!   transpose the weight), `W' = (magnitude / norm) * (W + delta)` in fp32, rounded once (the
+//!   embedding's delta is not rounded first here);
 //! - `lora_bias`: `bias += lora_B.bias * scaling`, rounded once.
 
 use axsave_formats::DType;
@@ -182,6 +184,29 @@ pub fn dora_rows(w: &mut [f32], delta: &[f32], cols: usize, magnitude: &[f32]) {
         let factor = *m / norm;
         for x in row.iter_mut() {
             *x *= factor;
+        }
+    }
+}
+
+/// DoRA where the stored weight is transposed (`fan_in_fan_out`, embeddings): PEFT's norm runs
+/// over the stored rows, one per stored column. This adds the squares of `W + delta` for rows
+/// of a block to `acc` (one per column), in row order as torch's reduction over a strided
+/// dimension does (a product rounded, then a sum rounded); blocks must come in order.
+pub fn dora_column_squares(w: &[f32], delta: &[f32], cols: usize, acc: &mut [f32]) {
+    for (row, drow) in w.chunks_exact(cols).zip(delta.chunks_exact(cols)) {
+        for ((a, x), d) in acc.iter_mut().zip(row).zip(drow) {
+            let v = *x + *d;
+            *a += v * v;
+        }
+    }
+}
+
+/// The second pass of [`dora_column_squares`]: each column `j` of `W + delta` times
+/// `magnitude[j] / sqrt(acc[j])`, in fp32.
+pub fn dora_columns(w: &mut [f32], delta: &[f32], cols: usize, factor: &[f32]) {
+    for (row, drow) in w.chunks_exact_mut(cols).zip(delta.chunks_exact(cols)) {
+        for ((x, d), f) in row.iter_mut().zip(drow).zip(factor) {
+            *x = (*x + *d) * *f;
         }
     }
 }

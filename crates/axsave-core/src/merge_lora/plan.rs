@@ -225,19 +225,13 @@ pub fn plan(base: &Catalog, adapter: &Catalog, cfg: &AdapterConfig) -> Result<Me
             )));
         }
         if let Some(m) = p.magnitude {
-            if transposed {
-                return Err(err(format!(
-                    "{}: DoRA on an embedding or a fan_in_fan_out layer is not supported",
-                    adapter.tensors[m].name
-                )));
-            }
             if adapter.tensors[m].shape != [out_f] {
                 return Err(err(format!(
                     "{} {:?} does not fit {weight} {:?}",
                     adapter.tensors[m].name, adapter.tensors[m].shape, wt.shape
                 )));
             }
-        } else if cfg.use_dora && !p.embedding {
+        } else if cfg.use_dora {
             return Err(err(format!(
                 "use_dora is set but the adapter has no lora_magnitude_vector for {module}"
             )));
