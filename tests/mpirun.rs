@@ -283,3 +283,40 @@ fn an_unresolvable_store_address_fails_at_once() {
     assert!(took < Duration::from_secs(60), "took {took:?}");
     assert_no_output(out.path());
 }
+
+/// Without MPI linked in and without MASTER_ADDR/MASTER_PORT, rank 0 tells the others through
+/// PMIx (libpmix opened at run time) where its store listens, on a port free at the time: every
+/// rank says it got the address from PMIx, and the model is the reference.
+#[test]
+fn without_master_addr_the_store_address_comes_through_pmix() {
+    let exe = match launcher() {
+        Ok(e) if e.ends_with("mpirun") => e,
+        Ok(e) => return eprintln!("skipping: {e} is not Open MPI's mpirun (no PMIx)"),
+        Err(why) => return eprintln!("skipping: {why}"),
+    };
+    if cfg!(feature = "mpi") || !cfg!(feature = "pmix") {
+        return eprintln!(
+            "skipping: a build with MPI bootstraps through MPI, one without pmix never asks PMIx"
+        );
+    }
+    let src = fixture("dcp/fsdp_w4/checkpoint");
+    let out = tempfile::tempdir().unwrap();
+    let mut c = mpirun(
+        &exe,
+        3,
+        &["--source", s(&src), "--output", s(out.path())],
+        &[("RUST_LOG", "info,axsave=debug")],
+    );
+    c.env_remove("MASTER_PORT").env_remove("MASTER_ADDR");
+    let o = c.output().unwrap();
+    let err = stderr(&o);
+    if err.contains("PMIx unavailable") {
+        return eprintln!("skipping: no PMIx client library here (Debian: libpmix2): {err}");
+    }
+    assert!(o.status.success(), "{err}");
+    assert_eq!(err.matches("(from PMIx)").count(), 3, "{err}");
+    assert!(
+        std::fs::read(out.path().join("model.safetensors")).unwrap()
+            == std::fs::read(fixture("dcp/fsdp_w4/reference.safetensors")).unwrap()
+    );
+}
