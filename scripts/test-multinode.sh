@@ -25,7 +25,8 @@
 #   scripts/test-multinode.sh --keep   # leaves $RUN (logs, outputs) behind
 #
 # Environment:
-#   AXSAVE_BIN          the axsave binary (default: built with `cargo build`, target/debug/axsave)
+#   AXSAVE_BIN          the axsave binary, built without the `mpi` feature (an MPI build would
+#                       bootstrap through MPI, not PMIx); default: `cargo build`, target/debug/axsave
 #   AXSAVE_TEST_PYTHON  a python with torch, for the torchrun runs (skipped without it)
 set -uo pipefail
 cd "$(dirname "$0")/.."

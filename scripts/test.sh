@@ -4,6 +4,7 @@
 #
 # Environment:
 #   AXSAVE_TEST_PYTHON  a python with torch; enables the torch interop tests (skipped otherwise)
+#   AXSAVE_TEST_MULTINODE  0 skips scripts/test-multinode.sh (network namespaces; root)
 #   AXSAVE_TEST_SLURM   0 skips the Slurm tests (scripts/test-slurm.sh: a one-node Slurm on
 #                       localhost, which installs slurm-wlm and munge and must run as root)
 set -euo pipefail
@@ -57,5 +58,13 @@ elif [ "$(id -u)" = 0 ]; then
   CARGO_TEST_ARGS="--features mpi" scripts/test-slurm.sh
 else
   echo "==> skipping the Slurm tests: scripts/test-slurm.sh must run as root (it starts slurmd)"
+fi
+if [ "${AXSAVE_TEST_MULTINODE:-1}" = 0 ]; then
+  echo "==> skipping the multi-node tests (AXSAVE_TEST_MULTINODE=0)"
+else
+  # Uses the build without MPI that the last cargo test left (skips saying why when not root or
+  # without network namespaces).
+  echo "==> multi-node: scripts/test-multinode.sh"
+  scripts/test-multinode.sh
 fi
 echo "==> all tests passed"
