@@ -19,7 +19,9 @@
 # with MASTER_ADDR and without it (PMIx tells the ranks where rank 0 is); torchrun --nnodes 2
 # with a c10d rendezvous on node 0's address (needs AXSAVE_TEST_PYTHON, a python with torch);
 # and faults: node 1's link goes down while it copies (every rank must fail within --timeout,
-# nothing final-named left). Prints a PASS/FAIL matrix and `N passed, N failed`.
+# nothing final-named left); and, where Slurm is installed, `srun -N 2` on a two-node Slurm
+# (slurmctld on node 0, a slurmd in each node; munged outside). Prints a PASS/FAIL matrix and
+# `N passed, N failed`.
 #
 #   scripts/test-multinode.sh          # as root; skips (exit 0) saying why where it cannot run
 #   scripts/test-multinode.sh --keep   # leaves $RUN (logs, outputs) behind
@@ -58,6 +60,7 @@ RUN=$(mktemp -d /tmp/axsave-multinode.XXXXXX)
 nodes=2
 sw="$pfx-sw"
 cleanup() {
+  declare -F slurm_stop >/dev/null && slurm_stop
   for i in $(seq 0 $((nodes - 1))); do ip netns del "$pfx-n$i" 2>/dev/null; done
   ip netns del "$sw" 2>/dev/null
   if [ "$keep" = 1 ]; then echo "kept $RUN"; else rm -rf "$RUN"; fi
@@ -97,10 +100,12 @@ for i in $(seq 0 $((nodes - 1))); do
 done
 
 # `node I CMD...` runs CMD on node I: its network, its host name, its /etc/hosts, its scratch.
+# (nsenter rather than `ip netns exec`, which remounts /sys and so hides /sys/fs/cgroup from
+# slurmd.)
 cat >"$RUN/node" <<EOF
 #!/bin/sh
 i=\$1; shift
-exec ip netns exec "$pfx-n\$i" unshare --uts --mount sh -c '
+exec nsenter --net="/run/netns/$pfx-n\$i" unshare --uts --mount sh -c '
   hostname "axmn-node\$0" && mount --bind "$RUN/hosts\$0" /etc/hosts &&
   mount --bind "$RUN/node\$0" "$RUN/scratch" && exec "\$@"' "\$i" "\$@"
 EOF
@@ -438,7 +443,110 @@ else
   matrix+=("SKIP  torchrun --nnodes 2: AXSAVE_TEST_PYTHON is not set to a python with torch")
 fi
 
-matrix+=("SKIP  Slurm across the namespaces: not attempted (scripts/test-slurm.sh covers one node)")
+# --- Slurm across the nodes -------------------------------------------------------------------
+# slurmctld on node 0, a slurmd on each node (each in its node's namespaces, so the tasks it
+# starts see that node's scratch), munged outside (its socket is a file, which every namespace
+# sees); srun on node 0. MASTER_ADDR is not set: axsave takes the first host of the step's nodes.
+slurm_daemons=()
+slurm_stop() {
+  local f pid
+  for f in "$RUN"/slurm/run/*.pid; do
+    [ -e "$f" ] || continue
+    pid=$(cat "$f")
+    kill "$pid" 2>/dev/null
+    for _ in $(seq 50); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
+    kill -KILL "$pid" 2>/dev/null
+    rm -f "$f"
+  done
+}
+slurm_section() {
+  local b
+  export PATH="$PATH:/usr/sbin:/sbin"
+  for b in slurmctld slurmd srun sinfo munged; do
+    command -v "$b" >/dev/null || {
+      matrix+=("SKIP  Slurm across the nodes: $b is not installed (apt install slurmctld slurmd slurm-client munge)")
+      return
+    }
+  done
+  local d="$RUN/slurm"
+  mkdir -p "$d"/{etc,munge,run,state,log} "$d/spool-axmn-node0" "$d/spool-axmn-node1"
+  chmod 700 "$d/munge"
+  mungekey --create --keyfile="$d/munge/munge.key" 2>/dev/null ||
+    dd if=/dev/urandom of="$d/munge/munge.key" bs=1024 count=1 status=none
+  chmod 600 "$d/munge/munge.key"
+  conf="$d/etc/slurm.conf"
+  cat >"$conf" <<EOC
+ClusterName=axsavemn
+SlurmctldHost=axmn-node0(10.77.0.1)
+SlurmctldPort=6817
+SlurmdPort=6818
+SlurmUser=root
+SlurmdUser=root
+AuthType=auth/munge
+CredType=cred/munge
+AuthInfo=socket=$d/run/munge.socket
+StateSaveLocation=$d/state
+SlurmdSpoolDir=$d/spool-%n
+SlurmctldPidFile=$d/run/slurmctld.pid
+SlurmdPidFile=$d/run/slurmd-%n.pid
+SlurmctldLogFile=$d/log/slurmctld.log
+SlurmdLogFile=$d/log/slurmd-%n.log
+MailProg=/bin/true
+ProctrackType=proctrack/linuxproc
+TaskPlugin=task/none
+JobAcctGatherType=jobacct_gather/none
+AccountingStorageType=accounting_storage/none
+JobCompType=jobcomp/none
+MpiDefault=none
+SwitchType=switch/none
+SchedulerType=sched/builtin
+SelectType=select/cons_tres
+SelectTypeParameters=CR_Core
+SlurmdParameters=config_overrides
+ReturnToService=2
+MinJobAge=300
+NodeName=axmn-node0 NodeAddr=10.77.0.1 CPUs=2 State=UNKNOWN
+NodeName=axmn-node1 NodeAddr=10.77.0.2 CPUs=2 State=UNKNOWN
+PartitionName=debug Nodes=axmn-node[0-1] Default=YES MaxTime=30 State=UP OverSubscribe=FORCE
+EOC
+  munged --force --socket="$d/run/munge.socket" --key-file="$d/munge/munge.key" \
+    --pid-file="$d/run/munged.pid" --seed-file="$d/munge/munged.seed" \
+    --log-file="$d/log/munged.log" || { matrix+=("SKIP  Slurm across the nodes: munged does not start"); return; }
+  node 0 env SLURM_CONF="$conf" slurmctld -f "$conf"
+  node 0 env SLURM_CONF="$conf" slurmd -f "$conf" -N axmn-node0
+  node 1 env SLURM_CONF="$conf" slurmd -f "$conf" -N axmn-node1
+  local state=""
+  for _ in $(seq 300); do
+    state=$(node 0 env SLURM_CONF="$conf" sinfo -h -o %T 2>/dev/null | sort -u | xargs)
+    [ "$state" = idle ] && break
+    sleep 0.1
+  done
+  if [ "$state" != idle ]; then
+    record "Slurm (srun -N 2)" - "cluster start" 0 "nodes are '${state:-no answer}' (logs in $d/log)"
+    for f in "$d"/log/*.log; do echo "    $f:"; tail -5 "$f" | sed 's/^/      /'; done
+    return
+  fi
+  local mode
+  for mode in gather sharded; do
+    local name="srun-$mode" out="$RUN/out-srun-$mode"
+    mkdir -p "$out"
+    local t0
+    t0=$(date +%s.%N)
+    node 0 env SLURM_CONF="$conf" RUST_LOG=info,axsave_core=debug timeout -k 5 120 \
+      srun -N 2 -n 4 --ntasks-per-node 2 "$AXSAVE_BIN" --source "$source_arg" --output "$out" \
+      --mode "$mode" --transport tcp --timeout 5 --rendezvous-timeout 30 >"$RUN/$name.0.log" 2>&1
+    rc=$?
+    secs=$(awk -v a="$t0" -v b="$(date +%s.%N)" 'BEGIN { printf "%.1f", b - a }')
+    ok=0
+    why="exit code $rc"
+    if [ "$rc" = 0 ] && check_output "$out" "$mode" && check_published "$RUN/$name.0.log" &&
+      check_store "$RUN/$name.0.log" axmn-node0; then ok=1; why=""; fi
+    record "Slurm (srun -N 2, no MASTER_ADDR)" "$mode" none "$ok" "${why:-${secs}s}"
+    [ "$ok" = 1 ] || show_logs "$name"
+  done
+}
+slurm_section
+slurm_stop
 
 echo
 echo "==> multi-node matrix (launcher x mode x fault), 2 nodes x 2 ranks"
