@@ -33,7 +33,7 @@
 #                       without it)
 #   AXSAVE_TEST_PYTHON  a python with torch, for the torchrun runs (skipped without it)
 set -uo pipefail
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/.." || exit 1
 repo=$(pwd)
 
 keep=0
@@ -329,16 +329,18 @@ link_down() { # link_down MODE
   else
     after=$(awk -v a="$(cat "$RUN/$name.down")" -v b="$(date +%s.%N)" 'BEGIN { printf "%.1f", b - a }')
     for rc in $rcs; do [ "$rc" != 0 ] || { ok=0; why="a rank exited 0 (exit codes $rcs)"; }; done
-    for rc in $rcs; do [ "$rc" != 124 ] && [ "$rc" != 137 ] || { ok=0; why="a rank hung until killed (exit codes $rcs)"; }; done
+    for rc in $rcs; do
+      if [ "$rc" = 124 ] || [ "$rc" = 137 ]; then ok=0; why="a rank hung until killed (exit codes $rcs)"; fi
+    done
     # --timeout 5: a peer's silence is noticed after 5 s, a blocked write after 5 s more.
     awk -v s="$after" 'BEGIN { exit !(s <= 20) }' || { ok=0; why="ranks took ${after}s after the link went down"; }
     local final
-    final=$(find "$RUN/out-$name" -maxdepth 1 \( -name 'model*.safetensors' -o -name 'model.safetensors.index.json' \) | xargs)
+    final=$(find "$RUN/out-$name" -maxdepth 1 \( -name 'model*.safetensors' -o -name 'model.safetensors.index.json' \) -printf '%f ')
     [ -z "$final" ] || { ok=0; why="final-named files left: $final"; }
-    # Rank 0's temporaries: node 1's ranks cannot reach the shared directory's owner... but the
-    # directory is shared here, so nothing of the run may stay.
+    # No temporaries either: the output directory is shared, so whichever rank made them, the
+    # ranks that can still see it remove them.
     local tmp
-    tmp=$(find "$RUN/out-$name" -name '*axsave*' | xargs)
+    tmp=$(find "$RUN/out-$name" -name '*axsave*' -printf '%f ')
     [ -z "$tmp" ] || { ok=0; why="temporaries left: $tmp"; }
   fi
   record "env (MASTER_ADDR=axmn-node0)" "$mode" "link down on node 1" "$ok" \
@@ -466,7 +468,6 @@ fi
 # slurmctld on node 0, a slurmd on each node (each in its node's namespaces, so the tasks it
 # starts see that node's scratch), munged outside (its socket is a file, which every namespace
 # sees); srun on node 0. MASTER_ADDR is not set: axsave takes the first host of the step's nodes.
-slurm_daemons=()
 slurm_stop() {
   local f pid
   for f in "$RUN"/slurm/run/*.pid; do
