@@ -40,7 +40,9 @@ echo "==> cargo test (with MPI; then the mpirun tests once more without it: TCP 
 log=$(mktemp)
 trap 'rm -f "$log"' EXIT
 set +e
-{ cargo test --workspace --features mpi 2>&1 && cargo test --test mpirun 2>&1; } | tee "$log" | grep --line-buffered -E "^test result|^     Running|skipping"
+# (The MPI build of the binary is kept for scripts/test-multinode.sh.)
+{ cargo test --workspace --features mpi 2>&1 && cp target/debug/axsave target/debug/axsave-mpi &&
+  cargo test --test mpirun 2>&1; } | tee "$log" | grep --line-buffered -E "^test result|^     Running|skipping"
 rc=${PIPESTATUS[0]}
 set -e
 if [ "$rc" != 0 ]; then
@@ -62,9 +64,9 @@ fi
 if [ "${AXSAVE_TEST_MULTINODE:-1}" = 0 ]; then
   echo "==> skipping the multi-node tests (AXSAVE_TEST_MULTINODE=0)"
 else
-  # Uses the build without MPI that the last cargo test left (skips saying why when not root or
-  # without network namespaces).
+  # The default build, and the MPI build kept above (skips saying why when not root or without
+  # network namespaces).
   echo "==> multi-node: scripts/test-multinode.sh"
-  scripts/test-multinode.sh
+  AXSAVE_MPI_BIN=target/debug/axsave-mpi scripts/test-multinode.sh
 fi
 echo "==> all tests passed"
