@@ -39,17 +39,23 @@ impl Ready {
     }
 }
 
-/// Sets up MPI when `use_mpi` (adjusting `world` for its bootstrap), else nothing.
-pub fn setup(use_mpi: bool, world: &mut World, timeout: std::time::Duration) -> Result<Ready> {
+/// Sets up MPI when `use_mpi` (adjusting `world` for its bootstrap), else, under a PMIx launcher
+/// without MASTER_ADDR, learns rank 0's store through PMIx (waiting up to `join_timeout`).
+pub fn setup(
+    use_mpi: bool,
+    world: &mut World,
+    timeout: std::time::Duration,
+    join_timeout: std::time::Duration,
+) -> Result<Ready> {
     #[cfg(feature = "mpi")]
     if use_mpi {
         return mpi_setup(world, timeout);
     }
     #[cfg(feature = "pmix")]
     if wants_pmix(world, &|k| std::env::var(k).ok()) {
-        pmix_bootstrap(world)?;
+        pmix_bootstrap(world, join_timeout)?;
     }
-    let _ = (use_mpi, &world, timeout);
+    let _ = (use_mpi, &world, timeout, join_timeout);
     Ok(Ready {
         net: Net::Tcp,
         #[cfg(feature = "mpi")]
@@ -71,7 +77,7 @@ fn wants_pmix(world: &World, env: &dyn Fn(&str) -> Option<String>) -> bool {
 /// rank is on its node; MASTER_PORT or a port free right now); every rank takes it as MASTER_ADDR/MASTER_PORT. Without libpmix a job on
 /// one node keeps the loopback default; across nodes that is an error naming MASTER_ADDR.
 #[cfg(feature = "pmix")]
-fn pmix_bootstrap(world: &mut World) -> Result<()> {
+fn pmix_bootstrap(world: &mut World, join_timeout: std::time::Duration) -> Result<()> {
     let value = if world.rank == 0 {
         // Every rank on this node: the loopback default (the world's); else the host name.
         let host = match &world.master_addr {
@@ -93,13 +99,20 @@ fn pmix_bootstrap(world: &mut World) -> Result<()> {
     } else {
         None
     };
-    let text = match axsave_dist::pmix::share_from_rank0(world.rank, value.as_deref()) {
+    let text = match axsave_dist::pmix::share_from_rank0(world.rank, value.as_deref(), join_timeout)
+    {
         Ok(t) => t,
         Err(e) => {
-            if world.master_addr.is_some() {
-                // Every rank on this node: the loopback default works without PMIx.
+            if world.master_addr.is_some() && matches!(e, axsave_dist::pmix::PmixError::Load(_)) {
+                // Every rank on this node: the loopback default works without libpmix (and
+                // every rank here lacks it alike).
                 tracing::debug!("PMIx unavailable, using {:?}: {e}", world.master_addr);
                 return Ok(());
+            }
+            if world.master_addr.is_some() {
+                anyhow::bail!(
+                    "rank 0's store address could not come through PMIx: {e} (--rendezvous-timeout bounds the wait)"
+                );
             }
             anyhow::bail!(
                 "{} started ranks on several nodes and gives no MASTER_ADDR, and rank 0's address cannot come through PMIx: {e}; set MASTER_ADDR to the host of rank 0",

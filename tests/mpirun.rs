@@ -320,3 +320,57 @@ fn without_master_addr_the_store_address_comes_through_pmix() {
             == std::fs::read(fixture("dcp/fsdp_w4/reference.safetensors")).unwrap()
     );
 }
+
+/// A rank that does not reach the PMIx exchange (here: it starts 30 s late) fails the job
+/// within --rendezvous-timeout, saying so, instead of leaving the others in PMIx_Fence.
+#[test]
+fn a_late_rank_fails_the_pmix_exchange_within_the_rendezvous_timeout() {
+    let exe = match launcher() {
+        Ok(e) if e.ends_with("mpirun") => e,
+        Ok(e) => return eprintln!("skipping: {e} is not Open MPI's mpirun (no PMIx)"),
+        Err(why) => return eprintln!("skipping: {why}"),
+    };
+    if cfg!(feature = "mpi") || !cfg!(feature = "pmix") {
+        return eprintln!(
+            "skipping: a build with MPI bootstraps through MPI, one without pmix never asks PMIx"
+        );
+    }
+    let t = tempfile::tempdir().unwrap();
+    let late = t.path().join("late.sh");
+    std::fs::write(
+        &late,
+        format!(
+            "#!/bin/sh\n[ \"$OMPI_COMM_WORLD_RANK\" = 1 ] && sleep 30\nexec '{}' \"$@\"\n",
+            bin().display()
+        ),
+    )
+    .unwrap();
+    std::fs::set_permissions(&late, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    let src = fixture("dcp/fsdp_w2/checkpoint");
+    let out = t.path().join("out");
+    let mut c = Command::new(&exe);
+    clean_env(&mut c);
+    c.args(["--oversubscribe", "--allow-run-as-root", "-n", "2"])
+        .arg(&late)
+        .args([
+            "--source",
+            s(&src),
+            "--output",
+            s(&out),
+            "--rendezvous-timeout",
+            "2",
+        ])
+        .env("OMPI_ALLOW_RUN_AS_ROOT", "1")
+        .env("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1");
+    let start = Instant::now();
+    let o = c.output().unwrap();
+    let took = start.elapsed();
+    let err = stderr(&o);
+    if err.contains("PMIx unavailable") {
+        return eprintln!("skipping: no PMIx client library here (Debian: libpmix2)");
+    }
+    assert!(!o.status.success(), "{err}");
+    assert!(err.contains("PMIx_Fence failed"), "{err}");
+    assert!(took < Duration::from_secs(25), "took {took:?}");
+    assert!(!out.join("model.safetensors").exists());
+}

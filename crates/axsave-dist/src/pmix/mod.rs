@@ -30,8 +30,14 @@ pub fn launched_by_pmix(env: &dyn Fn(&str) -> Option<String>) -> bool {
 
 /// Every rank of the job calls this once: rank 0 with `Some(value)`, which it posts, the others
 /// with `None`; all get rank 0's value back. `expect_rank` is the rank the environment gave,
-/// checked against PMIx's. Blocks until every rank of the job has called it.
-pub fn share_from_rank0(expect_rank: usize, value: Option<&str>) -> Result<String, PmixError> {
+/// checked against PMIx's. Blocks until every rank of the job has called it, at most `timeout`
+/// where the PMIx server honours `PMIX_TIMEOUT` (a rank that dies instead makes the launcher
+/// end the job).
+pub fn share_from_rank0(
+    expect_rank: usize,
+    value: Option<&str>,
+    timeout: std::time::Duration,
+) -> Result<String, PmixError> {
     let mut c = Client::init()?;
     if c.rank() as usize != expect_rank {
         return Err(PmixError::BadValue {
@@ -52,10 +58,10 @@ pub fn share_from_rank0(expect_rank: usize, value: Option<&str>) -> Result<Strin
         c.put_string(STORE_KEY, v)?;
     }
     c.commit()?;
-    c.fence()?;
+    c.fence(timeout)?;
     match value {
         Some(v) => Ok(v.to_owned()),
-        None => c.get_string(0, STORE_KEY),
+        None => c.get_string(0, STORE_KEY, timeout),
     }
 }
 

@@ -2,10 +2,11 @@
 //! only.
 
 use std::ffi::{CStr, CString};
+use std::time::Duration;
 
 use super::result::{PmixError, check};
 use super::sys::{
-    self, PMIX_GLOBAL, PMIX_STRING, Pmix, pmix_proc_t, pmix_value_data, pmix_value_t,
+    self, PMIX_GLOBAL, PMIX_STRING, Pmix, pmix_info_t, pmix_proc_t, pmix_value_data, pmix_value_t,
 };
 
 /// This process as a PMIx client (between `PMIx_Init` and `PMIx_Finalize`).
@@ -85,22 +86,33 @@ impl Client {
     }
 
     /// Waits until every process of the job has reached the fence (after which what each
-    /// committed before it can be fetched).
-    pub fn fence(&mut self) -> Result<(), PmixError> {
-        // SAFETY: NULL procs means every process of this job; no info array.
-        let rc = unsafe { (self.pmix.fence)(std::ptr::null(), 0, std::ptr::null(), 0) };
+    /// committed before it can be fetched), at most `timeout` where the server honours
+    /// `PMIX_TIMEOUT`.
+    pub fn fence(&mut self, timeout: Duration) -> Result<(), PmixError> {
+        let info = pmix_info_t::timeout(seconds(timeout));
+        // SAFETY: NULL procs means every process of this job; one valid info, read only
+        // during the call.
+        let rc = unsafe { (self.pmix.fence)(std::ptr::null(), 0, (&raw const info).cast(), 1) };
         check(self.pmix, "PMIx_Fence", rc)
     }
 
-    /// The string that process `rank` of this job put under `key`.
-    pub fn get_string(&mut self, rank: u32, key: &str) -> Result<String, PmixError> {
+    /// The string that process `rank` of this job put under `key`, waiting at most `timeout`
+    /// for it where the server honours `PMIX_TIMEOUT`.
+    pub fn get_string(
+        &mut self,
+        rank: u32,
+        key: &str,
+        timeout: Duration,
+    ) -> Result<String, PmixError> {
         let k = Self::key(key)?;
         let mut proc_ = self.me;
         proc_.rank = rank;
+        let info = pmix_info_t::timeout(seconds(timeout));
         let mut out: *mut pmix_value_t = std::ptr::null_mut();
-        // SAFETY: `proc_` and `k` are valid for the call; PMIx stores a pointer to a value it
-        // allocated in `out`.
-        let rc = unsafe { (self.pmix.get)(&proc_, k.as_ptr(), std::ptr::null(), 0, &mut out) };
+        // SAFETY: `proc_`, `k` and `info` are valid for the call; PMIx stores a pointer to a
+        // value it allocated in `out`.
+        let rc =
+            unsafe { (self.pmix.get)(&proc_, k.as_ptr(), (&raw const info).cast(), 1, &mut out) };
         check(self.pmix, "PMIx_Get", rc)?;
         if out.is_null() {
             return Err(PmixError::BadValue {
@@ -134,6 +146,11 @@ impl Client {
             reason,
         })
     }
+}
+
+/// Whole seconds for `PMIX_TIMEOUT`, at least 1 (0 would mean "never").
+fn seconds(d: Duration) -> std::ffi::c_int {
+    d.as_secs().clamp(1, i32::MAX as u64) as std::ffi::c_int
 }
 
 impl std::fmt::Debug for Client {

@@ -37,6 +37,10 @@ pub const PMIX_GLOBAL: pmix_scope_t = 3;
 pub const PMIX_MAX_NSLEN: usize = 255;
 /// `PMIX_MAX_KEYLEN`.
 pub const PMIX_MAX_KEYLEN: usize = 511;
+/// `PMIX_INT`: a C `int`.
+pub const PMIX_INT: pmix_data_type_t = 6;
+/// `PMIX_TIMEOUT`: seconds before an operation gives up (an `int`; 0: never).
+pub const PMIX_TIMEOUT: &str = "pmix.timeout";
 
 /// `pmix_proc_t`: a namespace (the job) and a rank in it.
 #[repr(C)]
@@ -68,14 +72,51 @@ pub struct pmix_value_t {
     pub data: pmix_value_data,
 }
 
-/// The union of `pmix_value_t`, reduced to the member axsave uses and the union's size.
+/// The union of `pmix_value_t`, reduced to the members axsave uses and the union's size.
 #[repr(C)]
 #[derive(Clone, Copy)]
 pub union pmix_value_data {
     /// `char *string` (`PMIX_STRING`).
     pub string: *mut c_char,
+    /// `int integer` (`PMIX_INT`).
+    pub integer: c_int,
     /// The union's size and alignment.
     pub _size: [u64; 3],
+}
+
+/// `pmix_info_t`: a key, directive flags and a value (a directive to an operation).
+#[repr(C)]
+pub struct pmix_info_t {
+    /// `pmix_key_t`: `char[PMIX_MAX_KEYLEN + 1]`, NUL-terminated.
+    pub key: [c_char; PMIX_MAX_KEYLEN + 1],
+    /// `pmix_info_directives_t` (0: optional, a server may ignore it).
+    pub flags: u32,
+    /// The value.
+    pub value: pmix_value_t,
+}
+
+impl pmix_info_t {
+    /// `PMIX_TIMEOUT` = `seconds`, optional.
+    pub fn timeout(seconds: c_int) -> Self {
+        let mut key = [0 as c_char; PMIX_MAX_KEYLEN + 1];
+        for (k, b) in key.iter_mut().zip(PMIX_TIMEOUT.bytes()) {
+            *k = b as c_char;
+        }
+        pmix_info_t {
+            key,
+            flags: 0,
+            value: pmix_value_t {
+                type_: PMIX_INT,
+                data: pmix_value_data { _size: [0; 3] },
+            },
+        }
+        .with_int(seconds)
+    }
+
+    fn with_int(mut self, v: c_int) -> Self {
+        self.value.data.integer = v;
+        self
+    }
 }
 
 /// `PMIx_Init(pmix_proc_t *proc, pmix_info_t info[], size_t ninfo)`.
@@ -248,6 +289,19 @@ mod tests {
         // pmix_value_t: a uint16_t, padding, a 24-byte union aligned to 8.
         assert_eq!(std::mem::size_of::<pmix_value_t>(), 32);
         assert_eq!(std::mem::offset_of!(pmix_value_t, data), 8);
+        // pmix_info_t: char[512], a uint32_t, then the value at the next multiple of 8.
+        assert_eq!(std::mem::offset_of!(pmix_info_t, flags), 512);
+        assert_eq!(std::mem::offset_of!(pmix_info_t, value), 520);
+        assert_eq!(std::mem::size_of::<pmix_info_t>(), 552);
+        let t = pmix_info_t::timeout(42);
+        assert_eq!(t.value.type_, PMIX_INT);
+        // SAFETY: `integer` is the member just written.
+        assert_eq!(unsafe { t.value.data.integer }, 42);
+        assert_eq!(
+            t.key[..12].iter().map(|&c| c as u8).collect::<Vec<_>>(),
+            b"pmix.timeout"
+        );
+        assert_eq!(t.key[12], 0);
     }
 
     #[test]
