@@ -359,12 +359,13 @@ mpi_run() {
   local out="$RUN/out-$name"
   mkdir -p "$out"
   next_port
-  local t0 bin=${MPI_RUN_BIN:-$AXSAVE_BIN} transport=${MPI_RUN_TRANSPORT:-tcp}
+  local t0 bin=${MPI_RUN_BIN:-$AXSAVE_BIN} transport=${MPI_RUN_TRANSPORT:-tcp} pre=()
+  [ -z "${MPI_RUN_WRAP:-}" ] || pre=("$MPI_RUN_WRAP")
   t0=$(date +%s.%N)
-  node 0 timeout -k 5 120 mpirun --hostfile "$RUN/hostfile" -n 4 \
+  node 0 timeout -k 5 "${MPI_RUN_LIMIT:-120}" mpirun --hostfile "$RUN/hostfile" -n 4 \
     --mca plm_rsh_agent "$RUN/rsh" --mca oob_tcp_if_include 10.77.0.0/24 \
     --mca btl_tcp_if_include 10.77.0.0/24 -x RUST_LOG=info,axsave=debug,axsave_core=debug "$@" \
-    "$bin" --source "$source_arg" --output "$out" --mode "$mode" --transport "$transport" \
+    "${pre[@]}" "$bin" --source "$source_arg" --output "$out" --mode "$mode" --transport "$transport" \
     --timeout 5 --rendezvous-timeout 30 >"$RUN/$name.0.log" 2>&1
   rc=$?
   secs=$(awk -v a="$t0" -v b="$(date +%s.%N)" 'BEGIN { printf "%.1f", b - a }')
@@ -401,6 +402,75 @@ if command -v mpirun >/dev/null; then
   fi
   [ -z "$(find "$RUN/out-$name" -name 'model*')" ] || { ok=0; why="files left"; }
   record "mpirun (no MASTER_ADDR, no libpmix)" gather "clear error" "$ok" "$why"
+  [ "$ok" = 1 ] || show_logs "$name"
+  # Node 1's link goes down while rank 2 copies (PMIx bootstrap, gather): within 20 s every
+  # rank must have failed: printed its error into its own stderr (each rank writes it itself,
+  # into the shared directory, since mpirun has lost node 1's daemon), or, on node 0, been ended
+  # by mpirun, which aborts the job when the first rank exits non-zero (rank 0 lingers up to
+  # 5 s for its peers to leave the store before it prints its error).
+  name=mpirun-linkdown
+  cat >"$RUN/own-stderr" <<'EOW'
+#!/bin/sh
+echo $$ >"$AXSAVE_STDERR_PREFIX.$OMPI_COMM_WORLD_RANK.pid"
+exec "$@" 2>"$AXSAVE_STDERR_PREFIX.$OMPI_COMM_WORLD_RANK.err"
+EOW
+  chmod +x "$RUN/own-stderr"
+  stalled="$RUN/$name.stalled"
+  release="$RUN/$name.release"
+  (
+    while [ ! -f "$stalled" ]; do sleep 0.05; done
+    ip -n "$sw" link set p1 down
+    date +%s.%N >"$RUN/$name.down"
+    touch "$release"
+    # When each rank's process ends (the ranks are this script's own, started through mpirun).
+    for r in 0 1 2 3; do
+      (
+        pid=$(cat "$RUN/$name.rank.$r.pid")
+        while kill -0 "$pid" 2>/dev/null; do sleep 0.1; done
+        date +%s >"$RUN/$name.rank.$r.gone"
+      ) &
+    done
+    wait
+  ) &
+  watcher=$!
+  MPI_RUN_LIMIT=40 MPI_RUN_WRAP="$RUN/own-stderr" mpi_run "$name" gather -x AXSAVE_FAULT=copying@2 \
+    -x AXSAVE_FAULT_FILE="$stalled" -x AXSAVE_FAULT_RELEASE="$release" \
+    -x AXSAVE_STDERR_PREFIX="$RUN/$name.rank"
+  kill "$watcher" 2>/dev/null
+  wait "$watcher" 2>/dev/null
+  ip -n "$sw" link set p1 up
+  wait_linked
+  ok=1
+  why=""
+  if [ ! -f "$RUN/$name.down" ]; then
+    ok=0
+    why="rank 2 never reached its first piece (exit code $rc)"
+  else
+    down=$(cut -d. -f1 "$RUN/$name.down")
+    late=""
+    for r in 0 1 2 3; do
+      f="$RUN/$name.rank.$r.err"
+      if [ ! -f "$RUN/$name.rank.$r.gone" ]; then ok=0; why="rank $r still ran when mpirun ended"; continue; fi
+      t=$(($(cat "$RUN/$name.rank.$r.gone") - down))
+      if grep -q ERROR "$f" 2>/dev/null; then
+        late="$late $t"
+      elif [ "$r" -lt 2 ]; then
+        late="$late ${t}(ended by mpirun)"
+      else
+        ok=0
+        why="rank $r printed no error"
+      fi
+      [ "$t" -le 20 ] || { ok=0; why="rank $r ended ${t}s after the link went down"; }
+    done
+    [ "$rc" != 0 ] || { ok=0; why="mpirun exited 0"; }
+    mpirun_said="exit $rc after ${secs}s"
+    [ "$rc" != 124 ] && [ "$rc" != 137 ] || mpirun_said="hung, killed after ${secs}s"
+    ! grep -q 'Segmentation fault' "$RUN/$name.0.log" || mpirun_said="SIGSEGV in PMIx_Finalize, $mpirun_said"
+    final=$(find "$RUN/out-$name" -maxdepth 1 \( -name 'model*.safetensors' -o -name 'model.safetensors.index.json' -o -name '*axsave*' \) -printf '%f ')
+    [ -z "$final" ] || { ok=0; why="files left: $final"; }
+  fi
+  record "mpirun (no MASTER_ADDR: PMIx)" gather "link down on node 1" "$ok" \
+    "${why:-ranks ended after${late} s; mpirun itself: $mpirun_said}"
   [ "$ok" = 1 ] || show_logs "$name"
   # A build with MPI: MPI's broadcast tells the ranks where rank 0's store is (its host name),
   # and MPI carries the pieces between the nodes.
