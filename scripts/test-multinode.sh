@@ -350,6 +350,81 @@ link_down() { # link_down MODE
 link_down gather
 link_down sharded
 
+# --- a link goes down under a launcher ---------------------------------------------------------
+# The ranks run through `own-stderr`, which records each rank's process id and sends its stderr
+# to a file of its own (the launcher, cut off from node 1, may not forward it).
+cat >"$RUN/own-stderr" <<'EOW'
+#!/bin/sh
+r=${OMPI_COMM_WORLD_RANK:-${SLURM_PROCID:-x}}
+echo $$ >"$AXSAVE_STDERR_PREFIX.$r.pid"
+exec "$@" 2>"$AXSAVE_STDERR_PREFIX.$r.err"
+EOW
+chmod +x "$RUN/own-stderr"
+
+# watch_link_down NAME: in the background, once rank 2 stalls at its first piece, takes node 1's
+# link down, releases rank 2 and notes when each rank's process ends.
+watch_link_down() {
+  local name=$1
+  (
+    while [ ! -f "$RUN/$name.stalled" ]; do sleep 0.05; done
+    ip -n "$sw" link set p1 down
+    date +%s.%N >"$RUN/$name.down"
+    touch "$RUN/$name.release"
+    for r in 0 1 2 3; do
+      (
+        pid=$(cat "$RUN/$name.rank.$r.pid")
+        # The ranks are this script's own, started through the launcher.
+        while kill -0 "$pid" 2>/dev/null; do sleep 0.1; done
+        date +%s >"$RUN/$name.rank.$r.gone"
+      ) &
+    done
+    wait
+  ) &
+  watcher=$!
+}
+
+# judge_link_down NAME LAUNCHER LABEL: within 20 s of the link going down every rank must have
+# ended, node 1's having printed their error; node 0's may instead have been ended by the
+# launcher, which aborts the job when the first rank exits non-zero (rank 0 lingers up to 5 s for
+# its peers to leave the store before it prints its error). Nothing final-named may be left.
+judge_link_down() {
+  local name=$1 launcher=$2 label=$3
+  kill "$watcher" 2>/dev/null
+  wait "$watcher" 2>/dev/null
+  ip -n "$sw" link set p1 up
+  wait_linked
+  local ok=1 late="" said="" r t f final down
+  why=""
+  if [ ! -f "$RUN/$name.down" ]; then
+    ok=0
+    why="rank 2 never reached its first piece (exit code $rc)"
+  else
+    down=$(cut -d. -f1 "$RUN/$name.down")
+    for r in 0 1 2 3; do
+      f="$RUN/$name.rank.$r.err"
+      if [ ! -f "$RUN/$name.rank.$r.gone" ]; then ok=0; why="rank $r still ran when $launcher ended"; continue; fi
+      t=$(($(cat "$RUN/$name.rank.$r.gone") - down))
+      if grep -q ERROR "$f" 2>/dev/null; then
+        late="$late $t"
+      elif [ "$r" -lt 2 ]; then
+        late="$late ${t}(ended by $launcher)"
+      else
+        ok=0
+        why="rank $r printed no error"
+      fi
+      [ "$t" -le 20 ] || { ok=0; why="rank $r ended ${t}s after the link went down"; }
+    done
+    [ "$rc" != 0 ] || { ok=0; why="$launcher exited 0"; }
+    said="exit $rc after ${secs}s"
+    [ "$rc" != 124 ] && [ "$rc" != 137 ] || said="hung, killed after ${secs}s"
+    ! grep -q 'Segmentation fault' "$RUN/$name.0.log" || said="SIGSEGV in PMIx_Finalize, $said"
+    final=$(find "$RUN/out-$name" -maxdepth 1 \( -name 'model*.safetensors' -o -name 'model.safetensors.index.json' -o -name '*axsave*' \) -printf '%f ')
+    [ -z "$final" ] || { ok=0; why="files left: $final"; }
+  fi
+  record "$label" gather "link down on node 1" "$ok" "${why:-ranks ended after${late} s; $launcher itself: $said}"
+  [ "$ok" = 1 ] || show_logs "$name"
+}
+
 # --- mpirun across the nodes ------------------------------------------------------------------
 # mpirun runs on node 0 (as a user logged in there would); Open MPI starts its daemon on node 1
 # through the rsh agent. `mpi_run NAME MODE [mpirun args...]`
@@ -409,69 +484,11 @@ if command -v mpirun >/dev/null; then
   # by mpirun, which aborts the job when the first rank exits non-zero (rank 0 lingers up to
   # 5 s for its peers to leave the store before it prints its error).
   name=mpirun-linkdown
-  cat >"$RUN/own-stderr" <<'EOW'
-#!/bin/sh
-echo $$ >"$AXSAVE_STDERR_PREFIX.$OMPI_COMM_WORLD_RANK.pid"
-exec "$@" 2>"$AXSAVE_STDERR_PREFIX.$OMPI_COMM_WORLD_RANK.err"
-EOW
-  chmod +x "$RUN/own-stderr"
-  stalled="$RUN/$name.stalled"
-  release="$RUN/$name.release"
-  (
-    while [ ! -f "$stalled" ]; do sleep 0.05; done
-    ip -n "$sw" link set p1 down
-    date +%s.%N >"$RUN/$name.down"
-    touch "$release"
-    # When each rank's process ends (the ranks are this script's own, started through mpirun).
-    for r in 0 1 2 3; do
-      (
-        pid=$(cat "$RUN/$name.rank.$r.pid")
-        while kill -0 "$pid" 2>/dev/null; do sleep 0.1; done
-        date +%s >"$RUN/$name.rank.$r.gone"
-      ) &
-    done
-    wait
-  ) &
-  watcher=$!
+  watch_link_down "$name"
   MPI_RUN_LIMIT=40 MPI_RUN_WRAP="$RUN/own-stderr" mpi_run "$name" gather -x AXSAVE_FAULT=copying@2 \
-    -x AXSAVE_FAULT_FILE="$stalled" -x AXSAVE_FAULT_RELEASE="$release" \
+    -x AXSAVE_FAULT_FILE="$RUN/$name.stalled" -x AXSAVE_FAULT_RELEASE="$RUN/$name.release" \
     -x AXSAVE_STDERR_PREFIX="$RUN/$name.rank"
-  kill "$watcher" 2>/dev/null
-  wait "$watcher" 2>/dev/null
-  ip -n "$sw" link set p1 up
-  wait_linked
-  ok=1
-  why=""
-  if [ ! -f "$RUN/$name.down" ]; then
-    ok=0
-    why="rank 2 never reached its first piece (exit code $rc)"
-  else
-    down=$(cut -d. -f1 "$RUN/$name.down")
-    late=""
-    for r in 0 1 2 3; do
-      f="$RUN/$name.rank.$r.err"
-      if [ ! -f "$RUN/$name.rank.$r.gone" ]; then ok=0; why="rank $r still ran when mpirun ended"; continue; fi
-      t=$(($(cat "$RUN/$name.rank.$r.gone") - down))
-      if grep -q ERROR "$f" 2>/dev/null; then
-        late="$late $t"
-      elif [ "$r" -lt 2 ]; then
-        late="$late ${t}(ended by mpirun)"
-      else
-        ok=0
-        why="rank $r printed no error"
-      fi
-      [ "$t" -le 20 ] || { ok=0; why="rank $r ended ${t}s after the link went down"; }
-    done
-    [ "$rc" != 0 ] || { ok=0; why="mpirun exited 0"; }
-    mpirun_said="exit $rc after ${secs}s"
-    [ "$rc" != 124 ] && [ "$rc" != 137 ] || mpirun_said="hung, killed after ${secs}s"
-    ! grep -q 'Segmentation fault' "$RUN/$name.0.log" || mpirun_said="SIGSEGV in PMIx_Finalize, $mpirun_said"
-    final=$(find "$RUN/out-$name" -maxdepth 1 \( -name 'model*.safetensors' -o -name 'model.safetensors.index.json' -o -name '*axsave*' \) -printf '%f ')
-    [ -z "$final" ] || { ok=0; why="files left: $final"; }
-  fi
-  record "mpirun (no MASTER_ADDR: PMIx)" gather "link down on node 1" "$ok" \
-    "${why:-ranks ended after${late} s; mpirun itself: $mpirun_said}"
-  [ "$ok" = 1 ] || show_logs "$name"
+  judge_link_down "$name" mpirun "mpirun (no MASTER_ADDR: PMIx)"
   # A build with MPI: MPI's broadcast tells the ranks where rank 0's store is (its host name),
   # and MPI carries the pieces between the nodes.
   if [ -n "${AXSAVE_MPI_BIN:-}" ]; then
@@ -634,6 +651,20 @@ EOC
     record "Slurm (srun -N 2, no MASTER_ADDR)" "$mode" none "$ok" "${why:-${secs}s}"
     [ "$ok" = 1 ] || show_logs "$name"
   done
+  local name=srun-linkdown
+  mkdir -p "$RUN/out-$name"
+  watch_link_down "$name"
+  local t0
+  t0=$(date +%s.%N)
+  node 0 env SLURM_CONF="$conf" RUST_LOG=info,axsave_core=debug AXSAVE_FAULT=copying@2 \
+    AXSAVE_FAULT_FILE="$RUN/$name.stalled" AXSAVE_FAULT_RELEASE="$RUN/$name.release" \
+    AXSAVE_STDERR_PREFIX="$RUN/$name.rank" timeout -k 5 40 \
+    srun -N 2 -n 4 --ntasks-per-node 2 "$RUN/own-stderr" "$AXSAVE_BIN" --source "$source_arg" \
+    --output "$RUN/out-$name" --transport tcp --timeout 5 --rendezvous-timeout 30 \
+    >"$RUN/$name.0.log" 2>&1
+  rc=$?
+  secs=$(awk -v a="$t0" -v b="$(date +%s.%N)" 'BEGIN { printf "%.1f", b - a }')
+  judge_link_down "$name" srun "Slurm (srun -N 2, no MASTER_ADDR)"
 }
 slurm_section
 slurm_stop
