@@ -18,8 +18,9 @@
 # sharded; mpirun across the nodes (Open MPI's rsh agent is a script that enters the node),
 # with MASTER_ADDR and without it (PMIx tells the ranks where rank 0 is); torchrun --nnodes 2
 # with a c10d rendezvous on node 0's address (needs AXSAVE_TEST_PYTHON, a python with torch);
-# and faults: node 1's link goes down while it copies (every rank must fail within --timeout,
-# nothing final-named left); and, where Slurm is installed, `srun -N 2` on a two-node Slurm
+# and faults: node 1's link goes down while it copies, under environment ranks, mpirun and srun
+# (every rank must fail within --timeout and the time to notice, nothing final-named left); and,
+# where Slurm is installed, `srun -N 2` on a two-node Slurm
 # (slurmctld on node 0, a slurmd in each node; munged outside). Prints a PASS/FAIL matrix and
 # `N passed, N failed`.
 #
