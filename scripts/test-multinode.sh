@@ -222,6 +222,12 @@ check_store() { # check_store RANK0_LOG MASTER
 port=29600
 next_port() { port=$((port + 1)); }
 
+# How long after a link goes down every rank must have failed, with --timeout 5: a rank cut off
+# from the store notices within 5 s (a blocked heartbeat), then waits up to 5 s for the failure's
+# reason and up to 5 s more for its last connection (measured: at most 16 s); 25 s leaves room for
+# a loaded machine.
+limit=25
+
 # env_run NAME MODE MASTER [ENV...]: 4 environment ranks, 2 per node; waits for all; sets
 # rcs (exit codes) and secs (seconds until the last exited).
 env_run() {
@@ -333,8 +339,7 @@ link_down() { # link_down MODE
     for rc in $rcs; do
       if [ "$rc" = 124 ] || [ "$rc" = 137 ]; then ok=0; why="a rank hung until killed (exit codes $rcs)"; fi
     done
-    # --timeout 5: a peer's silence is noticed after 5 s, a blocked write after 5 s more.
-    awk -v s="$after" 'BEGIN { exit !(s <= 20) }' || { ok=0; why="ranks took ${after}s after the link went down"; }
+    awk -v s="$after" -v l="$limit" 'BEGIN { exit !(s <= l) }' || { ok=0; why="ranks took ${after}s after the link went down"; }
     local final
     final=$(find "$RUN/out-$name" -maxdepth 1 \( -name 'model*.safetensors' -o -name 'model.safetensors.index.json' \) -printf '%f ')
     [ -z "$final" ] || { ok=0; why="final-named files left: $final"; }
@@ -384,7 +389,7 @@ watch_link_down() {
   watcher=$!
 }
 
-# judge_link_down NAME LAUNCHER LABEL: within 20 s of the link going down every rank must have
+# judge_link_down NAME LAUNCHER LABEL: within $limit s of the link going down every rank must have
 # ended, node 1's having printed their error; node 0's may instead have been ended by the
 # launcher, which aborts the job when the first rank exits non-zero (rank 0 lingers up to 5 s for
 # its peers to leave the store before it prints its error). Nothing final-named may be left.
@@ -413,7 +418,7 @@ judge_link_down() {
         ok=0
         why="rank $r printed no error"
       fi
-      [ "$t" -le 20 ] || { ok=0; why="rank $r ended ${t}s after the link went down"; }
+      [ "$t" -le "$limit" ] || { ok=0; why="rank $r ended ${t}s after the link went down"; }
     done
     [ "$rc" != 0 ] || { ok=0; why="$launcher exited 0"; }
     said="exit $rc after ${secs}s"
@@ -479,7 +484,7 @@ if command -v mpirun >/dev/null; then
   [ -z "$(find "$RUN/out-$name" -name 'model*')" ] || { ok=0; why="files left"; }
   record "mpirun (no MASTER_ADDR, no libpmix)" gather "clear error" "$ok" "$why"
   [ "$ok" = 1 ] || show_logs "$name"
-  # Node 1's link goes down while rank 2 copies (PMIx bootstrap, gather): within 20 s every
+  # Node 1's link goes down while rank 2 copies (PMIx bootstrap, gather): within $limit s every
   # rank must have failed: printed its error into its own stderr (each rank writes it itself,
   # into the shared directory, since mpirun has lost node 1's daemon), or, on node 0, been ended
   # by mpirun, which aborts the job when the first rank exits non-zero (rank 0 lingers up to
