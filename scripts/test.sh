@@ -53,6 +53,11 @@ fi
 passed=$(grep -Eo "[0-9]+ passed" "$log" | awk '{s+=$1} END {print s+0}')
 echo "==> cargo tests passed ($passed tests)"
 
+# The pip wheel, installed into a fresh venv without Rust (maturin builds it from the debug build
+# just made: before the Slurm tests, which rebuild with MPI).
+echo "==> the wheel: scripts/test-wheel.sh"
+scripts/test-wheel.sh
+
 if [ "${AXSAVE_TEST_SLURM:-1}" = 0 ]; then
   echo "==> skipping the Slurm tests (AXSAVE_TEST_SLURM=0)"
 elif [ "$(id -u)" = 0 ]; then
