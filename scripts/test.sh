@@ -4,6 +4,7 @@
 #
 # Environment:
 #   AXSAVE_TEST_PYTHON  a python with torch; enables the torch interop tests (skipped otherwise)
+#   AXSAVE_TEST_MULTINODE  0 skips scripts/test-multinode.sh (network namespaces; root)
 #   AXSAVE_TEST_SLURM   0 skips the Slurm tests (scripts/test-slurm.sh: a one-node Slurm on
 #                       localhost, which installs slurm-wlm and munge and must run as root)
 set -euo pipefail
@@ -39,7 +40,9 @@ echo "==> cargo test (with MPI; then the mpirun tests once more without it: TCP 
 log=$(mktemp)
 trap 'rm -f "$log"' EXIT
 set +e
-{ cargo test --workspace --features mpi 2>&1 && cargo test --test mpirun 2>&1; } | tee "$log" | grep --line-buffered -E "^test result|^     Running|skipping"
+# (The MPI build of the binary is kept for scripts/test-multinode.sh.)
+{ cargo test --workspace --features mpi 2>&1 && cp target/debug/axsave target/debug/axsave-mpi &&
+  cargo test --test mpirun 2>&1; } | tee "$log" | grep --line-buffered -E "^test result|^     Running|skipping"
 rc=${PIPESTATUS[0]}
 set -e
 if [ "$rc" != 0 ]; then
@@ -62,5 +65,13 @@ elif [ "$(id -u)" = 0 ]; then
   CARGO_TEST_ARGS="--features mpi" scripts/test-slurm.sh
 else
   echo "==> skipping the Slurm tests: scripts/test-slurm.sh must run as root (it starts slurmd)"
+fi
+if [ "${AXSAVE_TEST_MULTINODE:-1}" = 0 ]; then
+  echo "==> skipping the multi-node tests (AXSAVE_TEST_MULTINODE=0)"
+else
+  # The default build, and the MPI build kept above (skips saying why when not root or without
+  # network namespaces).
+  echo "==> multi-node: scripts/test-multinode.sh"
+  AXSAVE_MPI_BIN=target/debug/axsave-mpi scripts/test-multinode.sh
 fi
 echo "==> all tests passed"

@@ -131,7 +131,12 @@ pub fn save(a: &SaveArgs) -> Result<()> {
     }
     let _span = tracing::info_span!("rank", r = world.rank).entered();
     let use_mpi = transport::wants_mpi(r.transport, world.launcher);
-    let ready = transport::setup(use_mpi, &mut world, Duration::from_secs(r.timeout.max(1)))?;
+    let ready = transport::setup(
+        use_mpi,
+        &mut world,
+        Duration::from_secs(r.timeout.max(1)),
+        Duration::from_secs(a.rendezvous_timeout.max(1)),
+    )?;
     let opts = DistOptions {
         source: r.source.clone(),
         output: r.output.clone(),

@@ -41,19 +41,104 @@ impl Ready {
     }
 }
 
-/// Sets up MPI when `use_mpi` (adjusting `world` for its bootstrap), else nothing.
-pub fn setup(use_mpi: bool, world: &mut World, timeout: std::time::Duration) -> Result<Ready> {
+/// Sets up MPI when `use_mpi` (adjusting `world` for its bootstrap), else, under a PMIx launcher
+/// without MASTER_ADDR, learns rank 0's store through PMIx (waiting up to `join_timeout`).
+pub fn setup(
+    use_mpi: bool,
+    world: &mut World,
+    timeout: std::time::Duration,
+    join_timeout: std::time::Duration,
+) -> Result<Ready> {
     #[cfg(feature = "mpi")]
     if use_mpi {
         return mpi_setup(world, timeout);
     }
-    let _ = (use_mpi, &world, timeout);
+    #[cfg(feature = "pmix")]
+    if wants_pmix(world, &|k| std::env::var(k).ok()) {
+        pmix_bootstrap(world, join_timeout)?;
+    }
+    let _ = (use_mpi, &world, timeout, join_timeout);
     Ok(Ready {
         net: Net::Tcp,
         job_token: None,
         #[cfg(feature = "mpi")]
         mpi: None,
     })
+}
+
+/// Whether to ask PMIx where rank 0's store is: started by Open MPI's `mpirun` (or another
+/// PMIx launcher) on more than one rank, MPI not in use, and no `MASTER_ADDR` given.
+#[cfg(feature = "pmix")]
+fn wants_pmix(world: &World, env: &dyn Fn(&str) -> Option<String>) -> bool {
+    world.is_distributed()
+        && world.launcher == Launcher::OpenMpi
+        && axsave_dist::pmix::launched_by_pmix(env)
+        && env("MASTER_ADDR").is_none()
+}
+
+/// Rank 0 posts `host:port` of its store through PMIx (its host name, or loopback when every
+/// rank is on its node; MASTER_PORT or a port free right now); every rank takes it as MASTER_ADDR/MASTER_PORT. Without libpmix a job on
+/// one node keeps the loopback default; across nodes that is an error naming MASTER_ADDR.
+#[cfg(feature = "pmix")]
+fn pmix_bootstrap(world: &mut World, join_timeout: std::time::Duration) -> Result<()> {
+    let value = if world.rank == 0 {
+        // Every rank on this node: the loopback default (the world's); else the host name.
+        let host = match &world.master_addr {
+            Some(local) => local.clone(),
+            None => std::fs::read_to_string("/proc/sys/kernel/hostname")
+                .map(|s| s.trim().to_string())
+                .ok()
+                .filter(|h| !h.is_empty())
+                .ok_or_else(|| anyhow::anyhow!("this host has no name to tell the other ranks"))?,
+        };
+        let port = if std::env::var_os("MASTER_PORT").is_some() {
+            world.master_port
+        } else {
+            std::net::TcpListener::bind(("0.0.0.0", 0))?
+                .local_addr()?
+                .port()
+        };
+        Some(format!("{host}:{port}"))
+    } else {
+        None
+    };
+    let text = match axsave_dist::pmix::share_from_rank0(world.rank, value.as_deref(), join_timeout)
+    {
+        Ok(t) => t,
+        Err(e) => {
+            if world.master_addr.is_some() && matches!(e, axsave_dist::pmix::PmixError::Load(_)) {
+                // Every rank on this node: the loopback default works without libpmix (and
+                // every rank here lacks it alike).
+                tracing::debug!("PMIx unavailable, using {:?}: {e}", world.master_addr);
+                return Ok(());
+            }
+            if world.master_addr.is_some() {
+                anyhow::bail!(
+                    "rank 0's store address could not come through PMIx: {e} (--rendezvous-timeout bounds the wait)"
+                );
+            }
+            anyhow::bail!(
+                "{} started ranks on several nodes and gives no MASTER_ADDR, and rank 0's address cannot come through PMIx: {e}; set MASTER_ADDR to the host of rank 0",
+                world.launcher
+            );
+        }
+    };
+    let (host, port) = text
+        .rsplit_once(':')
+        .and_then(|(h, p)| Some((h.to_string(), p.parse::<u16>().ok()?)))
+        .ok_or_else(|| anyhow::anyhow!("malformed store address {text:?} from PMIx"))?;
+    if world.rank != 0 {
+        use std::net::ToSocketAddrs;
+        if let Err(e) = (host.as_str(), port).to_socket_addrs() {
+            anyhow::bail!(
+                "rank 0's store is at {host}:{port} (from PMIx), but {host:?} does not resolve on this node ({e}); set MASTER_ADDR to an address every node can reach"
+            );
+        }
+    }
+    tracing::debug!("rank 0's store is at {host}:{port} (from PMIx)");
+    world.master_addr = Some(host);
+    world.master_port = port;
+    Ok(())
 }
 
 #[cfg(feature = "mpi")]
@@ -155,6 +240,28 @@ fn bootstrap(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[cfg(feature = "pmix")]
+    #[test]
+    fn pmix_only_under_mpirun_across_ranks_without_master_addr() {
+        let mut world = World::single();
+        world.world_size = 4;
+        world.local_world_size = 2;
+        world.launcher = Launcher::OpenMpi;
+        let pmix = |k: &str| (k == "PMIX_RANK" || k == "PMIX_NAMESPACE").then(|| "0".to_string());
+        assert!(wants_pmix(&world, &pmix));
+        let with_master = |k: &str| match k {
+            "MASTER_ADDR" => Some("node0".to_string()),
+            _ => pmix(k),
+        };
+        assert!(!wants_pmix(&world, &with_master));
+        assert!(!wants_pmix(&world, &|_: &str| None));
+        world.launcher = Launcher::Slurm;
+        assert!(!wants_pmix(&world, &pmix));
+        world.launcher = Launcher::OpenMpi;
+        world.world_size = 1;
+        assert!(!wants_pmix(&world, &pmix));
+    }
 
     #[test]
     fn mpi_only_under_an_mpi_launcher_and_not_for_tcp() {

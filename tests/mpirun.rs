@@ -283,3 +283,94 @@ fn an_unresolvable_store_address_fails_at_once() {
     assert!(took < Duration::from_secs(60), "took {took:?}");
     assert_no_output(out.path());
 }
+
+/// Without MPI linked in and without MASTER_ADDR/MASTER_PORT, rank 0 tells the others through
+/// PMIx (libpmix opened at run time) where its store listens, on a port free at the time: every
+/// rank says it got the address from PMIx, and the model is the reference.
+#[test]
+fn without_master_addr_the_store_address_comes_through_pmix() {
+    let exe = match launcher() {
+        Ok(e) if e.ends_with("mpirun") => e,
+        Ok(e) => return eprintln!("skipping: {e} is not Open MPI's mpirun (no PMIx)"),
+        Err(why) => return eprintln!("skipping: {why}"),
+    };
+    if cfg!(feature = "mpi") || !cfg!(feature = "pmix") {
+        return eprintln!(
+            "skipping: a build with MPI bootstraps through MPI, one without pmix never asks PMIx"
+        );
+    }
+    let src = fixture("dcp/fsdp_w4/checkpoint");
+    let out = tempfile::tempdir().unwrap();
+    let mut c = mpirun(
+        &exe,
+        3,
+        &["--source", s(&src), "--output", s(out.path())],
+        &[("RUST_LOG", "info,axsave=debug")],
+    );
+    c.env_remove("MASTER_PORT").env_remove("MASTER_ADDR");
+    let o = c.output().unwrap();
+    let err = stderr(&o);
+    if err.contains("PMIx unavailable") {
+        return eprintln!("skipping: no PMIx client library here (Debian: libpmix2): {err}");
+    }
+    assert!(o.status.success(), "{err}");
+    assert_eq!(err.matches("(from PMIx)").count(), 3, "{err}");
+    assert!(
+        std::fs::read(out.path().join("model.safetensors")).unwrap()
+            == std::fs::read(fixture("dcp/fsdp_w4/reference.safetensors")).unwrap()
+    );
+}
+
+/// A rank that does not reach the PMIx exchange (here: it starts 30 s late) fails the job
+/// within --rendezvous-timeout, saying so, instead of leaving the others in PMIx_Fence.
+#[test]
+fn a_late_rank_fails_the_pmix_exchange_within_the_rendezvous_timeout() {
+    let exe = match launcher() {
+        Ok(e) if e.ends_with("mpirun") => e,
+        Ok(e) => return eprintln!("skipping: {e} is not Open MPI's mpirun (no PMIx)"),
+        Err(why) => return eprintln!("skipping: {why}"),
+    };
+    if cfg!(feature = "mpi") || !cfg!(feature = "pmix") {
+        return eprintln!(
+            "skipping: a build with MPI bootstraps through MPI, one without pmix never asks PMIx"
+        );
+    }
+    let t = tempfile::tempdir().unwrap();
+    let late = t.path().join("late.sh");
+    std::fs::write(
+        &late,
+        format!(
+            "#!/bin/sh\n[ \"$OMPI_COMM_WORLD_RANK\" = 1 ] && sleep 30\nexec '{}' \"$@\"\n",
+            bin().display()
+        ),
+    )
+    .unwrap();
+    std::fs::set_permissions(&late, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    let src = fixture("dcp/fsdp_w2/checkpoint");
+    let out = t.path().join("out");
+    let mut c = Command::new(&exe);
+    clean_env(&mut c);
+    c.args(["--oversubscribe", "--allow-run-as-root", "-n", "2"])
+        .arg(&late)
+        .args([
+            "--source",
+            s(&src),
+            "--output",
+            s(&out),
+            "--rendezvous-timeout",
+            "2",
+        ])
+        .env("OMPI_ALLOW_RUN_AS_ROOT", "1")
+        .env("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1");
+    let start = Instant::now();
+    let o = c.output().unwrap();
+    let took = start.elapsed();
+    let err = stderr(&o);
+    if err.contains("PMIx unavailable") {
+        return eprintln!("skipping: no PMIx client library here (Debian: libpmix2)");
+    }
+    assert!(!o.status.success(), "{err}");
+    assert!(err.contains("PMIx_Fence failed"), "{err}");
+    assert!(took < Duration::from_secs(25), "took {took:?}");
+    assert!(!out.join("model.safetensors").exists());
+}

@@ -14,6 +14,9 @@
 //!   [`Receiver`], handed to a sink that writes them). The store only carries small
 //!   rendezvous data.
 //!
+//! With the `pmix` feature, [`pmix`] opens the PMIx client library at run time, so that ranks
+//! started by `mpirun` on several nodes find rank 0's store without MPI linked in.
+//!
 //! With the `mpi` feature (needs an MPI library and libclang at build time), `transport::mpi`
 //! adds the same data plane over MPI for jobs started by `mpirun`/`srun --mpi`:
 //! `MpiContext::init` brings MPI up on a progress thread that makes every MPI call of the
@@ -25,6 +28,8 @@
 #![warn(missing_docs)]
 
 pub mod hostlist;
+#[cfg(feature = "pmix")]
+pub mod pmix;
 pub mod store;
 pub mod transport;
 pub mod world;

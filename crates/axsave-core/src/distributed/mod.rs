@@ -15,13 +15,14 @@
 //! heartbeats; any failure anywhere cancels every rank, which then removes the temporaries it
 //! can see and exits non-zero. No final-named file appears unless every rank succeeded.
 
+pub mod address;
 pub mod identity;
 pub mod inventory;
 pub mod remote;
 pub mod token;
 pub mod watchdog;
 
-use std::net::{IpAddr, SocketAddr, UdpSocket};
+use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -182,7 +183,18 @@ struct Done {
 /// The keys of the failure flag and the store live under this namespace.
 fn connect_store(world: &World, opts: &DistOptions) -> Result<(Option<StoreServer>, StoreClient)> {
     let server = if world.hosts_store() {
+        // Where the peers will connect: the addresses MASTER_ADDR names here (see `address`).
+        let bind: Vec<SocketAddr> = match &world.master_addr {
+            Some(master) => {
+                address::store_bind(master, &address::resolve(master), address::is_local)
+                    .into_iter()
+                    .map(|ip| SocketAddr::new(ip, world.master_port))
+                    .collect()
+            }
+            None => Vec::new(),
+        };
         let s = StoreServer::start(ServerOptions {
+            bind,
             port: world.master_port,
             ..ServerOptions::default()
         })
@@ -192,13 +204,14 @@ fn connect_store(world: &World, opts: &DistOptions) -> Result<(Option<StoreServe
                 world.master_port
             ))
         })?;
+        tracing::debug!(addrs = ?s.local_addrs(), "the rendezvous store listens");
         Some(s)
     } else {
         None
     };
     let host = world.master_addr.clone().ok_or_else(|| {
         CoreError::Remote(format!(
-            "{} started ranks on several nodes and gives no MASTER_ADDR: set MASTER_ADDR to the host of rank 0 (or, under mpirun, use an axsave built with --features mpi, which needs none)",
+            "{} started ranks on several nodes and gives no MASTER_ADDR: set MASTER_ADDR to the host of rank 0 (under mpirun, axsave asks PMIx instead when libpmix.so.2 is installed, or MPI when built with --features mpi)",
             world.launcher
         ))
     })?;
@@ -229,31 +242,6 @@ fn json<T: serde::Serialize>(v: &T) -> Result<Vec<u8>> {
 fn unjson<T: serde::de::DeserializeOwned>(b: &[u8], what: &str) -> Result<T> {
     serde_json::from_slice(b)
         .map_err(|e| CoreError::Remote(format!("malformed {what} from another rank: {e}")))
-}
-
-/// The address of this host that peers can reach: the one the kernel would use to reach the
-/// rendezvous host (no packet is sent), or `AXSAVE_ADDR` when set.
-fn reachable_ip(master: &str, port: u16) -> IpAddr {
-    if let Some(ip) = std::env::var("AXSAVE_ADDR")
-        .ok()
-        .and_then(|a| a.parse().ok())
-    {
-        return ip;
-    }
-    let probe = || -> std::io::Result<IpAddr> {
-        let target = std::net::ToSocketAddrs::to_socket_addrs(&(master, port))?
-            .next()
-            .ok_or_else(|| std::io::Error::other("no address"))?;
-        let bind: SocketAddr = if target.is_ipv6() {
-            "[::]:0".parse().map_err(std::io::Error::other)?
-        } else {
-            "0.0.0.0:0".parse().map_err(std::io::Error::other)?
-        };
-        let s = UdpSocket::bind(bind)?;
-        s.connect(target)?;
-        Ok(s.local_addr()?.ip())
-    };
-    probe().unwrap_or(IpAddr::from([127, 0, 0, 1]))
 }
 
 /// Runs this rank's part of a save. Returns the report on rank 0, `None` on the others.
@@ -401,6 +389,16 @@ impl Rank<'_> {
             token_digest: opts.job_token.map(|t| token_digest(&t)),
         };
         self.claim_rank(&hello)?;
+        // The address this rank's store connection comes from: where its peers can reach it
+        // (set before the hello, so every rank that sees the start sees it).
+        let seen = self
+            .client
+            .local_addr()
+            .map(|a| a.ip())
+            .unwrap_or(IpAddr::from([127, 0, 0, 1]));
+        self.client
+            .set(&format!("ip/{me}"), seen.to_string().as_bytes())
+            .map_err(remote)?;
         self.client
             .set(&format!("hello/{me}"), &json(&hello)?)
             .map_err(remote)?;
@@ -600,12 +598,10 @@ impl Rank<'_> {
                         });
                     match net {
                         Net::Tcp => {
-                            let (r, port) = Incoming::tcp(&tcp, sink)?;
-                            let ip = reachable_ip(
-                                self.world.master_addr.as_deref().unwrap_or("127.0.0.1"),
-                                self.world.master_port,
-                            );
+                            let ip = self.publish_ip()?;
+                            let (r, port) = Incoming::tcp(&tcp, sink, ip)?;
                             let addr = SocketAddr::new(ip, port);
+                            tracing::debug!(rank = me, "peers reach this rank at {addr}");
                             self.client
                                 .set(&format!("addr/{me}"), addr.to_string().as_bytes())
                                 .map_err(remote)?;
@@ -836,6 +832,32 @@ impl Rank<'_> {
     }
 
     /// Rank 0: every hello must name the same world size and arguments.
+    /// The address this rank's data listener binds and publishes ([`address::publish`]): the
+    /// one its store connection comes from, unless that is loopback and a peer is elsewhere.
+    fn publish_ip(&mut self) -> Result<IpAddr> {
+        let me = self.world.rank;
+        let over = address::override_from_env();
+        let own = self
+            .client
+            .local_addr()
+            .map(|a| a.ip())
+            .unwrap_or(IpAddr::from([127, 0, 0, 1]));
+        let mut peers = Vec::new();
+        if over.is_none() && own.is_loopback() {
+            for r in (0..self.world.world_size).filter(|&r| r != me) {
+                let d = self.deadline();
+                let b = self.client.get(&format!("ip/{r}"), d).map_err(remote)?;
+                if let Ok(ip) = String::from_utf8_lossy(&b).parse::<IpAddr>() {
+                    if !ip.is_loopback() {
+                        peers.push(ip);
+                        break;
+                    }
+                }
+            }
+        }
+        Ok(address::publish(over, own, &peers, address::route_source))
+    }
+
     fn check_hellos(&mut self) -> Result<()> {
         let n = self.world.world_size;
         let deadline = self.deadline();

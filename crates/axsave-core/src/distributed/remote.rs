@@ -131,13 +131,20 @@ impl Incoming {
         Ok(Incoming::Mpi(r, cancel))
     }
 
-    /// Starts a TCP receiver on all interfaces; returns it and its port.
-    pub fn tcp(opts: &TcpOptions, sink: NetSink) -> Result<(Self, u16)> {
-        let mut r = Receiver::listen(
-            SocketAddr::new(std::net::IpAddr::from([0, 0, 0, 0]), 0),
-            opts.clone(),
-        )
-        .map_err(|e| CoreError::Remote(format!("cannot listen for peers: {e}")))?;
+    /// Starts a TCP receiver on `ip` (the address this rank publishes; every interface when it
+    /// is not one of this host's, as an `AXSAVE_ADDR` behind NAT may be); returns it and its port.
+    pub fn tcp(opts: &TcpOptions, sink: NetSink, ip: std::net::IpAddr) -> Result<(Self, u16)> {
+        let any = match ip {
+            std::net::IpAddr::V4(_) => std::net::IpAddr::from([0, 0, 0, 0]),
+            std::net::IpAddr::V6(_) => std::net::IpAddr::from([0u16; 8]),
+        };
+        let bind = if super::address::is_local(ip) {
+            ip
+        } else {
+            any
+        };
+        let mut r = Receiver::listen(SocketAddr::new(bind, 0), opts.clone())
+            .map_err(|e| CoreError::Remote(format!("cannot listen for peers on {bind}: {e}")))?;
         let port = r.local_addr().port();
         let cancel = Arc::new(AtomicBool::new(false));
         r.start(sink, cancel.clone())

@@ -234,6 +234,11 @@ impl StoreClient {
         self.peer
     }
 
+    /// The local end of the connection: the source address of this host's route to the store.
+    pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
+        self.stream.local_addr()
+    }
+
     /// The options this client was made with.
     pub fn options(&self) -> &ClientOptions {
         &self.options
