@@ -58,6 +58,15 @@ echo "==> cargo tests passed ($passed tests)"
 echo "==> the wheel: scripts/test-wheel.sh"
 scripts/test-wheel.sh
 
+# The Python API (python/tests) in a venv with pytest only; with AXSAVE_TEST_PYTHON (a python with
+# torch, transformers, Axolotl) the torchrun/Trainer/plugin tests run too, else they say why they skip.
+echo "==> the Python API: pytest python/tests"
+if [ ! -x target/pytest-venv/bin/pytest ]; then
+  python3 -m venv target/pytest-venv
+  target/pytest-venv/bin/pip install -q pytest pyyaml
+fi
+AXSAVE_BIN=$PWD/target/debug/axsave target/pytest-venv/bin/pytest -q -rs python/tests
+
 if [ "${AXSAVE_TEST_SLURM:-1}" = 0 ]; then
   echo "==> skipping the Slurm tests (AXSAVE_TEST_SLURM=0)"
 elif [ "$(id -u)" = 0 ]; then
