@@ -2,7 +2,7 @@
 # Benchmarks axsave against the floor (copying the same bytes with cat) and the peers (torch's
 # own consolidation) in one run, on the same data.
 #
-#   PYTHON=/path/to/venv/bin/python scripts/bench.sh [single|multi|all]
+#   PYTHON=/path/to/venv/bin/python scripts/bench.sh [single|multi|merge|all]
 #
 # single: one process: axsave vs `cat` vs torch's DCP merge + save_file (what
 #         `accelerate merge-weights` does).
@@ -11,6 +11,10 @@
 #         DTensor shards with DCP, full_tensor() on each, rank 0 save_file (FSDP's
 #         FULL_STATE_DICT path on CPU); plus the same gather over MPI (when Open MPI is
 #         installed; axsave is then built with --features mpi) and axsave's sharded mode.
+# merge:  merge-lora of a generated bf16 Llama base (MERGE_LAYERS, default 22 layers of hidden
+#         2048: 2.6 GB) and a rank-16 adapter on every projection: axsave merge-lora vs PEFT's
+#         from_pretrained + merge_and_unload() + save_pretrained (needs peft and transformers),
+#         and the outputs compared element by element.
 # Needs a python with torch and safetensors. Environment: BENCH_DIR (default ./bench-out,
 # git-ignored), RUNS (default 3; the median is reported), LAYERS (8), HIDDEN (2048).
 set -euo pipefail
@@ -36,18 +40,20 @@ bin=$PWD/target/release/axsave
 mkdir -p "$BENCH_DIR"
 BENCH_DIR=$(cd "$BENCH_DIR" && pwd)
 ckpt=$BENCH_DIR/ckpt-l${LAYERS}-h${HIDDEN}
-if [ ! -f "$ckpt/.metadata" ]; then
-  echo "==> writing the benchmark checkpoint with torch ($LAYERS layers, hidden $HIDDEN, 4 ranks)"
-  rm -rf "$ckpt"
-  "$PYTHON" scripts/bench/make_checkpoint.py "$ckpt" --layers "$LAYERS" --hidden "$HIDDEN"
+if [ "$what" != merge ]; then
+  if [ ! -f "$ckpt/.metadata" ]; then
+    echo "==> writing the benchmark checkpoint with torch ($LAYERS layers, hidden $HIDDEN, 4 ranks)"
+    rm -rf "$ckpt"
+    "$PYTHON" scripts/bench/make_checkpoint.py "$ckpt" --layers "$LAYERS" --hidden "$HIDDEN"
+  fi
+  bytes=$(du -cb "$ckpt"/*.distcp | tail -1 | cut -f1)
 fi
-bytes=$(du -cb "$ckpt"/*.distcp | tail -1 | cut -f1)
 
 # Each contender starts with nothing dirty in the page cache, so none pays for another's
 # writeback; the source is warm, as on a node that just wrote it.
 measure() { sync; "$PYTHON" scripts/bench/measure.py "$@" | tee -a "$results"; }
 fresh() { rm -rf "$@"; mkdir -p "$@"; }
-cat "$ckpt"/*.distcp > /dev/null
+[ "$what" = merge ] || cat "$ckpt"/*.distcp > /dev/null
 
 report() {  # report RESULTS TITLE
   "$PYTHON" - "$1" "$bytes" "$2" <<'PY'
@@ -57,7 +63,7 @@ size = int(sys.argv[2])
 labels = list(dict.fromkeys(r["label"] for r in rows))
 med = {l: statistics.median(r["seconds"] for r in rows if r["label"] == l) for l in labels}
 rss = {l: max(r["peak_rss_mib"] for r in rows if r["label"] == l) for l in labels}
-print(f"\n{sys.argv[3]}: {size/1e9:.2f} GB of .distcp, median of {len(rows)//len(labels)} runs\n")
+print(f"\n{sys.argv[3]}: {size/1e9:.2f} GB of input, median of {len(rows)//len(labels)} runs\n")
 print("| contender | seconds | GB/s | peak RSS (per process) | vs `cat` | vs `cat` + fsync |")
 print("|---|---:|---:|---:|---:|---:|")
 for l in labels:
@@ -117,4 +123,30 @@ if [ "$what" = multi ] || [ "$what" = all ]; then
   done
   report "$results" "4 ranks"
   echo "axsave gather vs classic gather output: $(same "$BENCH_DIR/out-gather/model.safetensors" "$BENCH_DIR/out-classic/model.safetensors")"
+fi
+
+if [ "$what" = merge ] || [ "$what" = all ]; then
+  MERGE_LAYERS=${MERGE_LAYERS:-22}
+  lm=$BENCH_DIR/lora-l${MERGE_LAYERS}
+  if [ ! -f "$lm/adapter/adapter_model.safetensors" ]; then
+    echo "==> writing the merge benchmark's base and adapter ($MERGE_LAYERS layers, hidden 2048)"
+    rm -rf "$lm"
+    "$PYTHON" scripts/bench/make_lora.py "$lm" --layers "$MERGE_LAYERS"
+  fi
+  bytes=$(stat -c %s "$lm/base/model.safetensors")
+  cat "$lm/base/model.safetensors" > /dev/null
+  results=$BENCH_DIR/merge.jsonl; : > "$results"
+  for i in $(seq "$RUNS"); do
+    echo "==> merge-lora, run $i of $RUNS"
+    fresh "$BENCH_DIR/out-cat"
+    measure "floor: cat" -- sh -c "cat $lm/base/model.safetensors > $BENCH_DIR/out-cat/all.bin"
+    fresh "$BENCH_DIR/out-cat"
+    measure "floor: cat + fsync" -- sh -c "cat $lm/base/model.safetensors > $BENCH_DIR/out-cat/all.bin && sync $BENCH_DIR/out-cat/all.bin"
+    rm -rf "$BENCH_DIR/out-cat" "$BENCH_DIR/out-merge-axsave"
+    measure "axsave merge-lora" -- "$bin" merge-lora --base "$lm/base" --adapter "$lm/adapter" --output "$BENCH_DIR/out-merge-axsave"
+    fresh "$BENCH_DIR/out-merge-peft"
+    measure "PEFT merge_and_unload + save_pretrained" -- "$PYTHON" scripts/bench/peft_merge.py "$lm/base" "$lm/adapter" "$BENCH_DIR/out-merge-peft"
+  done
+  report "$results" "merge-lora"
+  echo "axsave vs PEFT: $("$PYTHON" scripts/bench/compare_merged.py "$BENCH_DIR/out-merge-axsave" "$BENCH_DIR/out-merge-peft")"
 fi

@@ -160,6 +160,77 @@ if [ -n "$bin" ] && [ "$bench_bytes" != "0" ]; then
   fi
 fi
 
+# 5. Side by side on a large generated checkpoint: which path is faster on this node? One
+# process and `launch -n 8`, with --transport auto, tcp and nccl, wall seconds and peak RSS of
+# the largest process (scripts/bench/measure.py), outputs compared by their SHA-256. Needs a
+# python with torch (PYTHON, default python3) to write the checkpoint. SIDE_LAYERS (default 15:
+# 8.6 GB of bf16 with SIDE_HIDDEN 4096; 0 skips), SIDE_DIR (default under /tmp).
+side_layers=${SIDE_LAYERS:-15}
+side_hidden=${SIDE_HIDDEN:-4096}
+side_python=${PYTHON:-python3}
+if [ -n "$bin" ] && [ "$side_layers" != 0 ] && "$side_python" -c 'import torch' 2>/dev/null; then
+  side=${SIDE_DIR:-$work/side}
+  mkdir -p "$side"
+  if [ ! -f "$side/ckpt/.metadata" ]; then # kept in SIDE_DIR for a rerun
+    run "write a ${side_layers}-layer checkpoint (torch, 8 ranks)" 600 \
+      "$side_python" "$root/scripts/bench/make_large_checkpoint.py" "$side/ckpt" --layers "$side_layers" --hidden "$side_hidden" --ranks 8
+  fi
+  if [ -f "$side/ckpt/.metadata" ]; then
+    cat "$side/ckpt"/* >/dev/null # page cache warm for every row alike
+    rows="$work/side-rows.jsonl"
+    : >"$rows"
+    side_row() { # label transport procs [extra args]
+      local label=$1 transport=$2 procs=$3
+      shift 3
+      local out="$side/out" cmd
+      rm -rf "$out"
+      if [ "$procs" = 1 ]; then
+        cmd=("$bin" --source "$side/ckpt" --output "$out" --transport "$transport" --json "$@")
+      else
+        cmd=("$bin" launch -n "$procs" -- --source "$side/ckpt" --output "$out" --transport "$transport" --json "$@")
+      fi
+      timeout --kill-after=10 300 "$side_python" "$root/scripts/bench/measure.py" "$label" -- "${cmd[@]}" \
+        >"$work/side.json" 2>"$work/side.err" || true
+      local sha
+      sha=$(sed 's/^\[rank [0-9]*\] //' "$work/side.err" | grep -o '"sha256": "[0-9a-f]*"' | head -1 | cut -d'"' -f4 || true)
+      local path
+      path=$(grep -o '"transport": "[a-z]*"' "$work/side.err" | head -1 | cut -d'"' -f4 || true)
+      "$side_python" -c 'import json,sys; r=json.loads(open(sys.argv[1]).read().strip().splitlines()[-1]); r.update(sha=sys.argv[2], took=sys.argv[3], group=sys.argv[4]); print(json.dumps(r))' \
+        "$work/side.json" "${sha:-none}" "${path:-?}" "$procs $*" >>"$rows" 2>/dev/null ||
+        echo "{\"label\": \"$label\", \"exit\": -1, \"seconds\": 0, \"peak_rss_mib\": 0, \"sha\": \"none\", \"took\": \"?\", \"group\": \"$procs $*\"}" >>"$rows"
+      grep -E "ERROR|error:" "$work/side.err" | head -3 || true
+      rm -rf "$out"
+    }
+    for procs in 1 8; do
+      for t in auto tcp nccl; do side_row "$procs proc, $t, keep" "$t" "$procs"; done
+    done
+    for t in auto tcp nccl; do side_row "1 proc, $t, --dtype fp16" "$t" 1 --dtype fp16; done
+    sync
+    start=$(date +%s.%N)
+    cat "$side/ckpt"/*.distcp >"$side/cat.out" && sync "$side/cat.out" 2>/dev/null || sync
+    end=$(date +%s.%N)
+    rm -f "$side/cat.out"
+    echo
+    echo "side by side on $(du -sh "$side/ckpt" | cut -f1) (cat + fsync of the shards: $("$side_python" -c "print(round($end - $start, 2))") s):"
+    "$side_python" - "$rows" <<'PY'
+import json, sys
+rows = [json.loads(l) for l in open(sys.argv[1]) if l.strip()]
+print(f"| {'run':<28} | {'path':<5} | {'exit':>4} | {'s':>7} | {'MiB':>6} | sha256[:12]  |")
+groups = {}
+for r in rows:
+    print(f"| {r['label']:<28} | {r['took']:<5} | {r['exit']:>4} | {r['seconds']:7.2f} | {r['peak_rss_mib']:6.0f} | {r['sha'][:12]:<12} |")
+    groups.setdefault(r["group"], []).append(r)
+for g, rs in groups.items():
+    ok = [r for r in rs if r["exit"] == 0]
+    shas = {r["sha"] for r in ok}
+    auto = [r for r in ok if ", auto," in r["label"]]
+    if ok and auto:
+        best = min(r["seconds"] for r in ok)
+        print(f"group '{g}': auto / best = {auto[0]['seconds'] / best:.2f}; outputs {'identical' if len(shas) == 1 else 'DIFFER'}")
+PY
+  fi
+fi
+
 echo
 echo "==================== axsave GPU check ===================="
 fails=0

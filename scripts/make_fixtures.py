@@ -10,7 +10,9 @@ NAME is a fixture or a group (default: all):
     dcp/fsdp_w1 fsdp_w2 fsdp_w3 fsdp_w4 fsdp_w8   group "fsdp"
     dcp/hf_w2 zstd_w2 per_rank_meta_w2 demo_w4
     dcp/torch24_w2 torch27_w2 torch215_w2         group "versions"
-    torchsave  pickle  safetensors  convert  variants  axolotl  zero
+    torchsave  pickle  safetensors  convert  variants  axolotl  zero  inputs  lora
+                                                  (inputs: scripts/fixtures/inputs.py, torch 2.14 in
+                                                   /work/venvs/ax: reserved names, fp8/fp4, torchtitan)
                                                   ("convert" runs scripts/fixtures/convert.py's
                                                    generate(out / "convert") when that file exists)
     group "dcp" = every dcp/ fixture
@@ -25,6 +27,8 @@ Who produced what (the versions are also recorded in each expected.json / *.json
     /work/venvs/t24  torch 2.4.1, numpy<2, safetensors: dcp/torch24_w2
     /work/venvs/t27  torch 2.7.1, numpy, safetensors:   dcp/torch27_w2
     /work/venvs/t215 torch 2.15.0, numpy, safetensors:  dcp/torch215_w2
+    /work/venvs/ax   torch 2.14, transformers 5.x, peft 0.21 (pip install axolotl==0.21.0): lora
+                     (scripts/fixtures/lora.py; needs tests/fixtures/axolotl/base for its tokenizer)
 Those three venvs were made with `python3 -m venv /work/venvs/tXX && /work/venvs/tXX/bin/pip install
 torch==X numpy safetensors`; a missing one is skipped and reported.
 
@@ -75,7 +79,7 @@ DCP_JOBS = {
     "torch215_w2": ("t215", ["--kind", "fsdp", "--world", "2"]),
     "demo_w4": (None, ["--kind", "demo", "--world", "4"]),
 }
-OTHER_JOBS = ["torchsave", "pickle", "safetensors", "convert", "variants", "axolotl", "zero"]
+OTHER_JOBS = ["torchsave", "pickle", "safetensors", "convert", "variants", "axolotl", "zero", "inputs", "lora"]
 GROUPS = {
     "fsdp": [k for k in DCP_JOBS if k.startswith("fsdp_")],
     "versions": ["torch24_w2", "torch27_w2", "torch215_w2"],
@@ -207,6 +211,8 @@ def main():
                     "variants": "variants",
                     "axolotl": "axolotl",
                     "zero": "zero",
+                    "inputs": "inputs",
+                    "lora": "lora",
                 }[job]
                 mod = __import__(f"fixtures.{module}", fromlist=["make"])
                 mod.make(out_root, log)

@@ -28,7 +28,9 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
         axsave launch -n 4 -- --source ckpt --output final\n  \
         axsave inspect out/checkpoint-500/pytorch_model_fsdp_0\n  \
         axsave verify --source ckpt --output final\n\n\
-        Exit codes: 0 success, 1 failure, 2 bad usage. Logs go to stderr; RUST_LOG=debug shows more."
+        Exit codes: 0 success, 1 failure, 2 bad usage, 128+N cancelled by signal N (SIGTERM, \
+        SIGINT, SIGHUP: the temporaries are removed). One save at a time writes into an output \
+        directory (a lock, .axsave.lock). Logs go to stderr; RUST_LOG=debug shows more."
 )]
 pub struct Cli {
     /// What to do; without a subcommand, axsave saves.
@@ -55,6 +57,24 @@ pub enum Command {
     ///
     /// Example: axsave verify --source ckpt --output final
     Verify(VerifyArgs),
+    /// Merge a PEFT LoRA adapter into its safetensors base model, as PEFT's
+    /// `merge_and_unload()` computes it, in one streaming pass with bounded memory.
+    ///
+    /// The output has the base's tensor names, dtypes and shapes (`model.safetensors`,
+    /// or shards + index past --max-shard-size), the base's config.json and
+    /// generation_config.json, and the tokenizer (from the adapter directory, else the
+    /// base). Supported: LoRA on linear layers and embeddings, rsLoRA, rank_pattern and
+    /// alpha_pattern, fan_in_fan_out, DoRA, lora_bias, modules_to_save. Anything else
+    /// (another PEFT type, an unknown setting) is refused by name before anything is
+    /// written. Under a launcher the ranks share the tensors (the output directory must
+    /// be shared).
+    ///
+    /// Examples:
+    ///   axsave merge-lora --base models/llama --adapter out/adapter --output out/merged
+    ///   axsave merge-lora --config cfg.yml   # -> output_dir/merged
+    ///   axsave launch -n 4 -- merge-lora --config cfg.yml
+    #[command(verbatim_doc_comment)]
+    MergeLora(MergeLoraArgs),
     // No `///` here: a doc comment on the variant would replace the long help and examples
     // that `LaunchArgs` carries.
     Launch(crate::launch::LaunchArgs),
@@ -62,6 +82,46 @@ pub enum Command {
     /// scripts/gpu-check.sh).
     #[command(hide = true)]
     GpuBench(GpuBenchArgs),
+}
+
+/// `axsave merge-lora`.
+#[derive(Args, Debug, Clone)]
+pub struct MergeLoraArgs {
+    /// The Axolotl config of the LoRA run: `base_model` (a local directory or the local Hugging
+    /// Face cache; never downloaded), the adapter in `lora_model_dir` or else `output_dir`, the
+    /// result in `output_dir/merged`, as `axolotl merge-lora` does.
+    #[arg(long, value_name = "FILE", conflicts_with_all = ["base", "adapter"])]
+    pub config: Option<PathBuf>,
+    /// The base model: a directory with model.safetensors or shards + index.
+    #[arg(long, value_name = "DIR", required_unless_present = "config")]
+    pub base: Option<PathBuf>,
+    /// The adapter directory: adapter_config.json + adapter_model.safetensors.
+    #[arg(long, value_name = "DIR", required_unless_present = "config")]
+    pub adapter: Option<PathBuf>,
+    /// Directory to write the merged model into (default with --config: output_dir/merged).
+    #[arg(long, value_name = "DIR", required_unless_present = "config")]
+    pub output: Option<PathBuf>,
+    /// Largest output file before the model is split into shards plus an index (default 5GB).
+    #[arg(long, value_name = "SIZE", default_value = "5GB")]
+    pub max_shard_size: String,
+    /// Memory the row blocks and copy buffers may use.
+    #[arg(long, value_name = "SIZE", default_value = "256MiB")]
+    pub memory_budget: String,
+    /// Replace a model already in the output directory.
+    #[arg(long)]
+    pub force: bool,
+    /// Threads (default: the number of CPUs, at most 8).
+    #[arg(long, value_name = "N")]
+    pub workers: Option<usize>,
+    /// With several ranks: seconds a rank may go unheard before the others give up.
+    #[arg(long, value_name = "SECONDS", default_value_t = 60)]
+    pub timeout: u64,
+    /// With several ranks: seconds to wait for every rank to join at the start.
+    #[arg(long, value_name = "SECONDS", default_value_t = 300)]
+    pub rendezvous_timeout: u64,
+    /// Print a JSON summary on stdout when done.
+    #[arg(long)]
+    pub json: bool,
 }
 
 /// `axsave gpu-bench` (hidden).
@@ -103,9 +163,25 @@ pub struct SaveArgs {
 
     /// Dtype of floating tensors in the output (default: keep, or what the config implies);
     /// integer and bool tensors always keep theirs. `bf16`/`fp16` round to nearest even exactly
-    /// as torch's `.to()` does.
+    /// as torch's `.to()` does. Quantized weights are never converted: float8 and packed fp4
+    /// (`float4_e2m1fn_x2`, written as safetensors `F4`) tensors keep their dtype, and so do
+    /// their scales: a tensor named `<module>.weight_scale_inv`, `.weight_scale`,
+    /// `.weight_scale_2` or `.input_scale` whose `<module>.weight` is float8 or fp4.
     #[arg(long, value_enum)]
     pub dtype: Option<DtypeArg>,
+
+    /// Write only tensors whose output name matches one of these globs (`*`, `?`, `[..]`;
+    /// repeatable), e.g. `--include 'model.layers.*'`. Applied after axsave's own choice of
+    /// what is the model: under a top-level `model` entry (Accelerate, Lightning) only that;
+    /// else everything except torchtitan's, Lightning's and the usual optimizer, lr_scheduler,
+    /// dataloader and train_state entries.
+    #[arg(long, value_name = "GLOB")]
+    pub include: Option<Vec<String>>,
+
+    /// Leave out tensors whose output name matches one of these globs (repeatable), e.g.
+    /// `--exclude 'ema.*' --exclude '*.rotary_emb.inv_freq'`.
+    #[arg(long, value_name = "GLOB")]
+    pub exclude: Option<Vec<String>>,
 
     /// Largest output file before the model is split into shards plus an index (default 5GB).
     /// Decimal units as transformers reads them (KB, MB, GB = powers of 1000; KiB, MiB, GiB =
@@ -124,7 +200,9 @@ pub struct SaveArgs {
     pub force: bool,
 
     /// After a successful save, remove the checkpoint directory it read (for DeepSpeed, the
-    /// tag directory and `latest`), and nothing else.
+    /// tag directory and `latest`; for a symbolic link, what it points to and then the link),
+    /// and nothing else. Decided before anything is written: an output inside that directory,
+    /// or a file as --source, is refused at once; --dry-run prints the same list.
     #[arg(long)]
     pub cleanup: bool,
 

@@ -6,6 +6,7 @@ use std::sync::atomic::AtomicU64;
 use std::time::Duration;
 
 use anyhow::{Context, Result};
+use axsave_core::axolotl::CleanupPlan;
 use axsave_core::distributed::{self, DistOptions, Progress as DistProgress, sha256_file};
 use axsave_core::save::{SaveOptions, save_local};
 use axsave_core::size::{human, parse_size};
@@ -14,7 +15,7 @@ use axsave_formats::detect;
 use axsave_core::gpu::{LocalGpu, local_caps as local_gpu_caps};
 use axsave_core::transport::{Transport, select};
 
-use crate::cli::{GpuBenchArgs, InspectArgs, SaveArgs, VerifyArgs};
+use crate::cli::{GpuBenchArgs, InspectArgs, MergeLoraArgs, SaveArgs, VerifyArgs};
 use crate::progress::Progress;
 use crate::resolve::{Resolved, resolve_save};
 use crate::transport;
@@ -56,17 +57,47 @@ fn default_workers() -> usize {
         .clamp(2, 8)
 }
 
-/// A short random tag for temporary file names.
+/// A tag for temporary file names: owner, start time and random bits (see
+/// `axsave_core::runtag`), so a later save can tell a dead run's leftovers.
 fn run_tag() -> String {
-    let nanos = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.subsec_nanos())
-        .unwrap_or(0);
-    format!("{:x}{:04x}", std::process::id(), nanos & 0xffff)
+    axsave_core::runtag::RunTag::new().to_string()
+}
+
+/// How long a save may take to cancel itself after SIGTERM, SIGINT or SIGHUP before the
+/// signal thread removes the run's temporaries itself and exits (a second signal: at once).
+const CANCEL_GRACE: Duration = Duration::from_secs(4);
+
+/// SIGTERM, SIGINT and SIGHUP cancel the save (see `axsave_core::interrupt`): the save's error
+/// path removes the temporaries and the process exits 128 + the signal number.
+fn handle_signals() -> Result<()> {
+    use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
+    let mut signals = signal_hook::iterator::Signals::new([SIGTERM, SIGINT, SIGHUP])
+        .context("cannot install the signal handlers")?;
+    std::thread::Builder::new()
+        .name("signals".into())
+        .spawn(move || {
+            for sig in signals.forever() {
+                if axsave_core::interrupt::raise(sig) {
+                    tracing::warn!(
+                        "received {}: cancelling the save",
+                        axsave_core::interrupt::signal_name(sig)
+                    );
+                    std::thread::spawn(move || {
+                        std::thread::sleep(CANCEL_GRACE);
+                        axsave_core::interrupt::abandon(sig)
+                    });
+                } else {
+                    axsave_core::interrupt::abandon(sig);
+                }
+            }
+        })
+        .context("cannot start the signal thread")?;
+    Ok(())
 }
 
 /// The default command: a save by this process alone, or this rank's part of a save by several.
 pub fn save(a: &SaveArgs) -> Result<()> {
+    handle_signals()?;
     let mut world = axsave_dist::detect_from_process_env()?;
     world.log_detected();
     let started = std::time::Instant::now();
@@ -79,13 +110,24 @@ pub fn save(a: &SaveArgs) -> Result<()> {
             tracing::warn!("{w}");
         }
     }
+    // What --cleanup will remove, decided now: a conflict (the output inside the checkpoint,
+    // a file as source) fails before anything is written, and --dry-run shows the same plan.
+    let cleanup_plan = if r.cleanup {
+        Some(cleanup_plan(&r, &world)?)
+    } else {
+        None
+    };
     if a.dry_run {
         // A plan needs no other rank: rank 0 prints it, the others have nothing to do.
-        return if world.rank == 0 { dry_run(&r) } else { Ok(()) };
+        return if world.rank == 0 {
+            dry_run(&r, cleanup_plan.as_ref())
+        } else {
+            Ok(())
+        };
     }
     let workers = a.workers.unwrap_or_else(default_workers);
     if world.world_size == 1 {
-        return save_alone(a, &r, workers, &world, started);
+        return save_alone(a, &r, workers, &world, started, cleanup_plan.as_ref());
     }
     let _span = tracing::info_span!("rank", r = world.rank).entered();
     let use_mpi = transport::wants_mpi(r.transport, world.launcher);
@@ -106,6 +148,10 @@ pub fn save(a: &SaveArgs) -> Result<()> {
         transport: r.transport,
         device: a.device,
         mpi_available: ready.net.is_mpi(),
+        job_token: match ready.job_token {
+            Some(t) => Some(t),
+            None => job_token_from_env()?,
+        },
     };
     if world.rank == 0 {
         tracing::info!(
@@ -126,8 +172,8 @@ pub fn save(a: &SaveArgs) -> Result<()> {
     }
     let Some(report) = result? else {
         // Each rank removes its own view of the source when it is not shared.
-        if r.cleanup {
-            cleanup(&r, &world)?;
+        if let Some(p) = &cleanup_plan {
+            cleanup(p)?;
         }
         return Ok(());
     };
@@ -136,9 +182,8 @@ pub fn save(a: &SaveArgs) -> Result<()> {
     }
     if !report.left_out.is_empty() {
         tracing::info!(
-            "left out {} tensors outside the `model` entry (e.g. {})",
-            report.left_out.len(),
-            report.left_out[0]
+            "{}",
+            axsave_core::naming::left_out_summary(&report.left_out)
         );
     }
     for x in &report.replaced {
@@ -160,8 +205,11 @@ pub fn save(a: &SaveArgs) -> Result<()> {
         human((report.bytes as f64 / report.seconds.max(1e-9)) as u64),
         human(report.network_bytes),
     );
-    if r.cleanup && (report.shared_source || world.rank == 0) {
-        cleanup(&r, &world)?;
+    if let Some(p) = cleanup_plan
+        .as_ref()
+        .filter(|_| report.shared_source || world.rank == 0)
+    {
+        cleanup(p)?;
     }
     if a.json {
         let summary = serde_json::json!({
@@ -183,25 +231,42 @@ pub fn save(a: &SaveArgs) -> Result<()> {
     Ok(())
 }
 
-/// `--cleanup`: this rank's view of the source, once the save is committed.
-fn cleanup(r: &Resolved, world: &axsave_dist::World) -> Result<()> {
+/// `AXSAVE_JOB_TOKEN`, which `axsave launch` sets for its ranks: the secret every data
+/// connection of the job must present (64 hex digits).
+fn job_token_from_env() -> Result<Option<[u8; axsave_dist::transport::TOKEN_LEN]>> {
+    match std::env::var("AXSAVE_JOB_TOKEN") {
+        Err(_) => Ok(None),
+        Ok(v) => distributed::unhex(&v).map(Some).ok_or_else(|| {
+            UsageError(format!(
+                "AXSAVE_JOB_TOKEN must be {} hex digits (as `axsave launch` sets it)",
+                2 * axsave_dist::transport::TOKEN_LEN
+            ))
+            .into()
+        }),
+    }
+}
+
+/// What `--cleanup` will remove of this rank's view of the source.
+fn cleanup_plan(r: &Resolved, world: &axsave_dist::World) -> Result<CleanupPlan> {
     let src = axsave_core::distributed::inventory::expand_source(
         &r.source,
         world.rank,
         world.local_rank,
         world.node_rank,
     )?;
-    let src = std::path::Path::new(&src);
-    if src.exists() {
-        for removed in axsave_core::axolotl::cleanup_source(src, &r.output)? {
-            tracing::info!("cleanup: removed {removed}");
-        }
+    Ok(CleanupPlan::new(std::path::Path::new(&src), &r.output)?)
+}
+
+/// `--cleanup`, once the save is committed.
+fn cleanup(plan: &CleanupPlan) -> Result<()> {
+    for removed in plan.execute()? {
+        tracing::info!("cleanup: removed {removed}");
     }
     Ok(())
 }
 
 /// `--dry-run`: what would be read and written.
-fn dry_run(r: &Resolved) -> Result<()> {
+fn dry_run(r: &Resolved, cleanup: Option<&CleanupPlan>) -> Result<()> {
     let source = std::path::PathBuf::from(&r.source);
     let catalog = detect::open(&source)?;
     let layout = axsave_core::layout::plan_layout(&catalog, &r.layout)?;
@@ -248,12 +313,8 @@ fn dry_run(r: &Resolved) -> Result<()> {
             existing.join(", ")
         );
     }
-    if r.cleanup {
-        outln!(
-            o,
-            "cleanup: would remove {} after success",
-            source.display()
-        );
+    for p in cleanup.iter().flat_map(|c| &c.remove) {
+        outln!(o, "cleanup: would remove {} after success", p.display());
     }
     print_stdout(&o)
 }
@@ -303,6 +364,7 @@ fn save_alone(
     workers: usize,
     world: &axsave_dist::World,
     started: std::time::Instant,
+    cleanup_plan: Option<&CleanupPlan>,
 ) -> Result<()> {
     let gpu = single_process_gpu(a, r, world)?;
     if let Some((_, desc)) = &gpu {
@@ -342,9 +404,8 @@ fn save_alone(
     let (layout, report) = result?;
     if !layout.left_out.is_empty() {
         tracing::info!(
-            "left out {} tensors outside the `model` entry (e.g. {})",
-            layout.left_out.len(),
-            layout.left_out[0]
+            "{}",
+            axsave_core::naming::left_out_summary(&layout.left_out)
         );
     }
     for x in &report.replaced {
@@ -360,8 +421,8 @@ fn save_alone(
         report.seconds,
         human((report.bytes as f64 / report.seconds.max(1e-9)) as u64)
     );
-    if r.cleanup {
-        cleanup(r, world)?;
+    if let Some(p) = cleanup_plan {
+        cleanup(p)?;
     }
     if a.json {
         let mut files = Vec::new();
@@ -419,6 +480,143 @@ fn fingerprint(a: &SaveArgs, r: &Resolved) -> String {
     let mut h = crc32fast::Hasher::new();
     h.update(key.as_bytes());
     format!("{:08x}", h.finalize())
+}
+
+/// `axsave merge-lora`: by this process alone, or this rank's share of a merge by several
+/// (every rank reads the inputs; they and the output directory must be visible to all).
+pub fn merge_lora(a: &MergeLoraArgs) -> Result<()> {
+    use axsave_core::merge_lora::{self as ml, MergeOptions};
+    let world = axsave_dist::detect_from_process_env()?;
+    world.log_detected();
+    let (base, adapter, output) = match &a.config {
+        Some(path) => {
+            let cfg = axsave_core::axolotl::config::AxolotlConfig::load(path)?;
+            let cwd = std::env::current_dir()?;
+            let env = |k: &str| std::env::var(k).ok();
+            let p = ml::axolotl::merge_paths(&cfg, &cwd, &env)?;
+            let output = a.output.clone().unwrap_or(p.output);
+            (p.base, p.adapter, output)
+        }
+        None => match (&a.base, &a.adapter, &a.output) {
+            (Some(b), Some(ad), Some(o)) => (b.clone(), ad.clone(), o.clone()),
+            _ => {
+                return Err(UsageError(
+                    "--base, --adapter and --output are needed without --config".into(),
+                )
+                .into());
+            }
+        },
+    };
+    let opts = MergeOptions {
+        base,
+        adapter,
+        output,
+        max_shard_size: size_arg("--max-shard-size", &a.max_shard_size)?,
+        memory_budget: size_arg("--memory-budget", &a.memory_budget)?,
+        force: a.force,
+        workers: a.workers.unwrap_or_else(default_workers),
+        tag: run_tag(),
+    };
+    let counter = AtomicU64::new(0);
+    if world.world_size > 1 {
+        let _span = tracing::info_span!("rank", r = world.rank).entered();
+        if world.rank == 0 {
+            tracing::info!(
+                "{} ranks ({}): merging {} + {}",
+                world.world_size,
+                world.launcher,
+                opts.base.display(),
+                opts.adapter.display()
+            );
+        }
+        let key = format!(
+            "{}|{}|{}|{}|{}",
+            opts.base.display(),
+            opts.adapter.display(),
+            opts.output.display(),
+            opts.max_shard_size,
+            opts.force
+        );
+        let mut h = crc32fast::Hasher::new();
+        h.update(key.as_bytes());
+        let times = ml::ranks::RankTimeouts {
+            timeout: Duration::from_secs(a.timeout.max(1)),
+            rendezvous: Duration::from_secs(a.rendezvous_timeout.max(1)),
+        };
+        let report = ml::ranks::run(
+            &world,
+            &opts,
+            &format!("{:08x}", h.finalize()),
+            times,
+            &counter,
+        )?;
+        if let Some(r) = report {
+            tracing::info!(
+                "wrote {} tensors ({} merged, {} replaced), {} to {} in {:.2}s",
+                r.tensors,
+                r.merged,
+                r.replaced,
+                human(r.bytes),
+                opts.output.display(),
+                r.seconds
+            );
+            merge_json(a, &opts.output, &r)?;
+        }
+        return Ok(());
+    }
+    let prepared = ml::prepare(&opts)?;
+    let (merged, replaced, kept) = prepared.plan.counts();
+    tracing::info!(
+        "{} + {}: {} tensors merged, {} replaced (modules_to_save), {} copied",
+        opts.base.display(),
+        opts.adapter.display(),
+        merged,
+        replaced,
+        kept
+    );
+    let report = ml::merge_local(&prepared, &opts, &counter)?;
+    for x in &report.removed {
+        tracing::info!("removed {x} of the model this merge replaced");
+    }
+    tracing::info!(
+        "wrote {} tensors, {} in {} file{} to {} in {:.2}s",
+        report.tensors,
+        human(report.bytes),
+        prepared.layout.files.len(),
+        if prepared.layout.files.len() == 1 {
+            ""
+        } else {
+            "s"
+        },
+        opts.output.display(),
+        report.seconds
+    );
+    merge_json(a, &opts.output, &report)
+}
+
+/// `merge-lora --json`: the summary on stdout.
+fn merge_json(
+    a: &MergeLoraArgs,
+    output: &std::path::Path,
+    report: &axsave_core::merge_lora::MergeReport,
+) -> Result<()> {
+    if !a.json {
+        return Ok(());
+    }
+    let mut files = Vec::new();
+    for (p, size) in &report.files {
+        files.push(serde_json::json!({"path": p, "size": size, "sha256": sha256_file(p)?}));
+    }
+    let summary = serde_json::json!({
+        "output": output,
+        "files": files,
+        "tensors": report.tensors,
+        "merged": report.merged,
+        "replaced": report.replaced,
+        "bytes": report.bytes,
+        "seconds": report.seconds,
+    });
+    print_stdout(&format!("{}\n", serde_json::to_string_pretty(&summary)?))
 }
 
 /// `axsave inspect`.

@@ -3,7 +3,8 @@
 //!
 //! It starts N copies of this executable (or of `--exe`, a hidden option for tests) with the
 //! given arguments, each with the variables torchrun sets (`RANK`, `WORLD_SIZE`, `LOCAL_RANK`,
-//! `LOCAL_WORLD_SIZE`, `GROUP_RANK`, `MASTER_ADDR`, `MASTER_PORT`, …) plus `AXSAVE_RUN_ID`, so
+//! `LOCAL_WORLD_SIZE`, `GROUP_RANK`, `MASTER_ADDR`, `MASTER_PORT`, …) plus `AXSAVE_RUN_ID` and a
+//! random `AXSAVE_JOB_TOKEN` (the secret the ranks' data connections present), so
 //! every child detects the `env` launcher (see `axsave_dist::world`).
 //!
 //! # Output
@@ -47,7 +48,8 @@ use clap::Args;
 ///
 /// Like `torchrun --standalone --nproc-per-node N --no-python axsave ARGS…` on one machine: every
 /// rank gets RANK, WORLD_SIZE, LOCAL_RANK, LOCAL_WORLD_SIZE, GROUP_RANK, MASTER_ADDR, MASTER_PORT
-/// (a free port unless --master-port) and a shared AXSAVE_RUN_ID. Variables of other launchers
+/// (a free port unless --master-port), a shared AXSAVE_RUN_ID and a random AXSAVE_JOB_TOKEN
+/// that every data connection between the ranks must present. Variables of other launchers
 /// (TORCHELASTIC_*, SLURM_*, OMPI_COMM_WORLD_*, PMI_*, PMIX_*, MV2_*, MPI_LOCALRANKID,
 /// MPI_LOCALNRANKS, NODE_RANK) are removed from the ranks' environment, so that `axsave launch`
 /// run inside an sbatch script or an MPI job does not make the ranks believe they belong to it.
@@ -152,6 +154,9 @@ struct Job {
     master_addr: String,
     master_port: u16,
     run_id: String,
+    /// The secret every rank's data connections present (`AXSAVE_JOB_TOKEN`, hex): only the
+    /// ranks get it, through their environment.
+    job_token: String,
 }
 
 impl Job {
@@ -171,6 +176,7 @@ impl Job {
             ("MASTER_ADDR", self.master_addr.clone()),
             ("MASTER_PORT", self.master_port.to_string()),
             ("AXSAVE_RUN_ID", self.run_id.clone()),
+            ("AXSAVE_JOB_TOKEN", self.job_token.clone()),
         ]
     }
 }
@@ -212,6 +218,7 @@ pub fn run(args: &LaunchArgs) -> Result<ExitCode> {
         master_addr: args.master_addr.clone(),
         master_port,
         run_id: new_run_id(),
+        job_token: axsave_core::distributed::hex(&axsave_core::distributed::random_token()),
     };
     // Before any child exists: a signal arriving between a spawn and the handler would
     // otherwise kill the launcher and leave the ranks without anyone to stop them.
@@ -859,6 +866,7 @@ mod tests {
             master_addr: "127.0.0.1".into(),
             master_port: 41000,
             run_id: "abc-123".into(),
+            job_token: "00".repeat(32),
         };
         for rank in 0..3 {
             let mut env: HashMap<String, String> = parent

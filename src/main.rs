@@ -20,6 +20,7 @@ fn main() -> ExitCode {
         Some(cli::Command::Inspect(a)) => commands::inspect(&a),
         Some(cli::Command::Verify(a)) => commands::verify(&a),
         Some(cli::Command::GpuBench(a)) => commands::gpu_bench(&a),
+        Some(cli::Command::MergeLora(a)) => commands::merge_lora(&a),
         // The launcher's exit code is its ranks' (or 128 + a signal), not just 0 or 1.
         Some(cli::Command::Launch(a)) => match launch::run(&a) {
             Ok(code) => return code,
@@ -32,6 +33,11 @@ fn main() -> ExitCode {
         Err(e) => {
             let usage = e.downcast_ref::<commands::UsageError>().is_some();
             tracing::error!("{}", error_text(&e));
+            // A save cancelled by SIGTERM/SIGINT/SIGHUP (its temporaries removed): 128 + N, as
+            // a shell reports a command the signal stopped.
+            if let Some(sig) = axsave_core::interrupt::received() {
+                return ExitCode::from(128u8.saturating_add(u8::try_from(sig).unwrap_or(0)));
+            }
             if usage {
                 ExitCode::from(2)
             } else {

@@ -167,7 +167,20 @@ pub fn resolve_save(a: &SaveArgs, rank0: bool) -> Result<Resolved> {
         min_files: 1,
         stem: if adapter { "adapter_model" } else { "model" }.into(),
         adapter,
+        include: a
+            .include
+            .clone()
+            .or_else(|| sec.include.clone())
+            .unwrap_or_default(),
+        exclude: a
+            .exclude
+            .clone()
+            .or_else(|| sec.exclude.clone())
+            .unwrap_or_default(),
     };
+    // A malformed glob is a usage error, found before any rank starts reading.
+    axsave_core::naming::NameFilter::new(&layout.include, &layout.exclude)
+        .map_err(|e| UsageError(e.to_string()))?;
 
     let extras = match (&cfg, rank0) {
         (Some(c), true) => gather_extras(

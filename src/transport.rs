@@ -20,6 +20,8 @@ pub fn wants_mpi(request: TransportRequest, launcher: Launcher) -> bool {
 pub struct Ready {
     /// The data plane for the coordinator.
     pub net: Net,
+    /// Under MPI: the job token rank 0 minted and broadcast (a private channel).
+    pub job_token: Option<[u8; axsave_dist::transport::TOKEN_LEN]>,
     /// Keeps MPI alive (and aborts the job on failure, see [`Ready::fail`]).
     #[cfg(feature = "mpi")]
     pub mpi: Option<axsave_dist::transport::mpi::MpiContext>,
@@ -48,6 +50,7 @@ pub fn setup(use_mpi: bool, world: &mut World, timeout: std::time::Duration) -> 
     let _ = (use_mpi, &world, timeout);
     Ok(Ready {
         net: Net::Tcp,
+        job_token: None,
         #[cfg(feature = "mpi")]
         mpi: None,
     })
@@ -59,9 +62,10 @@ fn mpi_setup(world: &mut World, timeout: std::time::Duration) -> Result<Ready> {
     let ctx = MpiContext::init().map_err(|e| anyhow::anyhow!("MPI initialisation failed: {e}"))?;
     // Once MPI is up, a rank that fails must abort the job: MPI_Finalize waits for every rank,
     // and the others would wait for this one in the rendezvous.
-    match bootstrap(&ctx, world, timeout) {
-        Ok(net) => Ok(Ready {
+    match bootstrap(&ctx, world, timeout).and_then(|net| Ok((net, job_token(&ctx, world)?))) {
+        Ok((net, token)) => Ok(Ready {
             net: Net::Mpi(net),
+            job_token: Some(token),
             mpi: Some(ctx),
         }),
         Err(e) => {
@@ -69,6 +73,22 @@ fn mpi_setup(world: &mut World, timeout: std::time::Duration) -> Result<Ready> {
             ctx.abort(1)
         }
     }
+}
+
+/// Rank 0 mints the job token and MPI hands it to every rank: a channel only the job's ranks
+/// share, unlike the store.
+#[cfg(feature = "mpi")]
+fn job_token(
+    ctx: &axsave_dist::transport::mpi::MpiContext,
+    world: &World,
+) -> Result<[u8; axsave_dist::transport::TOKEN_LEN]> {
+    let mine = (world.rank == 0).then(axsave_core::distributed::random_token);
+    let got = ctx
+        .broadcast(0, mine.as_ref().map(|t| t.as_slice()))
+        .map_err(|e| anyhow::anyhow!("MPI broadcast of the job token failed: {e}"))?;
+    got.as_slice()
+        .try_into()
+        .map_err(|_| anyhow::anyhow!("malformed job token from rank 0 ({} bytes)", got.len()))
 }
 
 /// Rank 0 tells every rank where its store will listen; then the MPI data plane.

@@ -310,3 +310,103 @@ fn source_rewritten_during_the_save_is_refused() {
     );
     assert_no_output(out.path());
 }
+
+/// One flipped byte in a `planner_data` key of a 4-rank FSDP checkpoint's `.metadata`: the
+/// tensor's nested path was lost and it was left out as "not under `model`" (21 tensors
+/// instead of 22, exit 0). The three parts of the metadata must agree.
+#[test]
+fn damaged_planner_data_key_is_refused() {
+    let (_t, ckpt) = copy_of("fsdp_w4");
+    let meta = ckpt.join(".metadata");
+    let mut data = std::fs::read(&meta).unwrap();
+    let key = b"model._orig_mod.layers.0._fsdp_wrapped_module.self_attn.q_proj.weight";
+    let planner = find(&data, b"planner_data").expect("planner_data in .metadata");
+    let at = planner + find(&data[planner..], key).expect("a planner_data key");
+    // The last letter of the key: `weight` becomes `weighu`.
+    data[at + key.len() - 1] ^= 0x01;
+    std::fs::write(&meta, &data).unwrap();
+    let err = must_fail(&ckpt);
+    assert!(
+        err.contains(".metadata")
+            && err.contains("planner_data")
+            && err.contains("self_attn.q_proj.weighu")
+            && err.contains("damaged"),
+        "{err}"
+    );
+}
+
+/// A flipped byte in a `storage_data` key's name: storage for a tensor nobody declared.
+#[test]
+fn damaged_storage_data_key_is_refused() {
+    let (_t, ckpt) = copy_of("fsdp_w4");
+    let meta = ckpt.join(".metadata");
+    let mut data = std::fs::read(&meta).unwrap();
+    let key = b"model._orig_mod.norm.weight";
+    let storage = find(&data, b"storage_data").expect("storage_data in .metadata");
+    let at = storage + find(&data[storage..], key).expect("a storage_data key");
+    data[at + key.len() - 1] ^= 0x01;
+    std::fs::write(&meta, &data).unwrap();
+    let err = must_fail(&ckpt);
+    assert!(
+        err.contains(".metadata") && err.contains("damaged"),
+        "{err}"
+    );
+}
+
+fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
+    hay.windows(needle.len()).position(|w| w == needle)
+}
+
+/// torch saves a tensor named `__metadata__` happily; a safetensors file holding it is read
+/// by no reader (the key is the file's own metadata). Refused before anything is written.
+#[test]
+fn tensor_named_metadata_is_refused() {
+    let err = must_fail(&fixture("inputs/reserved_name/checkpoint"));
+    assert!(
+        err.contains("tensor __metadata__") && err.contains("reserves"),
+        "{err}"
+    );
+}
+
+/// A zstd item (torch ≥ 2.7 `_extensions`) that inflates far past what its chunk can hold: a
+/// frame of run-length blocks, 4 bytes each inflating to 128 KiB, in place of the first item
+/// (a skippable frame fills the rest of its length). It is refused once it passes the chunk's
+/// size, not inflated to whatever it claims (a 2 MB item could claim 64 GB).
+#[test]
+fn zstd_item_inflating_past_its_chunk_is_refused() {
+    let (_t, ckpt) = copy_of("zstd_w2");
+    let f = ckpt.join("__0_0.distcp");
+    let mut data = std::fs::read(&f).unwrap();
+    let magic = [0x28, 0xb5, 0x2f, 0xfd];
+    let starts: Vec<usize> = (0..data.len() - 4)
+        .filter(|&i| data[i..i + 4] == magic)
+        .take(2)
+        .collect();
+    let (start, end) = (starts[0], *starts.get(1).unwrap_or(&data.len()));
+    let len = end - start;
+    // Frame header: magic, descriptor 0 (no content size, not single-segment), window 128 KiB.
+    let mut bomb = magic.to_vec();
+    bomb.extend_from_slice(&[0x00, 0x38]);
+    let blocks = (len - bomb.len() - 8) / 4;
+    assert!(blocks >= 40, "item of {len} bytes too short");
+    for b in 0..blocks {
+        let last = u32::from(b + 1 == blocks);
+        let header = last | (1 << 1) | ((128 * 1024) << 3);
+        bomb.extend_from_slice(&header.to_le_bytes()[..3]);
+        bomb.push(0);
+    }
+    // A skippable frame: magic 0x184D2A50, its length, then anything.
+    bomb.extend_from_slice(&0x184d_2a50u32.to_le_bytes());
+    let pad = len - bomb.len() - 4;
+    bomb.extend_from_slice(&(pad as u32).to_le_bytes());
+    bomb.resize(len, 0);
+    data[start..end].copy_from_slice(&bomb);
+    std::fs::write(&f, &data).unwrap();
+    let err = must_fail(&ckpt);
+    assert!(
+        err.contains("__0_0.distcp")
+            && err.contains("zstd stream")
+            && err.contains("inflates past"),
+        "{err}"
+    );
+}

@@ -1653,7 +1653,8 @@ fn disk_full() {
                 })
                 .sum();
             let dir = t.path().join("t2");
-            let r = Mounted::tmpfs(&dir, pages * page).and_then(|_m| {
+            // One page more for the output lock (`.axsave.lock`, which records its holder).
+            let r = Mounted::tmpfs(&dir, (pages + 1) * page).and_then(|_m| {
                 let res = one(&[
                     "--source",
                     demo,

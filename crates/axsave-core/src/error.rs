@@ -43,6 +43,10 @@ pub enum CoreError {
         /// Wanted dtype.
         to: String,
     },
+    /// A LoRA adapter cannot be merged into its base (a tensor that does not fit, a missing
+    /// module, an unsupported setting); the message names the tensor or the setting.
+    #[error("{0}")]
+    Merge(String),
     /// `verify` found a difference.
     #[error("{0}")]
     Mismatch(String),
@@ -52,6 +56,20 @@ pub enum CoreError {
     /// Another rank failed, or the transport broke.
     #[error("{0}")]
     Remote(String),
+    /// Another save holds the output directory's lock.
+    #[error("{} is in use by another save ({holder}); wait for it to finish or choose another --output", dir.display())]
+    Locked {
+        /// The output directory.
+        dir: PathBuf,
+        /// Who holds the lock, as its lock file says.
+        holder: String,
+    },
+    /// This process received a signal (SIGTERM, SIGINT, SIGHUP) and cancelled the save.
+    #[error("interrupted by {}: the save was cancelled", crate::interrupt::signal_name(*signal))]
+    Interrupted {
+        /// The signal number.
+        signal: i32,
+    },
     /// The run was cancelled (another part failed first).
     #[error("cancelled")]
     Cancelled,

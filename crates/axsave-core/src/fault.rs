@@ -2,11 +2,14 @@
 //! there, or change something under it. With `AXSAVE_FAULT=<point>@<rank>` that rank creates the
 //! file named by `AXSAVE_FAULT_FILE` (if set; it holds the point and the process id) when it
 //! reaches `<point>`, then waits until the
-//! file named by `AXSAVE_FAULT_RELEASE` exists (if set; else it sleeps for an hour). Without the
+//! file named by `AXSAVE_FAULT_RELEASE` exists (if set; else it sleeps for an hour), or until
+//! the process gets SIGTERM, SIGINT or SIGHUP. Without the
 //! variable (always, outside tests) this does nothing.
 //!
 //! Points: `joined` (after the rendezvous), `copying` (at its first piece), `synced` (its
-//! files are on disk, success not yet reported). A rank that dies after reporting success
+//! files are on disk, success not yet reported), `committing` (rank 0, every rank reported,
+//! about to rename the files into place), `merging` (merge-lora across ranks: the output files
+//! exist, this rank has written nothing yet). A rank that dies after reporting success
 //! does not stop the commit: its part of the model is complete and durable by then.
 
 use std::sync::OnceLock;
@@ -34,13 +37,16 @@ pub fn point(name: &str, rank: usize) {
             let _ = std::fs::write(f, format!("{name} {}", std::process::id()));
         }
         eprintln!("fault hook: rank {rank} stalls at {name}");
-        match std::env::var("AXSAVE_FAULT_RELEASE") {
-            Ok(release) => {
-                while !std::path::Path::new(&release).exists() {
-                    std::thread::sleep(std::time::Duration::from_millis(20));
-                }
-            }
-            Err(_) => std::thread::sleep(std::time::Duration::from_secs(3600)),
+        // Released by the file, or by a signal (the save then cancels as it would anywhere).
+        let release = std::env::var("AXSAVE_FAULT_RELEASE").ok();
+        let until = std::time::Instant::now() + std::time::Duration::from_secs(3600);
+        while !release
+            .as_ref()
+            .is_some_and(|r| std::path::Path::new(r).exists())
+            && crate::interrupt::received().is_none()
+            && std::time::Instant::now() < until
+        {
+            std::thread::sleep(std::time::Duration::from_millis(20));
         }
     }
 }

@@ -3,11 +3,14 @@
 
 use std::collections::{BTreeMap, HashMap};
 
-use axsave_formats::st_header::{BuiltHeader, HeaderTensor, build_header};
+use axsave_formats::st_header::{
+    BuiltHeader, HeaderTensor, MAX_HEADER_SIZE, METADATA_KEY, build_header,
+};
 use axsave_formats::{Catalog, DType};
 
 use crate::error::{CoreError, Result};
-use crate::naming::output_names;
+use crate::naming::{NameFilter, output_names};
+use crate::scales::is_quantization_scale;
 
 /// What `--dtype` asks for.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
@@ -62,6 +65,11 @@ pub struct LayoutOptions {
     pub stem: String,
     /// Write only a PEFT adapter, under the names PEFT's `save_pretrained` gives it.
     pub adapter: bool,
+    /// Name globs (`--include`): when any is given, only tensors whose output name matches one
+    /// are written.
+    pub include: Vec<String>,
+    /// Name globs (`--exclude`): tensors whose output name matches one are left out.
+    pub exclude: Vec<String>,
 }
 
 impl Default for LayoutOptions {
@@ -72,6 +80,8 @@ impl Default for LayoutOptions {
             min_files: 1,
             stem: "model".into(),
             adapter: false,
+            include: Vec::new(),
+            exclude: Vec::new(),
         }
     }
 }
@@ -117,7 +127,8 @@ pub struct Layout {
     pub tensors: Vec<OutTensor>,
     /// Sum of the tensors' data sizes (the index's `metadata.total_size`).
     pub total_size: u64,
-    /// Catalog tensors left out (not under the `model` entry), by name.
+    /// Catalog tensors left out (not the model's, or filtered by `--include`/`--exclude`), by
+    /// name.
     pub left_out: Vec<String>,
 }
 
@@ -198,16 +209,23 @@ pub fn plan_layout(catalog: &Catalog, opts: &LayoutOptions) -> Result<Layout> {
             )
         })?;
     }
-    let mut tensors = Vec::new();
+    let filter = NameFilter::new(&opts.include, &opts.exclude)?;
     let mut left_out = Vec::new();
+    let mut chosen: Vec<(usize, String)> = Vec::new();
     let mut seen: HashMap<String, usize> = HashMap::new();
     for (i, (t, name)) in catalog.tensors.iter().zip(names).enumerate() {
-        let Some(name) = name else {
+        let Some(name) = name.filter(|n| filter.keeps(n)) else {
             if !opts.adapter {
                 left_out.push(t.name.clone());
             }
             continue;
         };
+        if name == METADATA_KEY {
+            return Err(CoreError::Layout(format!(
+                "tensor {} would be written as {METADATA_KEY:?}, the key safetensors reserves for the file's metadata: no reader accepts such a file (leave it out with --exclude, or rename it)",
+                t.name
+            )));
+        }
         if let Some(&j) = seen.get(&name) {
             return Err(CoreError::Layout(format!(
                 "tensors {} and {} both become {name} once wrapper prefixes are removed",
@@ -215,15 +233,31 @@ pub fn plan_layout(catalog: &Catalog, opts: &LayoutOptions) -> Result<Layout> {
             )));
         }
         seen.insert(name.clone(), i);
-        let dtype = opts.dtype.apply(t.dtype);
+        chosen.push((i, name));
+    }
+    // Scales of fp8/fp4 weights keep their dtype whatever --dtype says (see `scales`).
+    let source_dtype: HashMap<&str, DType> = chosen
+        .iter()
+        .map(|(i, n)| (n.as_str(), catalog.tensors[*i].dtype))
+        .collect();
+    let mut tensors = Vec::with_capacity(chosen.len());
+    for (i, name) in &chosen {
+        let t = &catalog.tensors[*i];
+        let scale = opts.dtype != DtypeChoice::Keep
+            && is_quantization_scale(name, |w| source_dtype.get(w).copied());
+        let dtype = if scale {
+            t.dtype
+        } else {
+            opts.dtype.apply(t.dtype)
+        };
         let nbytes = t
             .shape
             .iter()
             .try_fold(dtype.size() as u64, |a, &n| a.checked_mul(n))
             .ok_or_else(|| CoreError::Layout(format!("tensor {} is too large", t.name)))?;
         tensors.push(OutTensor {
-            name,
-            source: i,
+            name: name.clone(),
+            source: *i,
             dtype,
             shape: t.shape.clone(),
             file: 0,
@@ -234,6 +268,11 @@ pub fn plan_layout(catalog: &Catalog, opts: &LayoutOptions) -> Result<Layout> {
     if tensors.is_empty() {
         return Err(CoreError::Layout(if opts.adapter {
             "the adapter has no tensors: nothing to write".into()
+        } else if !left_out.is_empty() {
+            format!(
+                "nothing to write: {} (an optimizer-only checkpoint? --include chooses tensors by name)",
+                crate::naming::left_out_summary(&left_out)
+            )
         } else {
             "the checkpoint holds no tensors to write".into()
         }));
@@ -283,6 +322,7 @@ pub fn plan_layout(catalog: &Catalog, opts: &LayoutOptions) -> Result<Layout> {
             file_size,
         } = build_header(&header_tensors, &[("format", "pt")])
             .map_err(|e| CoreError::Layout(e.to_string()))?;
+        check_header_size(&name, bytes.len() as u64 - 8, &header_tensors)?;
         let mut order: Vec<(u64, usize)> = Vec::with_capacity(group.len());
         for (k, &ti) in group.iter().enumerate() {
             tensors[ti].file = fi;
@@ -305,9 +345,111 @@ pub fn plan_layout(catalog: &Catalog, opts: &LayoutOptions) -> Result<Layout> {
     })
 }
 
+/// Refuses a header longer than safetensors readers accept ([`MAX_HEADER_SIZE`]), naming the
+/// longest tensor names, which are what makes a header that large.
+fn check_header_size(file: &str, json_len: u64, tensors: &[HeaderTensor]) -> Result<()> {
+    if json_len <= MAX_HEADER_SIZE {
+        return Ok(());
+    }
+    let mut longest: Vec<&HeaderTensor> = tensors.iter().collect();
+    longest.sort_by_key(|t| std::cmp::Reverse(t.name.len()));
+    let names: Vec<String> = longest
+        .iter()
+        .take(3)
+        .map(|t| {
+            let shown: String = t.name.chars().take(60).collect();
+            format!("{shown}... ({} bytes)", t.name.len())
+        })
+        .collect();
+    Err(CoreError::Layout(format!(
+        "the header of {file} would be {json_len} bytes, more than the {MAX_HEADER_SIZE} safetensors readers accept ({} tensors; the longest names: {})",
+        tensors.len(),
+        names.join(", ")
+    )))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn catalog_of(tensors: Vec<axsave_formats::TensorEntry>) -> Catalog {
+        Catalog {
+            format: axsave_formats::Format::Dcp,
+            root: ".".into(),
+            files: Vec::new(),
+            tensors,
+            writer_ranks: None,
+            skipped: Vec::new(),
+            notes: Vec::new(),
+            records: Vec::new(),
+        }
+    }
+
+    fn entry(name: &str, dtype: DType, shape: &[u64]) -> axsave_formats::TensorEntry {
+        axsave_formats::TensorEntry {
+            name: name.into(),
+            path: vec![name.into()],
+            dtype,
+            shape: shape.to_vec(),
+            pieces: Vec::new(),
+        }
+    }
+
+    /// A header over safetensors' 100 MB limit is refused before anything is written, naming
+    /// the tensor whose name makes it so; one at the limit is accepted. (plan_layout calls this
+    /// with each file's built header; a real 100 MB name takes half a minute to serialize in a
+    /// debug build.)
+    #[test]
+    fn header_over_the_safetensors_limit_is_refused() {
+        let t = |name: &str| HeaderTensor {
+            name: name.into(),
+            dtype: DType::F32,
+            shape: vec![2],
+        };
+        let long = format!("layers.{}", "x".repeat(1000));
+        let tensors = [t("b"), t(&long), t("c")];
+        let err = check_header_size("model.safetensors", MAX_HEADER_SIZE + 1, &tensors)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("model.safetensors")
+                && err.contains("100000001 bytes, more than the 100000000")
+                && err.contains("layers.xxx")
+                && err.contains(&format!("({} bytes)", long.len())),
+            "{err}"
+        );
+        check_header_size("model.safetensors", MAX_HEADER_SIZE, &tensors).unwrap();
+    }
+
+    /// Accelerate's `optimizer_0` directory holds only `{"optimizer": ...}`: nothing is the
+    /// model's, and the error says what was left out.
+    #[test]
+    fn optimizer_only_checkpoint_says_what_was_left_out() {
+        let mut t = entry("optimizer.state.w.exp_avg", DType::F32, &[2]);
+        t.path = vec!["optimizer".into(), "state.w.exp_avg".into()];
+        let err = plan_layout(&catalog_of(vec![t]), &LayoutOptions::default())
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("nothing to write: left out 1 tensor") && err.contains("optimizer (1)"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn reserved_metadata_name_is_refused() {
+        let catalog = catalog_of(vec![
+            entry("__metadata__", DType::F32, &[2]),
+            entry("b", DType::F32, &[1]),
+        ]);
+        let err = plan_layout(&catalog, &LayoutOptions::default())
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("__metadata__") && err.contains("reserves"),
+            "{err}"
+        );
+    }
 
     /// Fuzz regression (dcp_metadata): tensors whose sizes each fit in 64 bits but whose sum
     /// does not are refused, not summed into an overflow.

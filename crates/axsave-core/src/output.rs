@@ -79,13 +79,7 @@ impl OutputFiles {
                 continue;
             }
             let path = dir.join(temp_name(&f.name, tag));
-            let file = OpenOptions::new()
-                .read(true)
-                .write(true)
-                .create(true)
-                .truncate(true)
-                .open(&path)
-                .map_err(|e| CoreError::io(&path, e))?;
+            let file = create_exclusive(&path, true)?;
             // Record the path before anything else can fail, so cleanup finds it.
             out.files.push(Some((path.clone(), file)));
             let Some((_, file)) = out.files.last().and_then(|f| f.as_ref()) else {
@@ -135,6 +129,21 @@ impl OutputFiles {
     }
 }
 
+/// Creates a new file at `path`, failing if anything is there already, a symbolic link
+/// included (`O_CREAT | O_EXCL | O_NOFOLLOW`): a temporary name is never an existing file or a
+/// link someone planted to make axsave write elsewhere.
+pub fn create_exclusive(path: &Path, read: bool) -> Result<File> {
+    use std::os::unix::fs::OpenOptionsExt;
+    OpenOptions::new()
+        .read(read)
+        .write(true)
+        .create_new(true)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+        .mode(0o644)
+        .open(path)
+        .map_err(|e| CoreError::io(path, e))
+}
+
 /// Renames the temporaries of every data file of `layout` (written by this rank or, in a
 /// shared directory, by others) to their final names.
 pub fn commit_files(dir: &Path, layout: &Layout, tag: &str) -> Result<()> {
@@ -149,7 +158,7 @@ pub fn commit_files(dir: &Path, layout: &Layout, tag: &str) -> Result<()> {
 /// temporary path, to be renamed by [`commit_small`].
 pub fn write_small(dir: &Path, final_name: &str, tag: &str, bytes: &[u8]) -> Result<PathBuf> {
     let path = dir.join(temp_name(final_name, tag));
-    let f = File::create(&path).map_err(|e| CoreError::io(&path, e))?;
+    let f = create_exclusive(&path, false)?;
     f.write_all_at(bytes, 0)
         .map_err(|e| CoreError::io(&path, e))?;
     f.sync_all().map_err(|e| CoreError::io(&path, e))?;
@@ -191,6 +200,109 @@ pub fn remove_run_temps(dir: &Path, tag: &str) {
             let _ = std::fs::remove_file(e.path());
         }
     }
+}
+
+/// The run tag in a temporary's name (`.NAME.axsave-TAG.tmp`) or in a sharded-mode marker
+/// (`.axsave-TAG.shared`); `None` for other names.
+pub fn tag_of_temp(name: &str) -> Option<&str> {
+    if !name.starts_with('.') {
+        return None;
+    }
+    if let Some(rest) = name.strip_suffix(".tmp") {
+        return rest
+            .rfind(".axsave-")
+            .map(|i| &rest[i + ".axsave-".len()..]);
+    }
+    name.strip_prefix(".axsave-")
+        .and_then(|r| r.strip_suffix(".shared"))
+}
+
+/// What [`sweep_stale_temps`] did.
+#[derive(Clone, Debug, Default)]
+pub struct StaleSweep {
+    /// Temporaries (and markers) of dead runs that were removed, and their total size.
+    pub removed: Vec<String>,
+    /// Bytes they held.
+    pub removed_bytes: u64,
+    /// Temporaries left in place, each with the reason.
+    pub kept: Vec<(String, String)>,
+}
+
+impl StaleSweep {
+    /// One line per finding, for the log (empty when there was nothing).
+    pub fn messages(&self, dir: &Path) -> Vec<String> {
+        let mut m = Vec::new();
+        if !self.removed.is_empty() {
+            m.push(format!(
+                "removed {} stale temporar{} ({} bytes) of an interrupted earlier save from {}: {}",
+                self.removed.len(),
+                if self.removed.len() == 1 { "y" } else { "ies" },
+                self.removed_bytes,
+                dir.display(),
+                self.removed.join(", ")
+            ));
+        }
+        for (name, why) in &self.kept {
+            m.push(format!("left {name} in {}: {why}", dir.display()));
+        }
+        m
+    }
+}
+
+/// Removes the temporaries and markers of earlier runs in `dir` whose owner is provably dead
+/// ([`RunTag::liveness`](crate::runtag::RunTag::liveness)): a save killed by SIGKILL or on a
+/// node that crashed. Those of runs that may still be going (alive on this host, or made on
+/// another host, or by an older axsave whose tags say nothing) are left and reported. The
+/// caller holds the output lock; `own_tag` is this run's.
+pub fn sweep_stale_temps(dir: &Path, own_tag: &str) -> StaleSweep {
+    use crate::runtag::{Liveness, RunTag};
+    let mut sweep = StaleSweep::default();
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return sweep;
+    };
+    let mut names: Vec<String> = entries
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect();
+    names.sort();
+    for name in names {
+        let Some(tag) = tag_of_temp(&name) else {
+            continue;
+        };
+        if tag == own_tag {
+            continue;
+        }
+        let path = dir.join(&name);
+        let why = match RunTag::parse(tag).map(|t| (t, t.liveness())) {
+            Some((_, Liveness::Dead)) => {
+                let size = std::fs::symlink_metadata(&path)
+                    .map(|m| m.len())
+                    .unwrap_or(0);
+                match std::fs::remove_file(&path) {
+                    Ok(()) => {
+                        sweep.removed.push(name);
+                        sweep.removed_bytes += size;
+                    }
+                    Err(e) => sweep.kept.push((
+                        name,
+                        format!("a stale temporary that cannot be removed: {e}"),
+                    )),
+                }
+                continue;
+            }
+            Some((t, Liveness::Alive)) => {
+                format!("its save (process {}) is still running on this host", t.pid)
+            }
+            Some((_, Liveness::Unknown)) => "made by a save on another host, which may still be \
+                running (remove it by hand once no save writes here)"
+                .to_string(),
+            None => "made by an older axsave or something else; remove it by hand once no save \
+                writes here"
+                .to_string(),
+        };
+        sweep.kept.push((name, why));
+    }
+    sweep
 }
 
 /// Reserves `len` bytes for `file` so that a full disk is found before any data is written.
@@ -250,6 +362,42 @@ mod tests {
         );
         // A directory that does not exist is nothing to clean.
         remove_run_temps(&d.path().join("missing"), "t1");
+    }
+
+    /// A link (or any file) planted at a temporary's name is never followed or reused: the
+    /// save fails on it and the link's target is untouched.
+    #[test]
+    fn temporaries_are_created_exclusively_without_following_links() {
+        let d = tempfile::tempdir().unwrap();
+        let victim = d.path().join("victim");
+        std::fs::write(&victim, b"precious").unwrap();
+        let tag = crate::runtag::RunTag::new().to_string();
+        let planted = d.path().join(temp_name("model.safetensors", &tag));
+        std::os::unix::fs::symlink(&victim, &planted).unwrap();
+        let err = write_small(d.path(), "model.safetensors", &tag, b"new").unwrap_err();
+        assert!(err.to_string().contains("exists"), "{err}");
+        assert_eq!(std::fs::read(&victim).unwrap(), b"precious");
+        // A dangling link is not followed either (O_CREAT alone would create its target).
+        std::fs::remove_file(&victim).unwrap();
+        assert!(create_exclusive(&planted, true).is_err());
+        assert!(!victim.exists());
+        // Names from two tags made at once differ.
+        assert_ne!(
+            crate::runtag::RunTag::new().to_string(),
+            crate::runtag::RunTag::new().to_string()
+        );
+    }
+
+    #[test]
+    fn temp_tags_are_found_in_names() {
+        assert_eq!(
+            tag_of_temp(".model.safetensors.axsave-ab-1.tmp"),
+            Some("ab-1")
+        );
+        assert_eq!(tag_of_temp(".axsave-ab-1.shared"), Some("ab-1"));
+        assert_eq!(tag_of_temp(".axsave.lock"), None);
+        assert_eq!(tag_of_temp("model.safetensors"), None);
+        assert_eq!(tag_of_temp(".x.tmp"), None);
     }
 
     #[test]

@@ -91,7 +91,13 @@ pub fn save_local(
 ) -> Result<(Layout, SaveReport)> {
     let start = Instant::now();
     let layout = plan_layout(catalog, &opts.layout)?;
+    let guard = crate::interrupt::register_run(&opts.output, &opts.tag)?;
+    // Held until the end of the commit: a second save into this directory fails at once.
+    let _lock = crate::lock::OutputLock::acquire(&opts.output, &opts.tag)?;
     let existing = check_output(&opts.output, &opts.layout.stem, opts.force)?;
+    for m in output::sweep_stale_temps(&opts.output, &opts.tag).messages(&opts.output) {
+        tracing::warn!("{m}");
+    }
     let files = OutputFiles::create(&opts.output, &layout, &opts.tag, |_| true);
     let files = match files {
         Ok(f) => f,
@@ -104,7 +110,8 @@ pub fn save_local(
         let copy_start = Instant::now();
         let sources = SourceFiles::new(catalog, &catalog.root);
         let tasks = all_tasks(catalog, &layout);
-        let cancel = AtomicBool::new(false);
+        let cancel = std::sync::Arc::new(AtomicBool::new(false));
+        crate::interrupt::watch(&cancel);
         let job = CopyJob {
             catalog,
             layout: &layout,
@@ -151,7 +158,10 @@ pub fn save_local(
     })();
     if let Err(e) = result {
         files.discard();
-        return Err(e);
+        return Err(match (e, crate::interrupt::received()) {
+            (CoreError::Cancelled, Some(signal)) => CoreError::Interrupted { signal },
+            (e, _) => e,
+        });
     }
     let extras = match opts.extras.render(&layout) {
         Ok(e) => e,
@@ -161,7 +171,9 @@ pub fn save_local(
         }
     };
     drop(files);
-    let replaced = finalize(&opts.output, &layout, &opts.tag, &extras, &existing)?;
+    let replaced = guard
+        .commit(|| finalize(&opts.output, &layout, &opts.tag, &extras, &existing))
+        .inspect_err(|_| output::remove_run_temps(&opts.output, &opts.tag))?;
     let mut report_files: Vec<(PathBuf, u64)> = layout
         .files
         .iter()

@@ -28,6 +28,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
 
     let opts = TcpOptions {
         session: 42,
+        token: [0; 32],
         frame_bytes: MIB,
         io_timeout: Duration::from_secs(30),
     };

@@ -594,3 +594,46 @@ fn explicit_bind_address() {
     .unwrap_err();
     assert!(e.to_string().contains(&taken.to_string()), "{e}");
 }
+
+/// A client that keeps adding keys (100k SETs grew the server by 115 MB) is dropped once the
+/// store holds `max_keys`; overwriting, deleting and queues keep the count and bytes right.
+#[test]
+fn server_caps_what_it_holds() {
+    let s = server();
+    let mut c = client(&s);
+    let value = [7u8; 64];
+    let mut refused = None;
+    for i in 0..100_000 {
+        if c.set(&format!("flood/{i}"), &value).is_err() {
+            refused = Some(i);
+            break;
+        }
+    }
+    // SET has no reply: the drop shows on a later request at the latest.
+    let after = c.num_keys();
+    assert!(
+        refused.is_some() || after.is_err(),
+        "100000 keys accepted: {after:?}"
+    );
+    let mut fresh = client(&s);
+    assert_eq!(fresh.num_keys().unwrap(), 64 * 1024);
+
+    // Bytes: a small cap; replacing a value does not count twice, deleting gives room back.
+    let s = StoreServer::start(ServerOptions {
+        max_held_bytes: 1 << 20,
+        ..ServerOptions::default()
+    })
+    .unwrap();
+    let mut c = client(&s);
+    let big = vec![1u8; 600 * 1024];
+    for _ in 0..5 {
+        c.set("a", &big).unwrap();
+    }
+    assert_eq!(c.compare_set("a", &big, b"small").unwrap(), b"small");
+    c.set("b", &big).unwrap();
+    assert!(c.delete_key("b").unwrap());
+    c.set("c", &big).unwrap();
+    assert_eq!(c.num_keys().unwrap(), 2);
+    let e = c.set("d", &big).and_then(|_| c.num_keys().map(|_| ()));
+    assert!(e.is_err(), "1.2 MB held under a 1 MiB cap");
+}

@@ -26,6 +26,7 @@ fn loopback() -> SocketAddr {
 fn options(frame_bytes: usize, io_timeout: Duration) -> TcpOptions {
     TcpOptions {
         session: 0x5e55_1011_abcd_0042,
+        token: *b"0123456789abcdef0123456789ABCDEF",
         frame_bytes,
         io_timeout,
     }
@@ -137,12 +138,30 @@ fn null_sink() -> Sink {
 
 /// A hello as the documented wire format spells it.
 fn raw_hello(session: u64, rank: u64, frame_bytes: u64, version: u32) -> Vec<u8> {
+    raw_hello_with(
+        session,
+        rank,
+        frame_bytes,
+        version,
+        &options(1, secs(1)).token,
+    )
+}
+
+/// A hello with the given job token.
+fn raw_hello_with(
+    session: u64,
+    rank: u64,
+    frame_bytes: u64,
+    version: u32,
+    token: &[u8; 32],
+) -> Vec<u8> {
     let mut b = b"AXSVTCP\0".to_vec();
     b.extend_from_slice(&version.to_le_bytes());
     b.extend_from_slice(&0u32.to_le_bytes());
     b.extend_from_slice(&session.to_le_bytes());
     b.extend_from_slice(&rank.to_le_bytes());
     b.extend_from_slice(&frame_bytes.to_le_bytes());
+    b.extend_from_slice(token);
     b
 }
 
@@ -887,6 +906,37 @@ fn stray_connections_are_turned_away_without_harming_the_transfer() {
         matches!(&e, TransportError::Rejected { reason, .. } if reason.contains("session")),
         "{e}"
     );
+    // The right session but the wrong job token: someone who could read the store (or guess
+    // the session) but was not given the token.
+    let intruder = TcpOptions {
+        token: [7; 32],
+        ..opts.clone()
+    };
+    let e = Sender::connect(addr, 0, &intruder).unwrap_err();
+    assert!(
+        matches!(&e, TransportError::Rejected { reason, .. } if reason.contains("wrong job token")),
+        "{e}"
+    );
+    // The same by hand, one byte off at the end: refused, and nothing it sends is written.
+    let mut last = opts.token;
+    last[31] ^= 1;
+    let mut t = TcpStream::connect(addr).unwrap();
+    t.set_read_timeout(Some(secs(10))).unwrap();
+    t.write_all(&raw_hello_with(
+        opts.session,
+        0,
+        8192,
+        PROTOCOL_VERSION,
+        &last,
+    ))
+    .unwrap();
+    let _ = t.write_all(&raw_frame_header(0, 1, 4));
+    let _ = t.write_all(&raw_run(0, 4));
+    let _ = t.write_all(b"EVIL");
+    let (code, msg) = raw_read_reply(&mut t);
+    assert_eq!(code, 1);
+    assert!(msg.contains("wrong job token"), "{msg}");
+    assert!(closed_by_peer(&mut t));
     // Another protocol version.
     let mut v = TcpStream::connect(addr).unwrap();
     v.set_read_timeout(Some(secs(10))).unwrap();
@@ -925,13 +975,14 @@ fn stray_connections_are_turned_away_without_harming_the_transfer() {
         h.join().unwrap();
     }
     assert_eq!(stats.connections, 2);
-    // Garbage, connect-and-leave (its hello never came), half a hello, wrong session, wrong
-    // version, frame too large. The first three may still be counted a moment later.
+    // Garbage, connect-and-leave (its hello never came), half a hello, wrong session, two
+    // wrong tokens, wrong version, frame too large. The first three may still be counted a
+    // moment later.
     let deadline = Instant::now() + secs(5);
-    while r.stats().rejected < 6 && Instant::now() < deadline {
+    while r.stats().rejected < 8 && Instant::now() < deadline {
         thread::sleep(Duration::from_millis(10));
     }
-    assert_eq!(r.stats().rejected, 6);
+    assert_eq!(r.stats().rejected, 8);
     drop(silent);
     r.shutdown();
     files.check_complete();

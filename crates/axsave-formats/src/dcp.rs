@@ -27,6 +27,14 @@ use crate::zip::HeadTail;
 /// Largest metadata pickle accepted (a 400B-parameter model's is a few MB).
 const METADATA_LIMIT: u64 = 1 << 30;
 
+/// Most objects the metadata pickle may build. torch's metadata takes about 20 per chunk (a
+/// `ChunkStorageMetadata` and its two sizes, the chunk's `MetadataIndex` and `_StorageInfo`,
+/// its share of the tensor's own entry and planner path: 21 in the 8-rank FSDP fixture), so
+/// this admits some 400,000 chunks: a model of 10^5 tensors saved by 4 ranks, or a
+/// 1,000-tensor model by 400. Each object costs a few hundred bytes to hold while the file is
+/// read; a hostile file describing 10^6 tensors took 5.3 GB before.
+pub const METADATA_MAX_OBJECTS: usize = 8_000_000;
+
 /// The one transform a DCP item may carry that axsave decodes.
 const ZSTD_DESCRIPTOR: &str = "stream.zstd/1";
 
@@ -67,6 +75,8 @@ struct Metadata {
     entries: Vec<(String, Option<TensorMeta>)>,
     storage: HashMap<(String, Vec<u64>), StorageInfo>,
     planner: HashMap<String, Vec<String>>,
+    /// Whether `planner_data` was a dict (DefaultSavePlanner's name → path map).
+    has_planner: bool,
 }
 
 /// Reads a DCP checkpoint directory into a catalog.
@@ -117,11 +127,7 @@ fn read_with(dir: &Path, metas: &[(String, Vec<u8>)], partial: bool) -> Result<C
     let mut merged = Metadata::default();
     let mut seen: HashMap<String, usize> = HashMap::new();
     for (path, (_, bytes)) in meta_files.iter().zip(metas) {
-        let pickle = pickle::parse(bytes).map_err(|source| FormatError::Pickle {
-            path: path.clone(),
-            base: 0,
-            source,
-        })?;
+        let pickle = parse_metadata_pickle(path, bytes, METADATA_MAX_OBJECTS)?;
         let m = parse_metadata(&pickle, path)?;
         // Per-rank metadata files (torch ≥ 2.9 without collectives) each describe the chunks
         // that rank saved: concatenate chunk lists, keep the first order of names.
@@ -144,7 +150,9 @@ fn read_with(dir: &Path, metas: &[(String, Vec<u8>)], partial: bool) -> Result<C
         }
         merged.storage.extend(m.storage);
         merged.planner.extend(m.planner);
+        merged.has_planner |= m.has_planner;
     }
+    check_consistency(&merged, &meta_files[0])?;
 
     let mut files: Vec<SourceFile> = Vec::new();
     let mut file_index: HashMap<String, usize> = HashMap::new();
@@ -252,6 +260,30 @@ fn read_with(dir: &Path, metas: &[(String, Vec<u8>)], partial: bool) -> Result<C
         skipped,
         notes,
         records: Vec::new(),
+    })
+}
+
+/// Parses a metadata pickle, building at most `max_objects` objects.
+fn parse_metadata_pickle(path: &Path, bytes: &[u8], max_objects: usize) -> Result<Pickle> {
+    let limits = pickle::Limits {
+        max_nodes: max_objects,
+        ..pickle::Limits::default()
+    };
+    pickle::parse_with_limits(bytes, limits).map_err(|source| {
+        if matches!(source.kind, pickle::PickleErrorKind::Limit(_)) {
+            FormatError::invalid(
+                path,
+                format!(
+                    "{source}: more than a DCP checkpoint of some 400,000 chunks needs; refused"
+                ),
+            )
+        } else {
+            FormatError::Pickle {
+                path: path.to_path_buf(),
+                base: 0,
+                source,
+            }
+        }
     })
 }
 
@@ -412,7 +444,7 @@ fn read_item(
         }
         [t] if t == ZSTD_DESCRIPTOR => {
             let item = &data.map(path)?[range];
-            let ht = zstd_head_tail(item).map_err(|e| {
+            let ht = zstd_head_tail(item, inflated_limit(sizes)).map_err(|e| {
                 FormatError::invalid(
                     path,
                     format!(
@@ -509,8 +541,25 @@ fn read_item(
     })
 }
 
-/// Streams a zstd-compressed item once, keeping its first and last bytes.
-fn zstd_head_tail(compressed: &[u8]) -> std::io::Result<HeadTail> {
+/// The most bytes a compressed item of a chunk of `sizes` may inflate to: the `torch.save`
+/// archive of the chunk holds its elements (the declared dtype, or a wider stored one: at most
+/// 8 bytes an element) plus its records, a few KB. A stream inflating past this is hostile or
+/// damaged, and is stopped there instead of being inflated to whatever it claims (a 2 MB item
+/// can inflate to 64 GB).
+fn inflated_limit(sizes: &[u64]) -> u64 {
+    sizes
+        .iter()
+        .try_fold(8u64, |a, &n| a.checked_mul(n))
+        .and_then(|n| n.checked_add(ZSTD_ITEM_OVERHEAD))
+        .unwrap_or(u64::MAX)
+}
+
+/// Room for a compressed item's records beside its tensor bytes (torch.save writes ~1.5 KB).
+const ZSTD_ITEM_OVERHEAD: u64 = 1 << 20;
+
+/// Streams a zstd-compressed item once, keeping its first and last bytes; refuses to inflate
+/// more than `limit` bytes.
+fn zstd_head_tail(compressed: &[u8], limit: u64) -> std::io::Result<HeadTail> {
     let mut dec = zstd::stream::read::Decoder::new(compressed)?;
     let mut head = Vec::new();
     let mut tail: std::collections::VecDeque<u8> = std::collections::VecDeque::new();
@@ -522,6 +571,11 @@ fn zstd_head_tail(compressed: &[u8]) -> std::io::Result<HeadTail> {
             break;
         }
         total += n as u64;
+        if total > limit {
+            return Err(std::io::Error::other(format!(
+                "inflates past {limit} bytes, more than the chunk's elements and records can take"
+            )));
+        }
         let chunk = &buf[..n];
         let room = HEAD_TAIL_WINDOW.saturating_sub(head.len());
         head.extend_from_slice(&chunk[..room.min(n)]);
@@ -558,11 +612,15 @@ fn parse_metadata(p: &Pickle, path: &Path) -> Result<Metadata> {
         .and_then(|v| p.as_dict(v))
         .ok_or_else(|| bad("Metadata.state_dict_metadata is missing".into()))?;
     let mut out = Metadata::default();
+    let mut names = std::collections::HashSet::with_capacity(sdm.len());
     for (k, v) in sdm {
         let name = p
             .as_str(k)
             .ok_or_else(|| bad(format!("a state_dict_metadata key is {}", p.describe(k))))?
             .to_string();
+        if !names.insert(name.clone()) {
+            return Err(bad(format!("state_dict_metadata names {name:?} twice")));
+        }
         match p.class_of(v) {
             Some((_, "TensorStorageMetadata")) => {
                 let t = tensor_meta(p, v).map_err(|m| bad(format!("tensor {name}: {m}")))?;
@@ -581,30 +639,124 @@ fn parse_metadata(p: &Pickle, path: &Path) -> Result<Metadata> {
         for (k, v) in sd {
             let (fqn, offset) = metadata_index(p, k).map_err(bad)?;
             let info = storage_info(p, v).map_err(|m| bad(format!("storage of {fqn}: {m}")))?;
-            out.storage.insert((fqn, offset), info);
+            let key = (fqn, offset);
+            if out.storage.contains_key(&key) {
+                return Err(bad(format!(
+                    "storage_data holds the chunk of {} at {:?} twice",
+                    key.0, key.1
+                )));
+            }
+            out.storage.insert(key, info);
         }
     } else {
         return Err(bad("Metadata.storage_data is missing".into()));
     }
+    // DefaultSavePlanner records `{flat name: object path}` here; a custom planner may record
+    // anything (or None), which is then not used.
     if let Some(pd) = p.dict_get(state, "planner_data").and_then(|v| p.as_dict(v)) {
         for (k, v) in pd {
-            let (Some(fqn), Some(items)) = (p.as_str(k), p.as_sequence(v)) else {
-                continue;
-            };
-            let path: Option<Vec<String>> = items
-                .iter()
-                .map(|x| match x {
-                    Value::Str(s) => Some(s.to_string()),
-                    Value::Int(i) => Some(i.to_string()),
-                    _ => None,
-                })
-                .collect();
-            if let Some(path) = path {
-                out.planner.insert(fqn.to_string(), path);
+            let fqn = p
+                .as_str(k)
+                .ok_or_else(|| bad(format!("a planner_data key is {}", p.describe(k))))?;
+            let path: Option<Vec<String>> = p.as_sequence(v).and_then(|items| {
+                items
+                    .iter()
+                    .map(|x| match x {
+                        Value::Str(s) => Some(s.to_string()),
+                        Value::Int(i) => Some(i.to_string()),
+                        _ => None,
+                    })
+                    .collect()
+            });
+            let path = path.ok_or_else(|| {
+                bad(format!(
+                    "planner_data entry {fqn:?} is {}, not an object path",
+                    p.describe(v)
+                ))
+            })?;
+            if out.planner.insert(fqn.to_string(), path).is_some() {
+                return Err(bad(format!("planner_data names {fqn:?} twice")));
+            }
+        }
+        out.has_planner = true;
+    }
+    Ok(out)
+}
+
+/// Checks that the three parts of (merged) metadata describe the same items: every name has
+/// one entry; every `storage_data` key names an entry (and, for a tensor, one of its chunks);
+/// every chunk and every bytes item has storage; and, where `planner_data` was recorded, it
+/// maps exactly the entries' names, each to the object path whose dotted form is the name (as
+/// torch's `flatten_state_dict` makes it). A damaged byte in any of them would otherwise drop
+/// or misplace a tensor silently.
+fn check_consistency(m: &Metadata, path: &Path) -> Result<()> {
+    let bad = |msg: String| Err(FormatError::invalid(path, msg));
+    let mut entries: HashMap<&str, Option<&TensorMeta>> = HashMap::with_capacity(m.entries.len());
+    for (name, t) in &m.entries {
+        if entries.insert(name.as_str(), t.as_ref()).is_some() {
+            return bad(format!("state_dict_metadata names {name:?} twice"));
+        }
+    }
+    for (fqn, offset) in m.storage.keys() {
+        match entries.get(fqn.as_str()) {
+            None => {
+                return bad(format!(
+                    "storage_data names {fqn:?}, which state_dict_metadata does not hold: the metadata is damaged"
+                ));
+            }
+            Some(Some(t)) => {
+                if !t.chunks.iter().any(|(o, _)| o == offset) {
+                    return bad(format!(
+                        "storage_data of tensor {fqn}: no chunk at {offset:?} in state_dict_metadata: the metadata is damaged"
+                    ));
+                }
+            }
+            Some(None) => {
+                if !offset.is_empty() {
+                    return bad(format!(
+                        "storage_data of item {fqn}: an offset {offset:?} for a non-tensor item: the metadata is damaged"
+                    ));
+                }
             }
         }
     }
-    Ok(out)
+    for (name, t) in &m.entries {
+        let missing = match t {
+            // Ranks holding an empty shard save nothing for it.
+            Some(t) => t
+                .chunks
+                .iter()
+                .find(|(o, s)| {
+                    !s.contains(&0) && !m.storage.contains_key(&(name.clone(), o.clone()))
+                })
+                .map(|(o, _)| format!("tensor {name}: no storage entry for the chunk at {o:?}")),
+            None => (!m.storage.contains_key(&(name.clone(), Vec::new())))
+                .then(|| format!("item {name}: no storage entry")),
+        };
+        if let Some(msg) = missing {
+            return bad(format!("{msg}: the metadata is damaged"));
+        }
+    }
+    if m.has_planner {
+        for (fqn, obj_path) in &m.planner {
+            if !entries.contains_key(fqn.as_str()) {
+                return bad(format!(
+                    "planner_data names {fqn:?}, which state_dict_metadata does not hold: the metadata is damaged"
+                ));
+            }
+            if obj_path.join(".") != *fqn {
+                return bad(format!(
+                    "planner_data maps {fqn:?} to the path {obj_path:?}, whose name differs: the metadata is damaged"
+                ));
+            }
+        }
+        if let Some((name, _)) = m.entries.iter().find(|(n, _)| !m.planner.contains_key(n)) {
+            return bad(format!(
+                "tensor or item {name:?} of state_dict_metadata has no planner_data entry: the metadata is damaged"
+            ));
+        }
+    }
+    Ok(())
 }
 
 /// The `BUILD` state of an object (its `__dict__` or `__getstate__` result).
@@ -738,6 +890,29 @@ mod tests {
     fn read_meta(bytes: Vec<u8>) -> Result<Catalog> {
         let dir = tempfile::tempdir().unwrap();
         read_partial(dir.path(), &[(".metadata".to_string(), bytes)])
+    }
+
+    /// A metadata pickle building more objects than the cap is refused with the file named
+    /// (the real cap, 8,000,000, takes 16 s to reach in a debug build: a smaller one here).
+    #[test]
+    fn metadata_past_the_object_cap_is_refused() {
+        let mut m = b"\x80\x02]".to_vec();
+        for _ in 0..1001 {
+            m.extend_from_slice(b"}a");
+        }
+        m.push(b'.');
+        let path = Path::new("ckpt/.metadata");
+        let err = parse_metadata_pickle(path, &m, 1000)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.starts_with("ckpt/.metadata: ")
+                && err.contains("more than 1000 objects")
+                && err.contains("400,000 chunks"),
+            "{err}"
+        );
+        assert!(parse_metadata_pickle(path, &m, 1002).is_ok());
+        assert_eq!(METADATA_MAX_OBJECTS, 8_000_000);
     }
 
     #[test]

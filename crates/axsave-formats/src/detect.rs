@@ -49,6 +49,11 @@ pub fn detect(path: &Path) -> Result<Detected> {
     if st_reader::model_files(path).is_ok() {
         return Ok(Detected::Safetensors);
     }
+    // A DeepSpeed `latest` that cannot be followed (a tag outside the directory, a missing tag
+    // directory) says so, rather than a hint about what the subdirectories hold.
+    if path.join(zero::LATEST).is_file() {
+        zero::tag_dir(path)?;
+    }
     Err(FormatError::NotACheckpoint {
         path: path.to_path_buf(),
         why: hint(path),

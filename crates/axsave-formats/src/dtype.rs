@@ -46,11 +46,16 @@ pub enum DType {
     F8E4M3Fnuz,
     /// `torch.float8_e5m2fnuz`.
     F8E5M2Fnuz,
+    /// `torch.float4_e2m1fn_x2`: two packed fp4 (e2m1) values per byte, as MXFP4 / NVFP4
+    /// weights are held. torch counts elements in bytes (pairs); safetensors writes it as `F4`
+    /// with the last dimension in single fp4 values, twice torch's (see
+    /// [`DType::header_shape`]).
+    F4x2,
 }
 
 impl DType {
     /// Every dtype, in declaration order.
-    pub const ALL: [DType; 19] = [
+    pub const ALL: [DType; 20] = [
         DType::Bool,
         DType::U8,
         DType::I8,
@@ -70,6 +75,7 @@ impl DType {
         DType::F8E8M0,
         DType::F8E4M3Fnuz,
         DType::F8E5M2Fnuz,
+        DType::F4x2,
     ];
 
     /// Bytes per element.
@@ -82,7 +88,8 @@ impl DType {
             | DType::F8E5M2
             | DType::F8E8M0
             | DType::F8E4M3Fnuz
-            | DType::F8E5M2Fnuz => 1,
+            | DType::F8E5M2Fnuz
+            | DType::F4x2 => 1,
             DType::I16 | DType::U16 | DType::F16 | DType::BF16 => 2,
             DType::I32 | DType::U32 | DType::F32 => 4,
             DType::I64 | DType::U64 | DType::F64 | DType::C64 => 8,
@@ -119,6 +126,7 @@ impl DType {
             DType::F8E8M0 => "F8_E8M0",
             DType::F8E4M3Fnuz => "F8_E4M3FNUZ",
             DType::F8E5M2Fnuz => "F8_E5M2FNUZ",
+            DType::F4x2 => "F4",
         }
     }
 
@@ -152,11 +160,12 @@ impl DType {
             DType::F8E8M0 => S::F8_E8M0,
             DType::F8E4M3Fnuz => S::F8_E4M3FNUZ,
             DType::F8E5M2Fnuz => S::F8_E5M2FNUZ,
+            DType::F4x2 => S::F4,
         }
     }
 
-    /// The dtype for a safetensors crate dtype, or `None` for the sub-byte kinds (F4, F6) that
-    /// torch cannot hold.
+    /// The dtype for a safetensors crate dtype (`F4` is held as torch's packed
+    /// [`DType::F4x2`]), or `None` for the kinds torch cannot hold (F6).
     pub fn from_safetensors(d: safetensors::Dtype) -> Option<DType> {
         DType::from_safetensors_name(&format!("{d:?}"))
     }
@@ -183,7 +192,36 @@ impl DType {
             DType::F8E8M0 => "float8_e8m0fnu",
             DType::F8E4M3Fnuz => "float8_e4m3fnuz",
             DType::F8E5M2Fnuz => "float8_e5m2fnuz",
+            DType::F4x2 => "float4_e2m1fn_x2",
         }
+    }
+
+    /// The shape a safetensors header gives a tensor of this dtype and of torch `shape`: the
+    /// same, except for packed fp4, whose last dimension counts single fp4 values (twice
+    /// torch's), as `safetensors.torch.save_file` writes it. `None` for a 0-d packed fp4 tensor,
+    /// which safetensors cannot describe (half a byte).
+    pub fn header_shape(self, shape: &[u64]) -> Option<Vec<u64>> {
+        let mut out = shape.to_vec();
+        if self == DType::F4x2 {
+            let last = out.last_mut()?;
+            *last = last.checked_mul(2)?;
+        }
+        Some(out)
+    }
+
+    /// The torch shape of a tensor a safetensors header gives this dtype and `shape`: the
+    /// inverse of [`DType::header_shape`]. `None` for a packed fp4 tensor whose last dimension
+    /// is odd or that has none (torch's `float4_e2m1fn_x2` cannot hold it).
+    pub fn torch_shape(self, shape: &[u64]) -> Option<Vec<u64>> {
+        let mut out = shape.to_vec();
+        if self == DType::F4x2 {
+            let last = out.last_mut()?;
+            if *last % 2 != 0 {
+                return None;
+            }
+            *last /= 2;
+        }
+        Some(out)
     }
 
     /// Parses torch's dtype attribute name, aliases included (`float`, `half`, `long`, ...).
@@ -251,8 +289,10 @@ mod tests {
             assert_eq!(DType::from_safetensors_name(d.safetensors_name()), Some(d));
             assert_eq!(DType::from_torch_name(d.torch_name()), Some(d));
             assert_eq!(DType::from_safetensors(d.to_safetensors()), Some(d));
+            // torch packs two fp4 values in one element; safetensors counts single values.
+            let per_element = if d == DType::F4x2 { 2 } else { 1 };
             assert_eq!(
-                d.to_safetensors().bitsize(),
+                d.to_safetensors().bitsize() * per_element,
                 d.size() * 8,
                 "size of {d} disagrees with the safetensors crate"
             );
@@ -264,5 +304,25 @@ mod tests {
             Some(DType::BF16)
         );
         assert_eq!(DType::from_storage_class("UntypedStorage"), None);
+    }
+
+    /// What `safetensors.torch.save_file` 0.8 writes for `float4_e2m1fn_x2` tensors of torch
+    /// shapes (3,), (0, 4) and (2, 3, 1): F4 of shapes [6], [0, 8], [2, 3, 2]; a 0-d one it
+    /// refuses ("does not end up at a byte boundary").
+    #[test]
+    fn packed_fp4_shapes_follow_safetensors() {
+        let f4 = DType::F4x2;
+        assert_eq!(DType::from_torch_name("float4_e2m1fn_x2"), Some(f4));
+        assert_eq!(f4.safetensors_name(), "F4");
+        assert_eq!(f4.header_shape(&[3]), Some(vec![6]));
+        assert_eq!(f4.header_shape(&[0, 4]), Some(vec![0, 8]));
+        assert_eq!(f4.header_shape(&[2, 3, 1]), Some(vec![2, 3, 2]));
+        assert_eq!(f4.header_shape(&[]), None);
+        assert_eq!(f4.torch_shape(&[2, 3, 2]), Some(vec![2, 3, 1]));
+        assert_eq!(f4.torch_shape(&[5]), None);
+        assert_eq!(f4.torch_shape(&[]), None);
+        assert_eq!(DType::F32.header_shape(&[]), Some(vec![]));
+        assert_eq!(DType::BF16.torch_shape(&[5]), Some(vec![5]));
+        assert!(!f4.is_convertible_float());
     }
 }

@@ -13,6 +13,13 @@ use safetensors::tensor::{Metadata, TensorInfo};
 use crate::dtype::DType;
 use crate::error::{FormatError, Result};
 
+/// The largest header (JSON length) safetensors readers accept: the crate's `MAX_HEADER_SIZE`,
+/// which the Python library and transformers use through it.
+pub const MAX_HEADER_SIZE: u64 = 100_000_000;
+
+/// The key safetensors reserves for a file's own metadata: no tensor may carry it.
+pub const METADATA_KEY: &str = "__metadata__";
+
 /// A tensor to place in an output file.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct HeaderTensor {
@@ -62,8 +69,13 @@ pub fn build_header(tensors: &[HeaderTensor], metadata: &[(&str, &str)]) -> Resu
         let t = &tensors[i];
         let n = t.nbytes();
         rel[i] = (offset, offset + n);
-        let shape = t
-            .shape
+        let header_shape = t.dtype.header_shape(&t.shape).ok_or_else(|| {
+            FormatError::unsupported(
+                &t.name,
+                "a 0-d float4_e2m1fn_x2 tensor (safetensors cannot describe half a byte)",
+            )
+        })?;
+        let shape = header_shape
             .iter()
             .map(|&d| usize::try_from(d))
             .collect::<std::result::Result<Vec<_>, _>>()
@@ -123,7 +135,15 @@ impl InputHeader {
             let dtype = DType::from_safetensors(info.dtype).ok_or_else(|| {
                 FormatError::unsupported(path, format!("dtype {:?} of tensor {name}", info.dtype))
             })?;
-            let shape = info.shape.iter().map(|&d| d as u64).collect();
+            let st_shape: Vec<u64> = info.shape.iter().map(|&d| d as u64).collect();
+            let shape = dtype.torch_shape(&st_shape).ok_or_else(|| {
+                FormatError::unsupported(
+                    path,
+                    format!(
+                        "F4 tensor {name} of shape {st_shape:?} (torch packs fp4 in pairs along the last dimension, which must be even)"
+                    ),
+                )
+            })?;
             out.push((
                 name,
                 dtype,
@@ -154,7 +174,11 @@ pub fn read_header(path: &Path, data: &[u8]) -> Result<InputHeader> {
             ),
             other => format!("bad safetensors header: {other}"),
         };
-        FormatError::invalid(path, msg)
+        // The crate's errors do not always say which tensor: find it.
+        match which_tensor(data) {
+            Some(t) => FormatError::invalid(path, format!("{msg}: {t}")),
+            None => FormatError::invalid(path, msg),
+        }
     })?;
     Ok(InputHeader {
         data_start: 8 + n as u64,
@@ -162,9 +186,105 @@ pub fn read_header(path: &Path, data: &[u8]) -> Result<InputHeader> {
     })
 }
 
+/// The first tensor whose header entry cannot be right (its size disagrees with its shape and
+/// dtype, or its data runs past the file), described for an error message.
+fn which_tensor(data: &[u8]) -> Option<String> {
+    let n = usize::try_from(u64::from_le_bytes(data.get(..8)?.try_into().ok()?)).ok()?;
+    let json = data.get(8..8usize.checked_add(n)?)?;
+    let map: HashMap<String, serde_json::Value> = serde_json::from_slice(json).ok()?;
+    let buffer = (data.len() - 8 - n) as u64;
+    let mut entries: Vec<(String, u64, u64, String, Vec<u64>)> = Vec::new();
+    for (name, v) in map {
+        if name == "__metadata__" {
+            continue;
+        }
+        let offsets: Vec<u64> = serde_json::from_value(v.get("data_offsets")?.clone()).ok()?;
+        let shape: Vec<u64> = serde_json::from_value(v.get("shape")?.clone()).ok()?;
+        let dtype = v.get("dtype")?.as_str()?.to_string();
+        entries.push((name, *offsets.first()?, *offsets.get(1)?, dtype, shape));
+    }
+    entries.sort_by_key(|e| (e.1, e.2));
+    for (name, begin, end, dtype, shape) in &entries {
+        let bits =
+            serde_json::from_value::<safetensors::Dtype>(serde_json::Value::from(dtype.as_str()))
+                .ok()
+                .map(|d| d.bitsize() as u64);
+        let need = shape
+            .iter()
+            .try_fold(1u64, |a, &d| a.checked_mul(d))
+            .and_then(|n| bits.and_then(|b| n.checked_mul(b)));
+        let span = end.checked_sub(*begin);
+        let what =
+            format!("tensor `{name}` ({dtype}, shape {shape:?}, data_offsets [{begin}, {end}])");
+        match (need, span) {
+            (_, None) => return Some(format!("{what} ends before it begins")),
+            (None, _) => return Some(format!("{what}: its size overflows")),
+            (Some(bits), Some(span)) if bits % 8 != 0 || bits / 8 != span => {
+                return Some(format!(
+                    "{what} needs {} bytes{}",
+                    bits.div_ceil(8),
+                    if bits % 8 != 0 {
+                        " (not a whole number)"
+                    } else {
+                        ""
+                    }
+                ));
+            }
+            _ => {}
+        }
+        if *end > buffer {
+            return Some(format!(
+                "{what} ends past the data, which holds {buffer} bytes"
+            ));
+        }
+    }
+    None
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn file(header: &str, data_len: usize) -> Vec<u8> {
+        let mut f = (header.len() as u64).to_le_bytes().to_vec();
+        f.extend_from_slice(header.as_bytes());
+        f.resize(f.len() + data_len, 0);
+        f
+    }
+
+    /// Header errors name the tensor at fault, which the safetensors crate does not always do.
+    #[test]
+    fn header_errors_name_the_tensor() {
+        let p = Path::new("m.safetensors");
+        let err = |h: &str, len: usize| match read_header(p, &file(h, len)) {
+            Ok(_) => panic!("accepted {h}"),
+            Err(e) => e.to_string(),
+        };
+        // Shape and offsets disagree.
+        let e = err(
+            r#"{"a":{"dtype":"F32","shape":[2],"data_offsets":[0,8]},"b":{"dtype":"F32","shape":[3],"data_offsets":[8,16]}}"#,
+            16,
+        );
+        assert!(
+            e.contains("tensor `b` (F32, shape [3]") && e.contains("needs 12 bytes"),
+            "{e}"
+        );
+        // The data is shorter than the offsets say.
+        let e = err(
+            r#"{"a":{"dtype":"F32","shape":[2],"data_offsets":[0,8]},"w":{"dtype":"BF16","shape":[4],"data_offsets":[8,16]}}"#,
+            12,
+        );
+        assert!(
+            e.contains("tensor `w`") && e.contains("holds 12 bytes"),
+            "{e}"
+        );
+        // A size that overflows.
+        let e = err(
+            r#"{"big":{"dtype":"F64","shape":[4294967296,4294967296],"data_offsets":[0,8]}}"#,
+            8,
+        );
+        assert!(e.contains("tensor `big`") && e.contains("overflows"), "{e}");
+    }
 
     #[test]
     fn header_orders_by_dtype_then_name_and_pads() {

@@ -148,7 +148,14 @@ fn read_latest(dir: &Path) -> Result<String> {
     if safe_tag(&tag).is_none() {
         return Err(FormatError::invalid(
             &path,
-            format!("holds {tag:?}, which is not a directory name"),
+            format!(
+                "names the tag {tag:?}, which {}: a DeepSpeed tag is the name of a directory inside the checkpoint directory (global_stepN); not followed",
+                if tag.is_empty() {
+                    "is empty"
+                } else {
+                    "points outside the checkpoint directory"
+                }
+            ),
         ));
     }
     Ok(tag)

@@ -532,13 +532,23 @@ fn latest_naming_a_missing_tag_is_clear() {
         "{msg}"
     );
 
-    std::fs::write(dir.join("latest"), "../elsewhere").unwrap();
-    assert!(
-        zero::read(&dir)
-            .unwrap_err()
-            .to_string()
-            .contains("not a directory name")
-    );
+    // A tag outside the directory is refused, and detection (what the binary runs first)
+    // says so rather than "it holds none itself, but these subdirectories do".
+    for outside in ["../elsewhere", "/etc", "global_step2/../../x"] {
+        std::fs::write(dir.join("latest"), outside).unwrap();
+        for msg in [
+            zero::read(&dir).unwrap_err().to_string(),
+            axsave_formats::detect::detect(&dir)
+                .unwrap_err()
+                .to_string(),
+        ] {
+            assert!(
+                msg.contains("latest") && msg.contains("points outside the checkpoint directory"),
+                "{msg}"
+            );
+            assert!(!msg.contains("holds none itself"), "{msg}");
+        }
+    }
 
     // No `latest` at all: the tag directories present are named.
     std::fs::remove_file(dir.join("latest")).unwrap();

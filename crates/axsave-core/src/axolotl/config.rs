@@ -124,6 +124,10 @@ pub struct AxsaveSection {
     pub timeout: Option<u64>,
     /// Remove the consumed checkpoint after success.
     pub cleanup: Option<bool>,
+    /// Name globs: only tensors whose output name matches one are written.
+    pub include: Option<Vec<String>>,
+    /// Name globs: tensors whose output name matches one are left out.
+    pub exclude: Option<Vec<String>>,
 }
 
 /// The keys of an Axolotl config that matter for saving.

@@ -28,6 +28,9 @@ pub struct Inventory {
     pub detected: Option<Detected>,
     /// Names of DCP metadata files among `files`.
     pub metadata: Vec<String>,
+    /// Which checkpoint this rank's view is ([`super::identity`]).
+    #[serde(default)]
+    pub identity: super::identity::Identity,
 }
 
 /// Lists the regular files of `source` (a directory; a single file for safetensors inputs).
@@ -73,6 +76,7 @@ pub fn take(source: &Path) -> Result<Inventory> {
         files,
         detected: detect::detect(source).ok(),
         metadata,
+        identity: super::identity::Identity::of(source)?,
     })
 }
 

@@ -15,8 +15,10 @@
 //! heartbeats; any failure anywhere cancels every rank, which then removes the temporaries it
 //! can see and exits non-zero. No final-named file appears unless every rank succeeded.
 
+pub mod identity;
 pub mod inventory;
 pub mod remote;
+pub mod token;
 pub mod watchdog;
 
 use std::net::{IpAddr, SocketAddr, UdpSocket};
@@ -45,6 +47,8 @@ use crate::transport::{Choice, Transport, TransportRequest, select};
 use inventory::Inventory;
 pub use remote::Net;
 use remote::{Incoming, RemoteSink};
+use token::token_digest;
+pub use token::{hex, random_token, unhex};
 use watchdog::{Shared, Watchdog};
 
 /// Options of a multi-rank save (identical on every rank, checked at the rendezvous).
@@ -80,6 +84,12 @@ pub struct DistOptions {
     pub device: Option<usize>,
     /// Whether the MPI transport can be used ([`crate::transport::mpi_available`]).
     pub mpi_available: bool,
+    /// The job token every data connection must present, when the launcher gave every rank
+    /// the same one through a private channel (`axsave launch`'s `AXSAVE_JOB_TOKEN`, the MPI
+    /// bootstrap). Without one, rank 0 mints a token and hands it out through the store, which
+    /// still keeps out connections of other runs but proves nothing against whoever can read
+    /// the store.
+    pub job_token: Option<[u8; axsave_dist::transport::TOKEN_LEN]>,
 }
 
 /// What rank 0 reports after a successful save.
@@ -150,6 +160,18 @@ struct Hello {
     world_size: usize,
     fingerprint: String,
     host: String,
+    #[serde(default)]
+    pid: u32,
+    /// A digest of the job token this rank was given (never the token itself).
+    #[serde(default)]
+    token_digest: Option<String>,
+}
+
+/// Rank 0's word that the run starts: its tag, and the job token when rank 0 minted it.
+#[derive(serde::Serialize, serde::Deserialize)]
+struct Start {
+    tag: String,
+    token: Option<String>,
 }
 
 #[derive(serde::Serialize, serde::Deserialize)]
@@ -247,18 +269,29 @@ pub fn run(
         progress: progress.clone(),
         ..Shared::default()
     });
+    // A signal cancels the run like a failure (see `crate::interrupt`).
+    crate::interrupt::watch(&shared.cancel);
     let mut rank = Rank {
         world,
         opts,
         client: &mut client,
         shared: shared.clone(),
         run_files: None,
+        guard: None,
+        lock: None,
+        reported: false,
     };
     let result = rank.run(start, &progress, &net);
+    let interrupted = crate::interrupt::received().filter(|_| shared.failure().is_none());
     if let Err(e) = &result {
         // Tell everyone (unless it is someone else's failure we are echoing), then clean up.
-        let msg = e.to_string();
-        if !matches!(e, CoreError::Cancelled) && shared.failure().is_none() {
+        let msg = match interrupted {
+            Some(signal) => CoreError::Interrupted { signal }.to_string(),
+            None => e.to_string(),
+        };
+        if interrupted.is_some()
+            || (!matches!(e, CoreError::Cancelled) && shared.failure().is_none())
+        {
             let _ = report_failure(rank.client, world.rank, &msg);
         }
         rank.cleanup();
@@ -272,6 +305,9 @@ pub fn run(
         s.shutdown();
     }
     match result {
+        Err(_) if interrupted.is_some() => Err(CoreError::Interrupted {
+            signal: interrupted.unwrap_or_default(),
+        }),
         Err(CoreError::Cancelled) => Err(CoreError::Remote(
             shared.failure().unwrap_or_else(|| "cancelled".into()),
         )),
@@ -288,6 +324,12 @@ struct Rank<'a> {
     /// temporary of the run it can see (a dead rank's too when the directory is shared, even
     /// one made before this rank learnt the file names) and rank 0's sharded-mode marker.
     run_files: Option<(PathBuf, String)>,
+    /// The run, registered for the signal backstop ([`crate::interrupt::abandon`]).
+    guard: Option<crate::interrupt::RunGuard>,
+    /// Rank 0: the output directory's lock, from the plan to the end of the commit.
+    lock: Option<crate::lock::OutputLock>,
+    /// Whether this rank reported its part written (`ok/{rank}`).
+    reported: bool,
 }
 
 impl Rank<'_> {
@@ -355,20 +397,47 @@ impl Rank<'_> {
             world_size: n,
             fingerprint: opts.fingerprint.clone(),
             host: hostname(),
+            pid: std::process::id(),
+            token_digest: opts.job_token.map(|t| token_digest(&t)),
         };
+        self.claim_rank(&hello)?;
         self.client
             .set(&format!("hello/{me}"), &json(&hello)?)
             .map_err(remote)?;
-        let tag = if me == 0 {
+        let (tag, token) = if me == 0 {
             self.check_hellos()?;
-            let tag = run_tag();
-            broadcast_bytes(self.client, "start", tag.as_bytes()).map_err(remote)?;
-            tag
+            let tag = crate::runtag::RunTag::new().to_string();
+            // Through the store only when the launcher gave no token (see `job_token`).
+            let minted = match opts.job_token {
+                Some(_) => None,
+                None => Some(random_token()),
+            };
+            let start = Start {
+                tag: tag.clone(),
+                token: minted.map(|t| hex(&t)),
+            };
+            broadcast_bytes(self.client, "start", &json(&start)?).map_err(remote)?;
+            (tag, opts.job_token.or(minted))
         } else {
             let d = self.deadline();
-            String::from_utf8_lossy(&self.receive("start", d)?).into_owned()
+            let start: Start = unjson(&self.receive("start", d)?, "start")?;
+            let token =
+                match (&start.token, opts.job_token) {
+                    (_, Some(t)) => Some(t),
+                    (Some(h), None) => Some(unhex(h).ok_or_else(|| {
+                        CoreError::Remote("malformed job token from rank 0".into())
+                    })?),
+                    (None, None) => None,
+                };
+            (start.tag, token)
         };
+        let token = token.ok_or_else(|| {
+            CoreError::Remote(
+                "rank 0 was given a job token (AXSAVE_JOB_TOKEN) and this rank none: start every rank from the same launcher".into(),
+            )
+        })?;
         tracing::debug!(rank = me, tag, "joined");
+        self.guard = Some(crate::interrupt::register_run(&self.opts.output, &tag)?);
         self.run_files = Some((self.opts.output.clone(), tag.clone()));
         crate::fault::point("joined", me);
         let watch: Vec<usize> = if me == 0 { (1..n).collect() } else { vec![0] };
@@ -397,6 +466,9 @@ impl Rank<'_> {
             let b = self.receive(&format!("inv/{r}"), d)?;
             invs.push(unjson(&b, "inventory")?);
         }
+        // Every rank must read the same checkpoint; each rank checks all, so all fail alike.
+        let ids: Vec<identity::Identity> = invs.iter().map(|i| i.identity.clone()).collect();
+        identity::check_same(&ids)?;
         let shared_source =
             invs.iter().all(|i| i.files == invs[0].files) && invs[0].detected.is_some();
 
@@ -511,6 +583,7 @@ impl Rank<'_> {
                 let expected = plan.bytes_received_by(me);
                 let tcp = TcpOptions {
                     session: session_of(&tag),
+                    token,
                     frame_bytes: frame_bytes(opts.memory_budget, n, opts.workers),
                     io_timeout: opts.timeout,
                 };
@@ -640,10 +713,15 @@ impl Rank<'_> {
             .map_err(remote)?;
         progress.done.store(total, Ordering::Relaxed);
         if me != 0 {
+            // From now on rank 0 may be renaming this run's files: a failure here must not
+            // remove them under it (see `cleanup`), nor may the signal backstop.
+            self.reported = true;
+            self.guard = None;
             let d = self.far();
             self.wait_keys(&["committed"], d)?;
             watchdog.stop();
             self.run_files = None;
+            self.guard = None;
             return Ok(None);
         }
         let mut shas: Vec<Option<String>> = vec![None; layout.files.len()];
@@ -665,13 +743,19 @@ impl Rank<'_> {
         // Rank 0 renames every file, its own and (in sharded mode, in the shared directory) the
         // others', so the commit happens in one place.
         drop(files);
-        let replaced = finalize(&opts.output, &layout, &tag, &extras, &existing)?;
+        crate::fault::point("committing", me);
+        let replaced = match &self.guard {
+            Some(g) => g.commit(|| finalize(&opts.output, &layout, &tag, &extras, &existing))?,
+            None => finalize(&opts.output, &layout, &tag, &extras, &existing)?,
+        };
         self.run_files = None;
+        self.guard = None;
         self.client.set("committed", b"1").map_err(remote)?;
         watchdog.stop();
         if opts.mode == Mode::Sharded {
             let _ = std::fs::remove_file(opts.output.join(token_name(&tag)));
         }
+        self.lock = None;
         let mut dtypes: Vec<(DType, usize)> = Vec::new();
         for t in &layout.tensors {
             match dtypes.iter_mut().find(|(d, _)| *d == t.dtype) {
@@ -723,15 +807,58 @@ impl Rank<'_> {
         }))
     }
 
+    /// Every rank claims its number once in the store: a second process started with the same
+    /// RANK fails here, naming both (rather than corrupting the transfers later), and its
+    /// failure stops the others.
+    fn claim_rank(&mut self, hello: &Hello) -> Result<()> {
+        let me = self.world.rank;
+        let claims = self.client.add(&format!("claim/{me}"), 1).map_err(remote)?;
+        if claims <= 1 {
+            return Ok(());
+        }
+        let other = self
+            .client
+            .check(&[&format!("hello/{me}")])
+            .ok()
+            .filter(|&there| there)
+            .and_then(|_| {
+                self.client
+                    .get(&format!("hello/{me}"), self.deadline())
+                    .ok()
+            })
+            .and_then(|b| serde_json::from_slice::<Hello>(&b).ok())
+            .map(|h| format!("process {} on {}", h.pid, h.host))
+            .unwrap_or_else(|| "another process".into());
+        Err(CoreError::Remote(format!(
+            "two processes claim rank {me}: {other} and process {} on {}; every process needs its own RANK",
+            hello.pid, hello.host
+        )))
+    }
+
     /// Rank 0: every hello must name the same world size and arguments.
     fn check_hellos(&mut self) -> Result<()> {
         let n = self.world.world_size;
         let deadline = self.deadline();
         let mut seen = vec![false; n];
+        let mut missing_from = 0;
         loop {
-            for (r, seen_r) in seen.iter_mut().enumerate() {
+            self.check_cancel()?;
+            if let Some(f) = axsave_dist::store::rendezvous::check_failure(self.client)
+                .map_err(remote)?
+                .filter(|f| f.rank != 0)
+            {
+                return Err(CoreError::Remote(format!(
+                    "rank {} failed: {}",
+                    f.rank, f.message
+                )));
+            }
+            for (r, seen_r) in seen.iter_mut().enumerate().skip(missing_from) {
                 if *seen_r {
                     continue;
+                }
+                // A huge world size must not keep rank 0 past the deadline in one pass.
+                if Instant::now() >= deadline {
+                    break;
                 }
                 let key = format!("hello/{r}");
                 if !self.client.check(&[&key]).map_err(remote)? {
@@ -745,6 +872,18 @@ impl Rank<'_> {
                         h.host, h.world_size
                     )));
                 }
+                let mine = self.opts.job_token.map(|t| token_digest(&t));
+                if h.token_digest != mine {
+                    let (theirs, ours) = match (&h.token_digest, &mine) {
+                        (Some(_), Some(_)) => ("another job token", "its own"),
+                        (Some(_), None) => ("a job token", "none"),
+                        _ => ("no job token", "one"),
+                    };
+                    return Err(CoreError::Remote(format!(
+                        "rank {r} (on {}) was given {theirs} (AXSAVE_JOB_TOKEN) and rank 0 {ours}: start every rank from the same launcher",
+                        h.host
+                    )));
+                }
                 if h.fingerprint != self.opts.fingerprint {
                     return Err(CoreError::Remote(format!(
                         "rank {r} (on {}) was started with different arguments than rank 0 ({} vs {}): every rank must get the same command line",
@@ -753,14 +892,19 @@ impl Rank<'_> {
                 }
                 *seen_r = true;
             }
-            if seen.iter().all(|&s| s) {
+            while missing_from < n && seen[missing_from] {
+                missing_from += 1;
+            }
+            if missing_from == n {
                 return Ok(());
             }
             if Instant::now() >= deadline {
-                let missing: Vec<usize> = (0..n).filter(|&r| !seen[r]).collect();
+                let missing: Vec<usize> = (missing_from..n).filter(|&r| !seen[r]).collect();
                 return Err(CoreError::Remote(format!(
-                    "ranks {missing:?} did not join within {}s",
-                    self.opts.rendezvous_timeout.as_secs()
+                    "{} of {n} ranks did not join within {}s (--rendezvous-timeout): {}",
+                    missing.len(),
+                    self.opts.rendezvous_timeout.as_secs(),
+                    rank_list(&missing, 10)
                 )));
             }
             std::thread::sleep(Duration::from_millis(50));
@@ -783,12 +927,20 @@ impl Rank<'_> {
         let layout = plan_layout(&catalog, &lopts)?;
         let plan = make_plan(&catalog, &layout, &readers, n, self.opts.mode)
             .map_err(|e| CoreError::Layout(e.to_string()))?;
+        // Held to the end of the commit: a second save into this directory fails at once.
+        self.lock = Some(crate::lock::OutputLock::acquire(&self.opts.output, tag)?);
         check_output(&self.opts.output, &self.opts.layout.stem, self.opts.force)?;
-        std::fs::create_dir_all(&self.opts.output)
-            .map_err(|e| CoreError::io(&self.opts.output, e))?;
+        for m in output::sweep_stale_temps(&self.opts.output, tag).messages(&self.opts.output) {
+            tracing::warn!("{m}");
+        }
         if self.opts.mode == Mode::Sharded {
             let token = self.opts.output.join(token_name(tag));
-            std::fs::write(&token, hostname()).map_err(|e| CoreError::io(&token, e))?;
+            // Created exclusively, never through a link planted at its name.
+            std::io::Write::write_all(
+                &mut output::create_exclusive(&token, false)?,
+                hostname().as_bytes(),
+            )
+            .map_err(|e| CoreError::io(&token, e))?;
         }
         let bundle = Bundle {
             catalog,
@@ -805,9 +957,24 @@ impl Rank<'_> {
     /// writer's too, when the directory is shared), and rank 0's marker.
     fn cleanup(&mut self) {
         if let Some((dir, tag)) = self.run_files.take() {
+            // The other ranks look at rank 0's output lock. Free: rank 0 died (or finished), so
+            // this rank removes what is left, the lock file included (taking the lock and
+            // dropping it removes it). Held: rank 0 is alive; once this rank has reported its
+            // part, rank 0 may be committing those files, or will remove them itself when it
+            // fails, so they are left to it.
+            let _free = match (self.world.rank, dir.is_dir()) {
+                (0, _) | (_, false) => None,
+                _ => match crate::lock::OutputLock::acquire(&dir, &tag) {
+                    Ok(l) => Some(l),
+                    Err(_) if self.reported => return,
+                    Err(_) => None,
+                },
+            };
             output::remove_run_temps(&dir, &tag);
             let _ = std::fs::remove_file(dir.join(token_name(&tag)));
         }
+        self.guard = None;
+        self.lock = None;
     }
 }
 
@@ -919,6 +1086,17 @@ fn token_name(tag: &str) -> String {
     format!(".axsave-{tag}.shared")
 }
 
+/// "ranks 1, 2, 5" or "ranks 1, 2, …, 10 and 99990 more": at most `max` numbers.
+fn rank_list(ranks: &[usize], max: usize) -> String {
+    let shown: Vec<String> = ranks.iter().take(max).map(|r| r.to_string()).collect();
+    let word = if ranks.len() == 1 { "rank" } else { "ranks" };
+    if ranks.len() > max {
+        format!("{word} {} and {} more", shown.join(", "), ranks.len() - max)
+    } else {
+        format!("{word} {}", shown.join(", "))
+    }
+}
+
 /// Frame size for the network: small enough that every rank's buffers stay within the budget.
 fn frame_bytes(budget: u64, world: usize, workers: usize) -> usize {
     let per = budget / 4 / (world.max(2) as u64 * workers.max(1) as u64);
@@ -931,15 +1109,8 @@ fn session_of(tag: &str) -> u64 {
     (h.finalize() as u64) << 32 | tag.len() as u64
 }
 
-fn run_tag() -> String {
-    let nanos = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_nanos())
-        .unwrap_or(0);
-    format!("{:x}{:06x}", std::process::id(), (nanos & 0xff_ffff) as u64)
-}
-
-fn hostname() -> String {
+/// This host's name (for messages and the output lock's record).
+pub fn hostname() -> String {
     std::fs::read_to_string("/proc/sys/kernel/hostname")
         .map(|s| s.trim().to_string())
         .unwrap_or_else(|_| "?".into())

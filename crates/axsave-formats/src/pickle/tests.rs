@@ -319,3 +319,39 @@ fn lying_lengths_do_not_allocate() {
         PickleErrorKind::MissingMemo(9)
     );
 }
+
+/// 3·10^7 MEMOIZE ops (3.2 GB of memo before) are refused at the second one; memoizing one
+/// container twice too. Values memoized once each, as picklers write them, still parse.
+#[test]
+fn memoizing_one_value_again_is_refused() {
+    let mut flood = b"\x80\x04N".to_vec();
+    flood.resize(flood.len() + 30_000_000, 0x94);
+    flood.push(b'.');
+    let e = parse(&flood).unwrap_err();
+    assert_eq!(e.offset, 4, "{e}");
+    assert!(e.to_string().contains("memoized twice"), "{e}");
+    // A list memoized, fetched back and memoized again.
+    let e = parse(b"\x80\x04]\x94h\x00\x94.").unwrap_err();
+    assert!(e.to_string().contains("memoized twice"), "{e}");
+    // None then a list, each memoized once.
+    let p = parse(b"\x80\x04N\x94]\x94\x86\x94.").unwrap();
+    assert!(p.node_count() >= 2);
+}
+
+/// Memo indices out of order (a hand-made pickle): stored past the dense run, found again.
+#[test]
+fn memo_indices_out_of_order() {
+    // 'a' BINPUT 5, 'b' BINPUT 0, 'c' BINPUT 1, then BINGET 5, 0, 1 into a tuple; MEMOIZE of a
+    // fresh value takes index 3 (the memo's length).
+    let p = parse(
+        b"\x80\x04(\x8c\x01aq\x05\x8c\x01bq\x00\x8c\x01cq\x01\x8c\x01d\x94h\x05h\x00h\x01h\x03t.",
+    )
+    .unwrap();
+    let items: Vec<&str> = p
+        .as_sequence(p.root())
+        .unwrap()
+        .iter()
+        .map(|v| p.as_str(v).unwrap())
+        .collect();
+    assert_eq!(items, ["a", "b", "c", "d", "a", "b", "c", "d"]);
+}

@@ -88,9 +88,12 @@ pub fn parse_with_limits(data: &[u8], limits: Limits) -> Result<Pickle, PickleEr
         op_pos: 0,
         stack: Vec::new(),
         marks: Vec::new(),
-        memo: HashMap::new(),
+        memo: Memo::default(),
         nodes: Vec::new(),
         depth: Vec::new(),
+        memoized: Vec::new(),
+        pushes: 0,
+        last_memo_push: None,
         limits,
     };
     m.run()
@@ -103,14 +106,57 @@ struct Machine<'a> {
     stack: Vec<Value>,
     /// Stack heights at each `MARK`.
     marks: Vec<usize>,
-    memo: HashMap<u64, Value>,
+    memo: Memo,
     nodes: Vec<Node>,
-    /// Nesting depth of each node (1 for a container of scalars).
-    depth: Vec<usize>,
+    /// Nesting depth of each node (1 for a container of scalars; at most `max_depth`).
+    depth: Vec<u32>,
+    /// Whether each node has been memoized.
+    memoized: Vec<bool>,
+    /// Values pushed so far, and that count at the last memo store.
+    pushes: u64,
+    last_memo_push: Option<u64>,
     limits: Limits,
 }
 
 type R<T> = Result<T, PickleError>;
+
+/// The memo: picklers number entries 0, 1, 2, ... (MEMOIZE takes the next number), so entries
+/// live in a vector; an index past its end (a hand-made pickle) goes to a map.
+#[derive(Default)]
+struct Memo {
+    dense: Vec<Option<Value>>,
+    sparse: HashMap<u64, Value>,
+    len: usize,
+}
+
+impl Memo {
+    /// Number of distinct indices stored (what `MEMOIZE` numbers the next entry).
+    fn len(&self) -> usize {
+        self.len
+    }
+
+    fn get(&self, idx: u64) -> Option<&Value> {
+        match usize::try_from(idx).ok().and_then(|i| self.dense.get(i)) {
+            Some(v) => v.as_ref(),
+            None => self.sparse.get(&idx),
+        }
+    }
+
+    fn put(&mut self, idx: u64, v: Value) {
+        let i = usize::try_from(idx).unwrap_or(usize::MAX);
+        let new = self.get(idx).is_none();
+        if i < self.dense.len() {
+            self.dense[i] = Some(v);
+        } else if i == self.dense.len() && !self.sparse.contains_key(&idx) {
+            self.dense.push(Some(v));
+        } else {
+            self.sparse.insert(idx, v);
+        }
+        if new {
+            self.len += 1;
+        }
+    }
+}
 
 impl<'a> Machine<'a> {
     fn err<T>(&self, kind: PickleErrorKind) -> R<T> {
@@ -186,6 +232,7 @@ impl<'a> Machine<'a> {
             )));
         }
         self.stack.push(v);
+        self.pushes += 1;
         Ok(())
     }
 
@@ -214,7 +261,7 @@ impl<'a> Machine<'a> {
 
     fn value_depth(&self, v: &Value) -> usize {
         match v {
-            Value::Ref(i) => self.depth.get(*i).copied().unwrap_or(0),
+            Value::Ref(i) => self.depth.get(*i).map_or(0, |&d| d as usize),
             _ => 0,
         }
     }
@@ -240,7 +287,8 @@ impl<'a> Machine<'a> {
             .unwrap_or(0);
         self.check_depth(d)?;
         self.nodes.push(node);
-        self.depth.push(d);
+        self.depth.push(u32::try_from(d).unwrap_or(u32::MAX));
+        self.memoized.push(false);
         Ok(Value::Ref(self.nodes.len() - 1))
     }
 
@@ -261,9 +309,9 @@ impl<'a> Machine<'a> {
             .map(|c| self.value_depth(c))
             .max()
             .unwrap_or(0);
-        if d > self.depth[target] {
+        if d > self.depth[target] as usize {
             self.check_depth(d)?;
-            self.depth[target] = d;
+            self.depth[target] = u32::try_from(d).unwrap_or(u32::MAX);
         }
         Ok(())
     }
@@ -277,14 +325,39 @@ impl<'a> Machine<'a> {
         }
     }
 
+    /// Stores the top of the stack in the memo. Python's pickler memoizes each object once,
+    /// right after making it; storing one value again (a file of nothing but `MEMOIZE` grew the
+    /// memo by a 24-byte entry per byte of input) is refused, and the memo never holds more
+    /// entries than [`Limits::max_nodes`].
     fn memo_put(&mut self, idx: u64) -> R<()> {
         let v = self.top()?.clone();
-        self.memo.insert(idx, v);
+        let again = match v {
+            Value::Ref(i) => self.memoized.get(i).copied().unwrap_or(false),
+            _ => self.last_memo_push == Some(self.pushes),
+        };
+        if again {
+            return self.err(PickleErrorKind::BadOperand(
+                "the same value is memoized twice (no pickler writes this)".into(),
+            ));
+        }
+        if let Value::Ref(i) = v {
+            if let Some(m) = self.memoized.get_mut(i) {
+                *m = true;
+            }
+        }
+        self.last_memo_push = Some(self.pushes);
+        if self.memo.len() >= self.limits.max_nodes && self.memo.get(idx).is_none() {
+            return self.err(PickleErrorKind::Limit(format!(
+                "more than {} memo entries",
+                self.limits.max_nodes
+            )));
+        }
+        self.memo.put(idx, v);
         Ok(())
     }
 
     fn memo_get(&mut self, idx: u64) -> R<()> {
-        match self.memo.get(&idx) {
+        match self.memo.get(idx) {
             Some(v) => {
                 let v = v.clone();
                 self.push(v)
@@ -400,21 +473,18 @@ impl<'a> Machine<'a> {
     }
 
     fn call(&mut self, callable: Value, args: Value, kwargs: Option<Value>, newobj: bool) -> R<()> {
-        let v = self.alloc(Node::Object(Object {
+        let v = self.alloc(Node::Object(Box::new(Object {
             callable,
             args,
             kwargs,
             newobj,
             ..Object::default()
-        }))?;
+        })))?;
         self.push(v)
     }
 
     fn global(&mut self, module: Rc<str>, name: Rc<str>) -> R<()> {
-        let v = self.alloc(Node::Global {
-            module: module.to_string(),
-            name: name.to_string(),
-        })?;
+        let v = self.alloc(Node::Global { module, name })?;
         self.push(v)
     }
 

@@ -69,7 +69,10 @@ pub(super) fn serve(id: u64, stream: TcpStream, writer: &Writer, shared: &Shared
             Command::Set => {
                 let key = read_key(&mut r, opts)?;
                 let value = read_value(&mut r, opts)?;
-                shared.state().set(key, value);
+                let mut st = shared.state();
+                st.room_for(&key, value.len(), true, opts)
+                    .map_err(violation)?;
+                st.set(key, value);
                 None
             }
             Command::CompareSet => {
@@ -77,19 +80,20 @@ pub(super) fn serve(id: u64, stream: TcpStream, writer: &Writer, shared: &Shared
                 let expected = read_value(&mut r, opts)?;
                 let desired = read_value(&mut r, opts)?;
                 let mut st = shared.state();
-                let now = match st.kv.get_mut(&key) {
+                st.room_for(&key, desired.len(), true, opts)
+                    .map_err(violation)?;
+                let now = match st.kv.get(&key) {
                     None if expected.is_empty() => {
                         st.set(key, desired.clone());
                         desired
                     }
                     // torch answers `expected` here although nothing was stored.
                     None => expected,
-                    Some(current) => {
-                        if *current == expected {
-                            *current = desired;
-                        }
-                        current.clone()
+                    Some(current) if *current == expected => {
+                        st.set(key, desired.clone());
+                        desired
                     }
+                    Some(current) => current.clone(),
                 };
                 Some(bytes_reply(&now))
             }
@@ -112,7 +116,10 @@ pub(super) fn serve(id: u64, stream: TcpStream, writer: &Writer, shared: &Shared
                 let new = old
                     .checked_add(delta)
                     .ok_or_else(|| violation("ADD overflows i64"))?;
-                st.set(key, new.to_string().into_bytes());
+                let text = new.to_string().into_bytes();
+                st.room_for(&key, text.len(), true, opts)
+                    .map_err(violation)?;
+                st.set(key, text);
                 Some(new.to_le_bytes().to_vec())
             }
             Command::Check => {
@@ -156,13 +163,26 @@ pub(super) fn serve(id: u64, stream: TcpStream, writer: &Writer, shared: &Shared
             Command::GetNumKeys => Some((shared.state().kv.len() as i64).to_le_bytes().to_vec()),
             Command::DeleteKey => {
                 let key = read_key(&mut r, opts)?;
-                let n = i64::from(shared.state().kv.remove(&key).is_some());
+                let mut st = shared.state();
+                let old = st.kv.remove(&key);
+                if let Some(old) = &old {
+                    st.held -= key.len() + old.len();
+                }
+                let n = i64::from(old.is_some());
                 Some(n.to_le_bytes().to_vec())
             }
             Command::Append => {
                 let key = read_key(&mut r, opts)?;
                 let value = read_value(&mut r, opts)?;
                 let mut st = shared.state();
+                st.room_for(&key, value.len(), false, opts)
+                    .map_err(violation)?;
+                st.held += value.len()
+                    + if st.kv.contains_key(&key) {
+                        0
+                    } else {
+                        key.len()
+                    };
                 st.kv
                     .entry(key.clone())
                     .or_default()
@@ -193,6 +213,7 @@ pub(super) fn serve(id: u64, stream: TcpStream, writer: &Writer, shared: &Shared
                 }
                 let mut st = shared.state();
                 for (k, v) in pairs {
+                    st.room_for(&k, v.len(), true, opts).map_err(violation)?;
                     st.set(k, v);
                 }
                 None
@@ -201,6 +222,14 @@ pub(super) fn serve(id: u64, stream: TcpStream, writer: &Writer, shared: &Shared
                 let key = read_key(&mut r, opts)?;
                 let value = read_value(&mut r, opts)?;
                 let mut st = shared.state();
+                st.room_for(&key, value.len(), false, opts)
+                    .map_err(violation)?;
+                st.held += value.len()
+                    + if st.queues.contains_key(&key) {
+                        0
+                    } else {
+                        key.len()
+                    };
                 st.queues.entry(key.clone()).or_default().push_back(value);
                 st.wake(&key);
                 None
@@ -213,6 +242,7 @@ pub(super) fn serve(id: u64, stream: TcpStream, writer: &Writer, shared: &Shared
                 let mut out = (len as i64).to_le_bytes().to_vec();
                 if let Some(v) = q.and_then(|q| q.pop_front()) {
                     out.extend_from_slice(&bytes_reply(&v));
+                    st.held -= v.len();
                 }
                 Some(out)
             }

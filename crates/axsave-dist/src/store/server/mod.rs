@@ -18,8 +18,9 @@
 //!   STOP_WAITING before it, never after (both are written under the store lock).
 //! * A connection with a pending WAIT may only send CANCEL_WAIT; anything else is a protocol
 //!   violation and drops it (torch's clients never do this).
-//! * Limits like libuv's: keys ≤ 8 KiB, values ≤ 8 MiB, ≤ 128 Ki keys per request; violating
-//!   requests drop the connection. The value limit is configurable
+//! * Limits like libuv's: keys ≤ 8 KiB, values ≤ 8 MiB, ≤ 128 Ki keys per request; and on what
+//!   the store holds in all ([`ServerOptions::max_keys`], [`ServerOptions::max_held_bytes`]);
+//!   violating requests drop the connection. The value limit is configurable
 //!   ([`ServerOptions::max_value_len`]) because axsave's own broadcasts may need more; torch
 //!   clients are unaffected by a higher limit.
 //! * ADD on a value that is not a decimal integer, or one that would overflow, drops the
@@ -62,6 +63,13 @@ pub struct ServerOptions {
     pub max_value_len: usize,
     /// Most keys in one CHECK/WAIT/MULTI_GET/MULTI_SET (libuv: 128 Ki).
     pub max_keys_per_request: usize,
+    /// Most distinct keys (and queues) held. axsave sets a handful per rank plus the chunks of
+    /// its broadcasts, so the default (64 Ki) serves ten thousand ranks; a client that keeps
+    /// adding keys past it is dropped instead of growing the server without bound.
+    pub max_keys: usize,
+    /// Most bytes of keys and values held in all (default 1 GiB, far above what a rendezvous
+    /// holds: addresses, inventories and the plan); a request that would pass it is dropped.
+    pub max_held_bytes: usize,
     /// Most simultaneous connections; further ones are closed at once.
     pub max_connections: usize,
     /// How long one reply may take to write before the connection is dropped.
@@ -76,6 +84,8 @@ impl Default for ServerOptions {
             max_key_len: LIBUV_MAX_KEY_LEN,
             max_value_len: LIBUV_MAX_VALUE_LEN,
             max_keys_per_request: LIBUV_MAX_KEY_COUNT,
+            max_keys: 64 * 1024,
+            max_held_bytes: 1 << 30,
             max_connections: 16 * 1024,
             write_timeout: Duration::from_secs(30),
         }

@@ -6,6 +6,7 @@ use std::net::{Shutdown, TcpStream};
 use std::sync::{Arc, Mutex, PoisonError};
 
 use super::super::protocol::WAIT_STOP_WAITING;
+use super::ServerOptions;
 
 /// The write half of a connection, shared with whoever wakes its WAIT.
 pub(super) type Writer = Arc<Mutex<TcpStream>>;
@@ -25,6 +26,8 @@ pub(super) struct State {
     pub(super) waiters: HashMap<u64, Waiter>,
     /// Key → connections waiting for it.
     pub(super) waiting_on: HashMap<Vec<u8>, Vec<u64>>,
+    /// Bytes of keys and values held in `kv` and `queues`.
+    pub(super) held: usize,
 }
 
 impl State {
@@ -54,8 +57,44 @@ impl State {
     }
 
     pub(super) fn set(&mut self, key: Vec<u8>, value: Vec<u8>) {
-        self.kv.insert(key.clone(), value);
+        self.held += key.len() + value.len();
+        if let Some(old) = self.kv.insert(key.clone(), value) {
+            self.held -= key.len() + old.len();
+        }
         self.wake(&key);
+    }
+
+    /// Whether storing `added` more bytes under `key` (replacing its value when `replace`)
+    /// keeps the store within [`ServerOptions::max_keys`] and
+    /// [`ServerOptions::max_held_bytes`]; the error says which.
+    pub(super) fn room_for(
+        &self,
+        key: &[u8],
+        added: usize,
+        replace: bool,
+        opts: &ServerOptions,
+    ) -> Result<(), String> {
+        let new_key = !self.kv.contains_key(key) && !self.queues.contains_key(key);
+        let freed = match self.kv.get(key) {
+            Some(old) if replace => key.len() + old.len(),
+            _ => 0,
+        };
+        if new_key && self.kv.len() + self.queues.len() >= opts.max_keys {
+            return Err(format!(
+                "the store already holds {} keys, the most it accepts",
+                opts.max_keys
+            ));
+        }
+        let after = (self.held - freed)
+            .saturating_add(key.len())
+            .saturating_add(added);
+        if after > opts.max_held_bytes {
+            return Err(format!(
+                "the store would hold {after} bytes, more than the {} it accepts",
+                opts.max_held_bytes
+            ));
+        }
+        Ok(())
     }
 
     /// Forgets connection `id`'s pending wait, if any; true if there was one.

@@ -13,7 +13,7 @@
 //! exactly twice: once after the hello, once after the end marker (or once, early, in place of
 //! the final answer when something failed).
 //!
-//! **Hello** (sender → receiver, 40 bytes, first on the connection):
+//! **Hello** (sender → receiver, 72 bytes, first on the connection):
 //!
 //! | bytes | field |
 //! |---|---|
@@ -23,9 +23,10 @@
 //! | 8 | session token ([`TcpOptions::session`]) |
 //! | 8 | sender rank |
 //! | 8 | the sender's [`TcpOptions::frame_bytes`]: no frame payload will exceed it |
+//! | 32 | job token ([`TcpOptions::token`]), compared in constant time |
 //!
 //! A wrong magic closes the connection without an answer (whatever connected does not speak
-//! this protocol). A wrong version, session or flags, or a frame size above the receiver's
+//! this protocol). A wrong version, session, job token or flags, or a frame size above the receiver's
 //! own, gets an error reply, then the connection is closed. Either way the connection counts
 //! as rejected ([`ReceiveStats::rejected`]) and nothing else: a stray connection never fails
 //! the run. Otherwise the receiver answers OK and the sender may stream.
@@ -99,7 +100,7 @@ mod wire;
 
 pub use receiver::{Receiver, Sink};
 pub use sender::Sender;
-pub use wire::{MAX_FRAME_BYTES, MAX_RUNS_PER_FRAME, PROTOCOL_VERSION};
+pub use wire::{MAX_FRAME_BYTES, MAX_RUNS_PER_FRAME, PROTOCOL_VERSION, TOKEN_LEN};
 
 /// Options of one transfer, identical on every rank of a run.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -108,6 +109,11 @@ pub struct TcpOptions {
     /// another one are rejected, so a leftover sender of an earlier run cannot write into this
     /// run's files.
     pub session: u64,
+    /// Proof of membership: a random secret rank 0 (or the launcher) gave every rank through
+    /// a private channel (`axsave launch`'s environment, an MPI broadcast). A connection
+    /// without it is turned away, so a process that can reach the port but is not part of the
+    /// job cannot write into the output.
+    pub token: [u8; TOKEN_LEN],
     /// Largest frame payload a sender buffers before sending, and the largest a receiver
     /// accepts. Bounds memory on both sides; 1 ..= [`MAX_FRAME_BYTES`].
     pub frame_bytes: usize,
@@ -120,6 +126,7 @@ impl Default for TcpOptions {
     fn default() -> Self {
         TcpOptions {
             session: 0,
+            token: [0; TOKEN_LEN],
             frame_bytes: 1024 * 1024,
             io_timeout: Duration::from_secs(60),
         }

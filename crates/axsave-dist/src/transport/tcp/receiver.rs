@@ -439,7 +439,8 @@ impl Conn<'_> {
             self.reject(None);
             return Err(Stop::Quiet);
         };
-        match hello.check(self.shared.options.session, self.shared.options.frame_bytes) {
+        let o = &self.shared.options;
+        match hello.check(o.session, &o.token, o.frame_bytes) {
             Ok(rank) => self.rank = rank,
             Err(reason) => {
                 self.reject(Some(&reason));

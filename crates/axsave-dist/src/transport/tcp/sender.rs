@@ -90,6 +90,7 @@ impl Sender {
             session: options.session,
             rank: my_rank as u64,
             frame_bytes: options.frame_bytes as u64,
+            token: options.token,
         }
         .encode();
         link.write_all(&mut [IoSlice::new(&hello)], "sending the hello")?;

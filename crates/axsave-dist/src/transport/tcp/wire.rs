@@ -4,7 +4,7 @@
 pub(crate) use crate::transport::runs::{RUN_ENTRY_LEN, decode_run_table, u32_at, u64_at};
 
 /// Version in the hello; a receiver rejects any other.
-pub const PROTOCOL_VERSION: u32 = 1;
+pub const PROTOCOL_VERSION: u32 = 2;
 /// Most runs in one frame. Bounds the run table (12 bytes a run) independently of the
 /// payload, which matters when runs are tiny.
 pub const MAX_RUNS_PER_FRAME: usize = 64 * 1024;
@@ -13,7 +13,9 @@ pub const MAX_RUNS_PER_FRAME: usize = 64 * 1024;
 pub const MAX_FRAME_BYTES: usize = 1 << 30;
 
 pub(crate) const HELLO_MAGIC: [u8; 8] = *b"AXSVTCP\0";
-pub(crate) const HELLO_LEN: usize = 40;
+pub(crate) const HELLO_LEN: usize = 72;
+/// Length of the job token in the hello.
+pub const TOKEN_LEN: usize = 32;
 pub(crate) const FRAME_MAGIC: [u8; 4] = *b"AXFR";
 pub(crate) const END_MAGIC: [u8; 4] = *b"AXEN";
 pub(crate) const REPLY_MAGIC: [u8; 4] = *b"AXRP";
@@ -36,6 +38,7 @@ pub(crate) struct Hello {
     pub session: u64,
     pub rank: u64,
     pub frame_bytes: u64,
+    pub token: [u8; TOKEN_LEN],
 }
 
 impl Hello {
@@ -47,6 +50,7 @@ impl Hello {
         b[16..24].copy_from_slice(&self.session.to_le_bytes());
         b[24..32].copy_from_slice(&self.rank.to_le_bytes());
         b[32..40].copy_from_slice(&self.frame_bytes.to_le_bytes());
+        b[40..72].copy_from_slice(&self.token);
         b
     }
 
@@ -61,12 +65,18 @@ impl Hello {
             session: u64_at(b, 16),
             rank: u64_at(b, 24),
             frame_bytes: u64_at(b, 32),
+            token: b[40..72].try_into().unwrap_or([0; TOKEN_LEN]),
         })
     }
 
     /// Why a receiver with these settings must turn this hello away, if it must. The rank is
     /// returned as `usize` when accepted.
-    pub fn check(&self, session: u64, max_frame: usize) -> Result<usize, String> {
+    pub fn check(
+        &self,
+        session: u64,
+        token: &[u8; TOKEN_LEN],
+        max_frame: usize,
+    ) -> Result<usize, String> {
         if self.version != PROTOCOL_VERSION {
             return Err(format!(
                 "protocol version {} is not supported (this receiver speaks {PROTOCOL_VERSION})",
@@ -82,6 +92,11 @@ impl Hello {
                 self.session
             ));
         }
+        if !same_token(&self.token, token) {
+            return Err(
+                "wrong job token: the connection does not come from a rank of this job".into(),
+            );
+        }
         if self.frame_bytes == 0 || self.frame_bytes > max_frame as u64 {
             return Err(format!(
                 "frame size {} exceeds this receiver's {max_frame} (the ranks' options differ)",
@@ -90,6 +105,13 @@ impl Hello {
         }
         usize::try_from(self.rank).map_err(|_| format!("rank {} is out of range", self.rank))
     }
+}
+
+/// Compares two tokens in time that does not depend on where they differ, so that a peer
+/// cannot find the token byte by byte from how fast it is turned away.
+pub(crate) fn same_token(a: &[u8; TOKEN_LEN], b: &[u8; TOKEN_LEN]) -> bool {
+    let diff = a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y));
+    std::hint::black_box(diff) == 0
 }
 
 /// A frame header after its magic.
@@ -209,6 +231,7 @@ mod tests {
             session: 0xdead_beef_0123_4567,
             rank: 3,
             frame_bytes: 1 << 20,
+            token: [5; TOKEN_LEN],
         }
     }
 
@@ -218,30 +241,42 @@ mod tests {
         let b = h.encode();
         assert_eq!(&b[..8], b"AXSVTCP\0");
         assert_eq!(Hello::decode(&b), Some(h));
-        assert_eq!(h.check(h.session, 1 << 20), Ok(3));
+        assert_eq!(h.check(h.session, &h.token, 1 << 20), Ok(3));
 
         let mut bad = b;
         bad[0] = b'x';
         assert_eq!(Hello::decode(&bad), None);
-        assert!(h.check(1, 1 << 20).unwrap_err().contains("session"));
         assert!(
-            h.check(h.session, 1 << 19)
+            h.check(1, &h.token, 1 << 20)
+                .unwrap_err()
+                .contains("session")
+        );
+        assert!(
+            h.check(h.session, &h.token, 1 << 19)
                 .unwrap_err()
                 .contains("frame size")
         );
-        let v2 = Hello { version: 2, ..h };
+        let v9 = Hello { version: 9, ..h };
         assert!(
-            v2.check(h.session, 1 << 20)
+            v9.check(h.session, &h.token, 1 << 20)
                 .unwrap_err()
-                .contains("version 2")
+                .contains("version 9")
         );
         let flagged = Hello { flags: 1, ..h };
-        assert!(flagged.check(h.session, 1 << 20).is_err());
+        assert!(flagged.check(h.session, &h.token, 1 << 20).is_err());
         let zero = Hello {
             frame_bytes: 0,
             ..h
         };
-        assert!(zero.check(h.session, 1 << 20).is_err());
+        assert!(zero.check(h.session, &h.token, 1 << 20).is_err());
+        let mut other = h.token;
+        other[TOKEN_LEN - 1] ^= 0x80;
+        assert!(
+            h.check(h.session, &other, 1 << 20)
+                .unwrap_err()
+                .contains("wrong job token")
+        );
+        assert!(same_token(&h.token, &h.token) && !same_token(&h.token, &other));
     }
 
     #[test]
