@@ -20,7 +20,7 @@
 #   4. prints host-to-device, device-to-host and conversion bandwidth on about 2 GB
 #      (`axsave gpu-bench`).
 #
-# Environment: AXSAVE_BIN (default target/release/axsave), CARGO_TARGET_DIR (default
+# Environment: CHECKS (which steps, default tests,fixtures,bench,side), AXSAVE_BIN (default target/release/axsave), CARGO_TARGET_DIR (default
 # ./target), AXSAVE_FIXTURES (default tests/fixtures), BENCH_BYTES (default 2GiB; 0 skips
 # the bandwidth table), NCCL_DEBUG and friends pass through to NCCL.
 set -euo pipefail
@@ -31,6 +31,8 @@ bin=${AXSAVE_BIN:-$target/release/axsave}
 fixtures=${AXSAVE_FIXTURES:-$root/tests/fixtures}
 bench_bytes=${BENCH_BYTES:-2GiB}
 work=$(mktemp -d)
+checks=",${CHECKS:-tests,fixtures,bench,side},"
+want() { [[ $checks == *",$1,"* ]]; }
 trap 'rm -rf "$work"' EXIT
 
 names=()
@@ -105,13 +107,13 @@ export AXSAVE_FIXTURES="$fixtures"
 [ -n "$bin" ] && export AXSAVE_BIN="$bin"
 
 # 2. The GPU tests (one thread: they share the GPU and print what they found).
-if [ -n "$core_tests" ]; then
+if want tests && [ -n "$core_tests" ]; then
   run "unit: GPU kernels, engine, NCCL" 900 env AXSAVE_REQUIRE_GPU=1 "$core_tests" gpu:: --test-threads=1 --nocapture
 fi
-if [ -n "$dist_tests" ]; then
+if want tests && [ -n "$dist_tests" ]; then
   run "unit: NCCL loader and communicator" 300 "$dist_tests" transport::nccl:: --test-threads=1 --nocapture
 fi
-if [ -n "$gpu_tests" ] && [ -n "$bin" ]; then
+if want tests && [ -n "$gpu_tests" ] && [ -n "$bin" ]; then
   run "end to end: tests/gpu.rs" 900 env AXSAVE_REQUIRE_GPU=1 "$gpu_tests" --test-threads=1 --nocapture
 fi
 
@@ -137,7 +139,7 @@ save_and_compare() { # name source reference [extra args]
 }
 export bin work
 export -f save_and_compare
-if [ -n "$bin" ]; then
+if want fixtures && [ -n "$bin" ]; then
   for f in fsdp_w1 fsdp_w2 fsdp_w3 fsdp_w4 fsdp_w8 hf_w2 zstd_w2 per_rank_meta_w2 torch24_w2 torch27_w2 torch215_w2 demo_w4; do
     if [ -f "$fixtures/dcp/$f/reference.safetensors" ]; then
       run "save $f --transport nccl" 120 \
@@ -152,7 +154,7 @@ if [ -n "$bin" ]; then
 fi
 
 # 4. Bandwidth.
-if [ -n "$bin" ] && [ "$bench_bytes" != "0" ]; then
+if want bench && [ -n "$bin" ] && [ "$bench_bytes" != "0" ]; then
   run "gpu-bench on $bench_bytes" 600 "$bin" gpu-bench --bytes "$bench_bytes"
   if [ "${verdicts[${#verdicts[@]}-1]}" = PASS ]; then
     echo
@@ -168,7 +170,7 @@ fi
 side_layers=${SIDE_LAYERS:-15}
 side_hidden=${SIDE_HIDDEN:-4096}
 side_python=${PYTHON:-python3}
-if [ -n "$bin" ] && [ "$side_layers" != 0 ] && "$side_python" -c 'import torch' 2>/dev/null; then
+if want side && [ -n "$bin" ] && [ "$side_layers" != 0 ] && "$side_python" -c 'import torch' 2>/dev/null; then
   side=${SIDE_DIR:-$work/side}
   mkdir -p "$side"
   if [ ! -f "$side/ckpt/.metadata" ]; then # kept in SIDE_DIR for a rerun
