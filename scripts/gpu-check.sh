@@ -164,7 +164,7 @@ fi
 
 # 5. Side by side on a large generated checkpoint: which path is faster on this node? One
 # process and `launch -n 8`, with --transport auto, tcp and nccl, wall seconds and peak RSS of
-# the largest process (scripts/bench/measure.py), outputs compared by their SHA-256. Needs a
+# the largest process (scripts/bench/measure.py), outputs compared byte for byte (untimed). Needs a
 # python with torch (PYTHON, default python3) to write the checkpoint. SIDE_LAYERS (default 15:
 # 8.6 GB of bf16 with SIDE_HIDDEN 4096; 0 skips), SIDE_DIR (default under /tmp).
 side_layers=${SIDE_LAYERS:-15}
@@ -184,23 +184,33 @@ if want side && [ -n "$bin" ] && [ "$side_layers" != 0 ] && "$side_python" -c 'i
     side_row() { # label transport procs [extra args]
       local label=$1 transport=$2 procs=$3
       shift 3
-      local out="$side/out" cmd
+      local out="$side/out" cmd group="$*"
       rm -rf "$out"
       if [ "$procs" = 1 ]; then
-        cmd=("$bin" --source "$side/ckpt" --output "$out" --transport "$transport" --json "$@")
+        cmd=("$bin" --source "$side/ckpt" --output "$out" --transport "$transport" "$@")
       else
-        cmd=("$bin" launch -n "$procs" -- --source "$side/ckpt" --output "$out" --transport "$transport" --json "$@")
+        cmd=("$bin" launch -n "$procs" -- --source "$side/ckpt" --output "$out" --transport "$transport" "$@")
       fi
+      # Timed without --json (its SHA-256 of every file would be timed too); the output is compared
+      # with the group's first one afterwards, untimed.
       timeout --kill-after=10 300 "$side_python" "$root/scripts/bench/measure.py" "$label" -- "${cmd[@]}" \
         >"$work/side.json" 2>"$work/side.err" || true
-      local sha
-      sha=$(sed 's/^\[rank [0-9]*\] //' "$work/side.err" | grep -o '"sha256": "[0-9a-f]*"' | head -1 | cut -d'"' -f4 || true)
-      local path
-      path=$(grep -o '"transport": "[a-z]*"' "$work/side.err" | head -1 | cut -d'"' -f4 || true)
-      "$side_python" -c 'import json,sys; r=json.loads(open(sys.argv[1]).read().strip().splitlines()[-1]); r.update(sha=sys.argv[2], took=sys.argv[3], group=sys.argv[4]); print(json.dumps(r))' \
-        "$work/side.json" "${sha:-none}" "${path:-?}" "$procs $*" >>"$rows" 2>/dev/null ||
-        echo "{\"label\": \"$label\", \"exit\": -1, \"seconds\": 0, \"peak_rss_mib\": 0, \"sha\": \"none\", \"took\": \"?\", \"group\": \"$procs $*\"}" >>"$rows"
-      grep -E "ERROR|error:" "$work/side.err" | head -3 || true
+      local path=cpu same=none ref="$side/ref-${group//[^A-Za-z0-9]/_}"
+      if grep -qE "conversions on the GPU|transport nccl: " "$work/side.err"; then path=gpu; fi
+      if [ -f "$out/model.safetensors" ]; then
+        if [ ! -e "$ref" ]; then
+          mv "$out/model.safetensors" "$ref"
+          same=first
+        elif cmp -s "$out/model.safetensors" "$ref"; then
+          same=yes
+        else
+          same=DIFFERS
+        fi
+      fi
+      "$side_python" -c 'import json,sys; r=json.loads(open(sys.argv[1]).read().strip().splitlines()[-1]); r.update(same=sys.argv[2], took=sys.argv[3], group=sys.argv[4]); print(json.dumps(r))' \
+        "$work/side.json" "$same" "$path" "$procs $group" >>"$rows" 2>/dev/null ||
+        echo "{\"label\": \"$label\", \"exit\": -1, \"seconds\": 0, \"peak_rss_mib\": 0, \"same\": \"none\", \"took\": \"?\", \"group\": \"$procs $group\"}" >>"$rows"
+      sed 's/^\[rank [0-9]*\] //' "$work/side.err" | grep -E "ERROR" | head -2 || true
       rm -rf "$out"
     }
     for procs in 1 8; do
@@ -217,18 +227,18 @@ if want side && [ -n "$bin" ] && [ "$side_layers" != 0 ] && "$side_python" -c 'i
     "$side_python" - "$rows" <<'PY'
 import json, sys
 rows = [json.loads(l) for l in open(sys.argv[1]) if l.strip()]
-print(f"| {'run':<28} | {'path':<5} | {'exit':>4} | {'s':>7} | {'MiB':>6} | sha256[:12]  |")
+print(f"| {'run':<28} | {'path':<4} | {'exit':>4} | {'s':>7} | {'MiB':>6} | same bytes |")
 groups = {}
 for r in rows:
-    print(f"| {r['label']:<28} | {r['took']:<5} | {r['exit']:>4} | {r['seconds']:7.2f} | {r['peak_rss_mib']:6.0f} | {r['sha'][:12]:<12} |")
+    print(f"| {r['label']:<28} | {r['took']:<4} | {r['exit']:>4} | {r['seconds']:7.2f} | {r['peak_rss_mib']:6.0f} | {r['same']:<10} |")
     groups.setdefault(r["group"], []).append(r)
 for g, rs in groups.items():
     ok = [r for r in rs if r["exit"] == 0]
-    shas = {r["sha"] for r in ok}
+    same = all(r["same"] in ("first", "yes") for r in ok)
     auto = [r for r in ok if ", auto," in r["label"]]
     if ok and auto:
         best = min(r["seconds"] for r in ok)
-        print(f"group '{g}': auto / best = {auto[0]['seconds'] / best:.2f}; outputs {'identical' if len(shas) == 1 else 'DIFFER'}")
+        print(f"group '{g}': auto / best = {auto[0]['seconds'] / best:.2f}; outputs {'identical' if same else 'DIFFER'}")
 PY
   fi
 fi
