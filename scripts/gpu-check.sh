@@ -197,11 +197,12 @@ if want side && [ -n "$bin" ] && [ "$side_layers" != 0 ] && "$side_python" -c 'i
         >"$work/side.json" 2>"$work/side.err" || true
       local path=cpu same=none ref="$side/ref-${group//[^A-Za-z0-9]/_}"
       if grep -qE "conversions on the GPU|transport nccl: " "$work/side.err"; then path=gpu; fi
-      if [ -f "$out/model.safetensors" ]; then
+      # Every file of the output (a large model is written as shards + index).
+      if [ -f "$out/model.safetensors" ] || [ -f "$out/model.safetensors.index.json" ]; then
         if [ ! -e "$ref" ]; then
-          mv "$out/model.safetensors" "$ref"
+          mv "$out" "$ref"
           same=first
-        elif cmp -s "$out/model.safetensors" "$ref"; then
+        elif diff -rq "$out" "$ref" >/dev/null; then
           same=yes
         else
           same=DIFFERS
