@@ -1,4 +1,4 @@
-//! `--cleanup` and `--dry-run` agree (issue 11, item 6): one plan, made before anything is
+//! `--cleanup` and `--dry-run` agree: one plan, made before anything is
 //! written, says what goes; `--dry-run` prints exactly what the run then removes, and conflicts
 //! fail before the output directory is touched.
 

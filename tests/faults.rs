@@ -1,4 +1,4 @@
-//! The fault matrix (issue #7): every way a save can go wrong must end cleanly. On any failure
+//! The fault matrix: every way a save can go wrong must end cleanly. On any failure
 //! every process exits non-zero within `--timeout` (+ a small slack), no final-named file
 //! appears in the output directory, the temporaries (`.NAME.axsave-TAG.tmp`, and rank 0's
 //! sharded-mode marker `.axsave-TAG.shared`) are gone once the processes have exited, and

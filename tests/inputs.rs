@@ -1,4 +1,4 @@
-//! What a current checkpoint may hold beside plain weights (issue 11): packed fp4 and fp8
+//! What a current checkpoint may hold beside plain weights: packed fp4 and fp8
 //! weights with their scales, and torchtitan's optimizer, scheduler, dataloader and train state
 //! next to the model's keys. Fixtures from `scripts/fixtures/inputs.py` (torch 2.14).
 

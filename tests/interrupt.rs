@@ -1,4 +1,4 @@
-//! Signals (issue 11, item 2): SIGTERM, SIGINT and SIGHUP cancel a save, remove its temporaries
+//! Signals: SIGTERM, SIGINT and SIGHUP cancel a save, remove its temporaries
 //! (and the sharded-mode marker and the output lock) and exit 128 + the signal; under `axsave
 //! launch` a killed rank makes the launcher SIGTERM the others, which clean up; a later save
 //! removes (and reports) the temporaries of a run that was SIGKILLed, and leaves those it

@@ -1,4 +1,4 @@
-//! What the ranks check about each other when they join (issue 11, items 1 and 9): that they
+//! What the ranks check about each other when they join: that they
 //! read the same checkpoint (node-local sources from two different checkpoints of the same
 //! model, and identical arguments run from different working directories, both used to give a
 //! model that matches neither with exit 0), that no two processes claim one rank, and that a

@@ -1,4 +1,4 @@
-//! The output directory's lock (issue 11, item 3): two saves into one `--output` at once never
+//! The output directory's lock: two saves into one `--output` at once never
 //! mix; the second fails at once, naming the holder, and the directory ends up holding exactly
 //! the first save's model, with `--force` too. Real processes of the built binary; the first
 //! save is held at a fault-hook point until the second has finished.

@@ -4,7 +4,11 @@
 //! reaches `<point>`, then waits until the
 //! file named by `AXSAVE_FAULT_RELEASE` exists (if set; else it sleeps for an hour), or until
 //! the process gets SIGTERM, SIGINT or SIGHUP. Without the
-//! variable (always, outside tests) this does nothing.
+//! variable this does nothing.
+//!
+//! The hook exists only with the `fault-injection` feature, which the tests turn on (the root
+//! package's dev-dependency on this crate); in any other build `point` is empty and the
+//! variables are never read, so a stray `AXSAVE_FAULT` cannot stall a real save.
 //!
 //! Points: `joined` (after the rendezvous), `copying` (at its first piece), `synced` (its
 //! files are on disk, success not yet reported), `committing` (rank 0, every rank reported,
@@ -12,8 +16,10 @@
 //! output files exist, this rank has written nothing yet). A rank that dies after reporting success
 //! does not stop the commit: its part of the model is complete and durable by then.
 
+#[cfg(feature = "fault-injection")]
 use std::sync::OnceLock;
 
+#[cfg(feature = "fault-injection")]
 fn target() -> Option<&'static (String, usize)> {
     static T: OnceLock<Option<(String, usize)>> = OnceLock::new();
     T.get_or_init(|| {
@@ -25,6 +31,7 @@ fn target() -> Option<&'static (String, usize)> {
 }
 
 /// Stops here if the hook names this point and rank (once per process).
+#[cfg(feature = "fault-injection")]
 pub fn point(name: &str, rank: usize) {
     static FIRED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
     if let Some((p, r)) = target()
@@ -50,3 +57,8 @@ pub fn point(name: &str, rank: usize) {
         }
     }
 }
+
+/// Does nothing: this build has no fault hook (the `fault-injection` feature is off).
+#[cfg(not(feature = "fault-injection"))]
+#[inline(always)]
+pub fn point(_name: &str, _rank: usize) {}

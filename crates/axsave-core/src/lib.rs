@@ -7,6 +7,7 @@ pub mod distributed;
 pub mod error;
 pub mod execute;
 pub mod fault;
+pub mod finalize;
 pub mod geometry;
 pub mod gpu;
 pub mod interrupt;

@@ -129,6 +129,18 @@ impl OutputFiles {
     }
 }
 
+/// A sink that writes into local output files.
+pub struct LocalSink<'a>(pub &'a OutputFiles);
+
+impl crate::execute::Sink for LocalSink<'_> {
+    fn write(&mut self, file: usize, offset: u64, data: &[u8]) -> Result<()> {
+        self.0.write_at(file, offset, data)
+    }
+    fn finish(&mut self) -> Result<()> {
+        Ok(())
+    }
+}
+
 /// Creates a new file at `path`, failing if anything is there already, a symbolic link
 /// included (`O_CREAT | O_EXCL | O_NOFOLLOW`): a temporary name is never an existing file or a
 /// link someone planted to make axsave write elsewhere.

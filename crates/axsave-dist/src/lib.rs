@@ -23,7 +23,8 @@
 //! process, `MpiContext::broadcast` bootstraps the store (rank 0 broadcasts its address, so no
 //! `MASTER_ADDR` is needed), and `MpiTransport` hands out `MpiSender`s and an `MpiReceiver`
 //! that take the same [`Sink`] as TCP. `MpiContext::abort` takes the whole job down when a
-//! rank cannot recover. NCCL comes later.
+//! rank cannot recover. With the `cuda` feature, `transport::nccl` carries the same runs
+//! between GPUs over NCCL, opened at run time (see that module).
 
 #![warn(missing_docs)]
 

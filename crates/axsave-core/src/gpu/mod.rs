@@ -46,9 +46,8 @@ use axsave_formats::Catalog;
 use crate::error::{CoreError, Result};
 use crate::execute::{self, CopyJob, ExecOptions, Task};
 use crate::layout::Layout;
-use crate::output::OutputFiles;
+use crate::output::{LocalSink, OutputFiles};
 use crate::plan::{Assignment, Plan};
-use crate::save::LocalSink;
 use crate::sources::SourceFiles;
 use crate::transport::{Caps, TransportRequest};
 

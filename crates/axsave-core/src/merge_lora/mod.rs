@@ -223,7 +223,7 @@ pub fn commit(
             return Err(e);
         }
     };
-    let removed = crate::save::finalize(&opts.output, &p.layout, &opts.tag, &extras, existing)?;
+    let removed = crate::finalize::finalize(&opts.output, &p.layout, &opts.tag, &extras, existing)?;
     let mut out_files: Vec<(PathBuf, u64)> = p
         .layout
         .files

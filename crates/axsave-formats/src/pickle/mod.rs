@@ -10,11 +10,13 @@
 //! Python; dicts are ordered pairs, so keys may be objects (DCP's `MetadataIndex`). [`Limits`]
 //! bound the nodes, the stack and the nesting depth; every error carries a byte offset.
 
+mod error;
 mod value;
 mod vm;
 
+pub use error::{Limits, PickleError, PickleErrorKind};
 pub use value::{Node, Object, Pickle, Value};
-pub use vm::{Limits, PickleError, PickleErrorKind, parse, parse_with_limits};
+pub use vm::{parse, parse_with_limits};
 
 #[cfg(test)]
 mod tests;
