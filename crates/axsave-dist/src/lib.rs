@@ -10,8 +10,8 @@
 //!   store or our own server) and a server (hosted by rank 0 otherwise), plus a barrier, a
 //!   broadcast and a failure flag on top.
 //! * [`transport`] — moves tensor bytes from the rank that reads a piece to the rank that
-//!   writes its output file: runs of `(file, offset, bytes)` over plain TCP ([`Sender`] →
-//!   [`Receiver`], handed to a sink that writes them). The store only carries small
+//!   writes its output file: runs of `(file, offset, bytes)` over plain TCP ([`TcpSender`] →
+//!   [`TcpReceiver`], handed to a [`Sink`] that writes them). The store only carries small
 //!   rendezvous data.
 //!
 //! With the `pmix` feature, [`pmix`] opens the PMIx client library at run time, so that ranks
@@ -23,7 +23,7 @@
 //! process, `MpiContext::broadcast` bootstraps the store (rank 0 broadcasts its address, so no
 //! `MASTER_ADDR` is needed), and `MpiTransport` hands out `MpiSender`s and an `MpiReceiver`
 //! that take the same [`Sink`] as TCP. `MpiContext::abort` takes the whole job down when a
-//! rank cannot recover. NCCL comes later.
+//! rank cannot recover. With the `cuda` feature, `transport::nccl` opens NCCL at run time for GPU-to-GPU transfers.
 
 #![warn(missing_docs)]
 
@@ -35,5 +35,7 @@ pub mod transport;
 pub mod world;
 
 pub use store::{ClientOptions, ServerOptions, StoreClient, StoreError, StoreServer};
-pub use transport::{ReceiveStats, Receiver, Sender, Sink, TcpOptions, TransportError};
+pub use transport::{
+    ReceiveStats, SharedSink, Sink, SinkError, TcpOptions, TcpReceiver, TcpSender, TransportError,
+};
 pub use world::{Launcher, World, WorldError, detect, detect_from_process_env};

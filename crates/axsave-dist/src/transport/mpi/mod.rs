@@ -136,7 +136,7 @@ mod sender;
 mod sys;
 mod wire;
 
-pub use super::tcp::{MAX_FRAME_BYTES, MAX_RUNS_PER_FRAME};
+pub use super::limits::{MAX_FRAME_BYTES, MAX_RUNS_PER_FRAME};
 pub use context::{MIN_THREAD_LEVEL, MpiContext};
 /// MPI thread support levels (rsmpi's), for [`MpiContext::init_with_thread_level`].
 pub use mpi::Threading;

@@ -1,7 +1,6 @@
 //! The receiving side: [`MpiReceiver`], its sink thread, and the accounting of streams.
 
 use std::collections::{BTreeMap, HashMap};
-use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError, mpsc};
 use std::thread::{self, JoinHandle};
@@ -11,8 +10,9 @@ use super::progress::{Command, CtxShared};
 use super::sender::POLL;
 use super::wire::{self, DATA_TAG, Decoded, END_TAG, End};
 use super::{MpiError, MpiOptions};
+use crate::transport::ReceiveStats;
 use crate::transport::clock::ProgressClock;
-use crate::transport::{ReceiveStats, Sink};
+use crate::transport::sink::{SharedSink, deliver};
 
 /// How long stopping a receiver waits for the progress thread to confirm that no more
 /// messages will be delivered; it answers within one loop iteration unless it is gone.
@@ -155,7 +155,7 @@ impl Drop for MpiReceiver {
 /// Shared by the receiver, its sink thread, and the progress thread.
 pub(crate) struct RecvShared {
     pub options: MpiOptions,
-    sink: Sink,
+    sink: SharedSink,
     cancel: Arc<AtomicBool>,
     stopping: AtomicBool,
     /// Messages being received or waiting for the sink.
@@ -169,7 +169,7 @@ pub(crate) struct RecvShared {
 }
 
 impl RecvShared {
-    pub fn new(options: MpiOptions, sink: Sink, cancel: Arc<AtomicBool>) -> RecvShared {
+    pub fn new(options: MpiOptions, sink: SharedSink, cancel: Arc<AtomicBool>) -> RecvShared {
         RecvShared {
             options,
             sink,
@@ -417,9 +417,7 @@ fn handle(shared: &RecvShared, d: &Delivery, runs: &mut Vec<(u64, u32)>) -> Resu
             for &(offset, len) in runs.iter() {
                 let data = &v.payload[at..at + len as usize];
                 at += len as usize;
-                let sink = &shared.sink;
-                let result = catch_unwind(AssertUnwindSafe(|| sink(d.from, v.file, offset, data)))
-                    .unwrap_or_else(|panic| Err(panic_message(&*panic)));
+                let result = deliver(&*shared.sink, d.from, v.file, offset, data);
                 if let Err(message) = result {
                     return Err(MpiError::Sink {
                         rank: d.from,
@@ -442,15 +440,6 @@ fn handle(shared: &RecvShared, d: &Delivery, runs: &mut Vec<(u64, u32)>) -> Resu
         // The progress thread only receives messages with our tags.
         tag => Err(malformed(format!("a message with unknown tag {tag}"))),
     }
-}
-
-fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
-    let what = panic
-        .downcast_ref::<&str>()
-        .copied()
-        .or_else(|| panic.downcast_ref::<String>().map(String::as_str))
-        .unwrap_or("a non-string panic");
-    format!("the sink panicked: {what}")
 }
 
 #[cfg(test)]

@@ -10,7 +10,7 @@ use super::progress::{Command, CtxShared, Outgoing, Receiving};
 use super::receiver::{MpiReceiver, RecvShared};
 use super::wire::{self, DATA_TAG, END_TAG, Framer};
 use super::{MpiError, MpiOptions};
-use crate::transport::Sink;
+use crate::transport::SharedSink;
 
 /// Longest a blocked call sleeps before it looks at the cancel flag and the deadline again.
 pub(crate) const POLL: Duration = Duration::from_millis(20);
@@ -114,7 +114,7 @@ impl MpiTransport {
     /// [`MpiError::Cancelled`] and stops the sink calls.
     pub fn start_receiver(
         &self,
-        sink: Sink,
+        sink: SharedSink,
         cancel: Arc<AtomicBool>,
     ) -> Result<MpiReceiver, MpiError> {
         let ctx = &self.inner.ctx;

@@ -20,14 +20,14 @@ const MAX_ATTEMPT: Duration = Duration::from_secs(5);
 /// our receive buffer already or lost.
 const LAST_WORDS: Duration = Duration::from_millis(500);
 
-/// One connection from this rank to one writer rank's [`Receiver`](super::Receiver). Several
+/// One connection from this rank to one writer rank's [`TcpReceiver`](super::TcpReceiver). Several
 /// may exist per pair of ranks (one per worker thread).
 ///
-/// Not delivered until [`Sender::finish`] returns `Ok`. Dropping a sender without finishing
+/// Not delivered until [`TcpSender::finish`] returns `Ok`. Dropping a sender without finishing
 /// closes the connection, which the receiver reports as this rank having died. After any
 /// error the sender is broken and every later call returns the same error.
 #[derive(Debug)]
-pub struct Sender {
+pub struct TcpSender {
     link: Link,
     frame: Frame,
     /// Payload bytes written to the socket.
@@ -54,7 +54,7 @@ struct Frame {
     head: Vec<u8>,
 }
 
-impl Sender {
+impl TcpSender {
     /// Connects to the receiver at `addr` as `my_rank`, retrying until
     /// [`TcpOptions::io_timeout`] (a receiver publishes its address only after listening, so
     /// retries only cover a slow start), and exchanges the hello.
@@ -62,18 +62,18 @@ impl Sender {
         addr: SocketAddr,
         my_rank: usize,
         options: &TcpOptions,
-    ) -> Result<Sender, TransportError> {
+    ) -> Result<TcpSender, TransportError> {
         Self::connect_with_cancel(addr, my_rank, options, None)
     }
 
-    /// [`Sender::connect`], with a flag that, once set, makes this sender's calls (this one
+    /// [`TcpSender::connect`], with a flag that, once set, makes this sender's calls (this one
     /// included) return [`TransportError::Cancelled`] within a fraction of a second.
     pub fn connect_with_cancel(
         addr: SocketAddr,
         my_rank: usize,
         options: &TcpOptions,
         cancel: Option<Arc<AtomicBool>>,
-    ) -> Result<Sender, TransportError> {
+    ) -> Result<TcpSender, TransportError> {
         options.validate()?;
         let poll = poll_interval(options.io_timeout);
         let stream = open(addr, options.io_timeout, cancel.as_deref())?;
@@ -108,7 +108,7 @@ impl Sender {
             }
             Err(e) => return Err(e),
         }
-        Ok(Sender {
+        Ok(TcpSender {
             link,
             frame: Frame {
                 file: 0,
