@@ -6,10 +6,10 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError, mpsc};
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
-use super::progress::{Command, CtxShared};
-use super::sender::POLL;
+use super::error::MpiError;
+use super::options::MpiOptions;
+use super::shared::{Command, CtxShared, Delivery, POLL, ReceiveSlots};
 use super::wire::{self, DATA_TAG, Decoded, END_TAG, End};
-use super::{MpiError, MpiOptions};
 use crate::transport::ReceiveStats;
 use crate::transport::clock::ProgressClock;
 use crate::transport::sink::{SharedSink, deliver};
@@ -17,15 +17,6 @@ use crate::transport::sink::{SharedSink, deliver};
 /// How long stopping a receiver waits for the progress thread to confirm that no more
 /// messages will be delivered; it answers within one loop iteration unless it is gone.
 const STOP_WAIT: Duration = Duration::from_secs(10);
-
-/// A received message on its way from the progress thread to the sink thread.
-pub(crate) struct Delivery {
-    pub from: usize,
-    pub tag: i32,
-    /// Holds the message in its first `len` bytes.
-    pub buf: Vec<u8>,
-    pub len: usize,
-}
 
 /// The receiving side of the transport on a writer rank
 /// ([`MpiTransport::start_receiver`](super::MpiTransport::start_receiver)). Dropping it
@@ -188,27 +179,6 @@ impl RecvShared {
         self.state.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    /// Whether the progress thread may start receiving one more message.
-    pub fn has_room(&self) -> bool {
-        self.in_use.load(Ordering::SeqCst) < self.options.max_in_flight
-    }
-
-    pub fn claim_slot(&self) {
-        self.in_use.fetch_add(1, Ordering::SeqCst);
-    }
-
-    pub fn release(&self) {
-        self.in_use.fetch_sub(1, Ordering::SeqCst);
-    }
-
-    pub fn take_buf(&self) -> Vec<u8> {
-        self.pool
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .pop()
-            .unwrap_or_default()
-    }
-
     fn recycle(&self, buf: Vec<u8>) {
         let mut pool = self.pool.lock().unwrap_or_else(PoisonError::into_inner);
         if pool.len() < self.options.max_in_flight {
@@ -216,16 +186,43 @@ impl RecvShared {
         }
     }
 
-    pub fn touch(&self) {
-        self.progress.touch();
-    }
-
     fn idle_for(&self) -> Duration {
         self.progress.idle_for()
     }
+}
+
+impl ReceiveSlots for RecvShared {
+    fn frame_bytes(&self) -> usize {
+        self.options.frame_bytes
+    }
+
+    /// Whether the progress thread may start receiving one more message.
+    fn has_room(&self) -> bool {
+        self.in_use.load(Ordering::SeqCst) < self.options.max_in_flight
+    }
+
+    fn claim_slot(&self) {
+        self.in_use.fetch_add(1, Ordering::SeqCst);
+    }
+
+    fn release(&self) {
+        self.in_use.fetch_sub(1, Ordering::SeqCst);
+    }
+
+    fn take_buf(&self) -> Vec<u8> {
+        self.pool
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .pop()
+            .unwrap_or_default()
+    }
+
+    fn touch(&self) {
+        self.progress.touch();
+    }
 
     /// Records the first failure and wakes [`MpiReceiver::wait`].
-    pub fn fail(&self, e: MpiError) {
+    fn fail(&self, e: MpiError) {
         let mut st = self.state();
         if st.error.is_none() {
             tracing::debug!(error = %e, "MPI receiver failed");

@@ -2,7 +2,7 @@
 //! [module documentation](super)), the framing of runs into them, and the checks on
 //! everything received. Pure functions: no MPI here.
 
-use super::{MAX_FRAME_BYTES, MAX_RUNS_PER_FRAME};
+use crate::transport::limits::{MAX_FRAME_BYTES, MAX_RUNS_PER_FRAME};
 pub(crate) use crate::transport::runs::{RUN_ENTRY_LEN, decode_run_table, u32_at, u64_at};
 
 /// Version carried by every message; a receiver refuses any other.
