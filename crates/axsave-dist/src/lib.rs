@@ -28,6 +28,7 @@
 #![warn(missing_docs)]
 
 pub mod hostlist;
+mod net;
 #[cfg(feature = "pmix")]
 pub mod pmix;
 pub mod store;

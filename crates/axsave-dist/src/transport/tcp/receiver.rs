@@ -13,12 +13,10 @@ use super::wire::{
     self, END_LEN, END_MAGIC, FRAME_HEADER_LEN, FRAME_MAGIC, FrameHeader, HELLO_LEN, Hello,
 };
 use super::{ReceiveStats, TcpOptions, TransportError};
-use crate::store::client::deadline_after;
+use crate::net::deadline_after;
 use crate::transport::clock::ProgressClock;
 use crate::transport::sink::{SharedSink, deliver};
 
-/// How often the accept loop looks for new connections and for shutdown when idle.
-const ACCEPT_POLL: Duration = Duration::from_millis(5);
 /// Most simultaneous connections; further ones are closed at once. A run needs one per
 /// sending worker thread per peer; this only stops a flood of strays from spawning threads
 /// without end.
@@ -272,43 +270,17 @@ impl Shared {
 }
 
 fn accept_loop(listener: TcpListener, shared: Arc<Shared>) {
-    let mut handles: Vec<JoinHandle<()>> = Vec::new();
-    while !shared.stopping.load(Ordering::SeqCst) {
-        let mut accepted = false;
-        loop {
-            match listener.accept() {
-                Ok((stream, peer)) => {
-                    accepted = true;
-                    if let Some(h) = start_connection(stream, peer, &shared) {
-                        handles.push(h);
-                    }
-                }
-                Err(e) if e.kind() == ErrorKind::WouldBlock => break,
-                Err(e) if e.kind() == ErrorKind::Interrupted => continue,
-                Err(e) => {
-                    // E.g. EMFILE, or a connection reset before accept: try again later.
-                    tracing::debug!(error = %e, "transport accept failed");
-                    break;
-                }
+    crate::net::accept_loop(
+        vec![listener],
+        &shared.stopping,
+        "transport",
+        |stream, peer| start_connection(stream, peer, &shared),
+        || {
+            for stream in shared.conns().values() {
+                let _ = stream.shutdown(Shutdown::Both);
             }
-        }
-        // Reap finished connection threads so the list does not grow with every connection.
-        let (done, live): (Vec<_>, Vec<_>) = handles.into_iter().partition(|h| h.is_finished());
-        for h in done {
-            let _ = h.join();
-        }
-        handles = live;
-        if !accepted {
-            thread::sleep(ACCEPT_POLL);
-        }
-    }
-    drop(listener);
-    for stream in shared.conns().values() {
-        let _ = stream.shutdown(Shutdown::Both);
-    }
-    for h in handles {
-        let _ = h.join();
-    }
+        },
+    );
 }
 
 fn start_connection(
