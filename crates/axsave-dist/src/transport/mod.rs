@@ -14,6 +14,9 @@
 //!   opened at run time. The executor that drives it lives in axsave-core (`gpu`).
 
 //!
+//! [`DataPlane`] ([`plane`]) is their one face: the rest of the program opens senders and a
+//! receiver through it without naming the transport.
+//!
 //! What the TCP and MPI transports share sits beside them: the [`Sink`] they write into
 //! ([`sink`]), the [`ReceiveStats`] they report ([`stats`]) and the frame limits
 //! ([`limits`]).
@@ -24,6 +27,7 @@ pub mod limits;
 pub mod mpi;
 #[cfg(feature = "cuda")]
 pub mod nccl;
+pub mod plane;
 mod runs;
 pub mod sink;
 pub mod stats;
@@ -34,6 +38,7 @@ pub mod tcp;
 pub const MPI_BUILT: bool = cfg!(feature = "mpi");
 
 pub use limits::{MAX_FRAME_BYTES, MAX_RUNS_PER_FRAME};
+pub use plane::{DataPlane, DataPlaneError, PlaneReceiver, PlaneSender};
 pub use sink::{SharedSink, Sink, SinkError, sink_fn};
 pub use stats::ReceiveStats;
 pub use tcp::{PROTOCOL_VERSION, TOKEN_LEN, TcpOptions, TcpReceiver, TcpSender, TransportError};
