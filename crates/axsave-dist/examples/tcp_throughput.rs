@@ -13,7 +13,7 @@ use std::sync::{Arc, Mutex};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use axsave_dist::transport::{SharedSink, TcpOptions, TcpReceiver, TcpSender, sink_fn};
+use axsave_dist::data_plane::{SharedSink, TcpOptions, TcpReceiver, TcpSender, sink_fn};
 
 const MIB: usize = 1024 * 1024;
 

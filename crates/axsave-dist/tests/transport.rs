@@ -2,7 +2,7 @@
 //! die, real child processes (this test binary re-run in a child role).
 //!
 //! Raw peers below build hellos and frames by hand from the wire format documented in
-//! `axsave_dist::transport::tcp`, so the format itself is under test too.
+//! `axsave_dist::data_plane::tcp`, so the format itself is under test too.
 
 use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader, Read, Write};
@@ -13,7 +13,7 @@ use std::sync::{Arc, Mutex};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use axsave_dist::transport::{
+use axsave_dist::data_plane::{
     PROTOCOL_VERSION, ReceiveStats, SharedSink, TcpOptions, TcpReceiver, TcpSender, TransportError,
     sink_fn,
 };

@@ -30,11 +30,11 @@ use std::sync::{Arc, Mutex};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use axsave_dist::transport::mpi::Threading;
-use axsave_dist::transport::mpi::{
+use axsave_dist::data_plane::mpi::Threading;
+use axsave_dist::data_plane::mpi::{
     DATA_TAG, END_TAG, MpiContext, MpiError, MpiOptions, MpiTransport,
 };
-use axsave_dist::transport::{SharedSink, sink_fn};
+use axsave_dist::data_plane::{SharedSink, sink_fn};
 
 type Res<T = ()> = Result<T, String>;
 

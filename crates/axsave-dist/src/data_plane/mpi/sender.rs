@@ -11,7 +11,7 @@ use super::options::MpiOptions;
 use super::receiver::{MpiReceiver, RecvShared};
 use super::shared::{Command, CtxShared, Outgoing, POLL, Receiving, SendCompletions};
 use super::wire::{self, DATA_TAG, END_TAG, Framer};
-use crate::transport::SharedSink;
+use crate::data_plane::SharedSink;
 
 /// A handle on the MPI data plane of one transfer, from
 /// [`MpiContext::transport`](super::MpiContext::transport). Cheap to clone, `Send` and `Sync`: each worker thread

@@ -13,9 +13,9 @@ use super::wire::{
     self, END_LEN, END_MAGIC, FRAME_HEADER_LEN, FRAME_MAGIC, FrameHeader, HELLO_LEN, Hello,
 };
 use super::{ReceiveStats, TcpOptions, TransportError};
+use crate::data_plane::clock::ProgressClock;
+use crate::data_plane::sink::{SharedSink, deliver};
 use crate::net::deadline_after;
-use crate::transport::clock::ProgressClock;
-use crate::transport::sink::{SharedSink, deliver};
 
 /// Most simultaneous connections; further ones are closed at once. A run needs one per
 /// sending worker thread per peer; this only stops a flood of strays from spawning threads

@@ -10,9 +10,9 @@ use super::error::MpiError;
 use super::options::MpiOptions;
 use super::shared::{Command, CtxShared, Delivery, POLL, ReceiveSlots};
 use super::wire::{self, DATA_TAG, Decoded, END_TAG, End};
-use crate::transport::ReceiveStats;
-use crate::transport::clock::ProgressClock;
-use crate::transport::sink::{SharedSink, deliver};
+use crate::data_plane::ReceiveStats;
+use crate::data_plane::clock::ProgressClock;
+use crate::data_plane::sink::{SharedSink, deliver};
 
 /// How long stopping a receiver waits for the progress thread to confirm that no more
 /// messages will be delivered; it answers within one loop iteration unless it is gone.

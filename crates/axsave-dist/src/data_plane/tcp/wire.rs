@@ -1,8 +1,8 @@
 //! Byte layout of the transport's messages (described in the [module documentation](super)),
 //! and the checks on everything read from the wire.
 
-pub(crate) use crate::transport::limits::MAX_RUNS_PER_FRAME;
-pub(crate) use crate::transport::runs::{RUN_ENTRY_LEN, decode_run_table, u32_at, u64_at};
+pub(crate) use crate::data_plane::limits::MAX_RUNS_PER_FRAME;
+pub(crate) use crate::data_plane::runs::{RUN_ENTRY_LEN, decode_run_table, u32_at, u64_at};
 
 /// Version in the hello; a receiver rejects any other.
 pub const PROTOCOL_VERSION: u32 = 2;

@@ -3,7 +3,7 @@
 use std::time::Duration;
 
 use super::error::MpiError;
-use crate::transport::limits::MAX_FRAME_BYTES;
+use crate::data_plane::limits::MAX_FRAME_BYTES;
 
 /// Largest [`MpiOptions::max_in_flight`].
 pub const MAX_IN_FLIGHT: usize = 4096;

@@ -1,5 +1,5 @@
-//! Transports that move tensor bytes from the rank that reads a piece to the rank that writes
-//! the output file it belongs to.
+//! The data plane: transports that move tensor bytes from the rank that reads a piece to the
+//! rank that writes the output file it belongs to.
 //!
 //! A transport knows nothing of file formats. It moves *runs* — `(file index, byte offset,
 //! bytes)` — and hands each received run to a sink supplied by the writer (a positioned write

@@ -200,7 +200,7 @@ impl PlaneReceiver {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::transport::sink_fn;
+    use crate::data_plane::sink_fn;
     use std::sync::Mutex;
     use std::time::Duration;
 
