@@ -13,7 +13,7 @@ use std::sync::{Arc, Mutex};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use axsave_dist::transport::{Receiver, Sender, Sink, TcpOptions};
+use axsave_dist::data_plane::{SharedSink, TcpOptions, TcpReceiver, TcpSender, sink_fn};
 
 const MIB: usize = 1024 * 1024;
 
@@ -39,16 +39,16 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             .map(|_| Mutex::new(vec![1u8; per_conn * MIB]))
             .collect(),
     );
-    let sink: Sink = {
+    let sink: SharedSink = {
         let outs = Arc::clone(&outs);
-        Arc::new(move |_, file, offset, bytes| {
+        sink_fn(move |_, file, offset, bytes| {
             let o = offset as usize;
             let mut out = outs[file as usize].lock().map_err(|e| e.to_string())?;
             out[o..o + bytes.len()].copy_from_slice(bytes);
             Ok(())
         })
     };
-    let mut r = Receiver::listen((Ipv4Addr::LOCALHOST, 0).into(), opts.clone())?;
+    let mut r = TcpReceiver::listen((Ipv4Addr::LOCALHOST, 0).into(), opts.clone())?;
     r.start(sink, Arc::new(AtomicBool::new(false)))?;
     let addr = r.local_addr();
     let source: Arc<Vec<u8>> = Arc::new((0..MIB).map(|i| (i * 7) as u8).collect());
@@ -60,7 +60,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             let source = Arc::clone(&source);
             let runs = (c..mib).step_by(conns).count();
             thread::spawn(move || -> Result<u64, String> {
-                let mut s = Sender::connect(addr, c, &opts).map_err(|e| e.to_string())?;
+                let mut s = TcpSender::connect(addr, c, &opts).map_err(|e| e.to_string())?;
                 for i in 0..runs {
                     s.push(c as u32, (i * MIB) as u64, &source)
                         .map_err(|e| e.to_string())?;

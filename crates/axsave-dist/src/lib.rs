@@ -9,32 +9,41 @@
 //! * [`store`] — PyTorch's TCPStore wire protocol: a blocking client (for torchrun's agent
 //!   store or our own server) and a server (hosted by rank 0 otherwise), plus a barrier, a
 //!   broadcast and a failure flag on top.
-//! * [`transport`] — moves tensor bytes from the rank that reads a piece to the rank that
-//!   writes its output file: runs of `(file, offset, bytes)` over plain TCP ([`Sender`] →
-//!   [`Receiver`], handed to a sink that writes them). The store only carries small
-//!   rendezvous data.
+//! * [`data_plane`] — moves tensor bytes from the rank that reads a piece to the rank that
+//!   writes its output file: runs of `(file, offset, bytes)` over plain TCP ([`TcpSender`] →
+//!   [`TcpReceiver`], handed to a [`Sink`] that writes them) or MPI, both behind one
+//!   [`DataPlane`]. The store only carries small rendezvous data.
 //!
 //! With the `pmix` feature, [`pmix`] opens the PMIx client library at run time, so that ranks
 //! started by `mpirun` on several nodes find rank 0's store without MPI linked in.
 //!
-//! With the `mpi` feature (needs an MPI library and libclang at build time), `transport::mpi`
+//! With the `mpi` feature (needs an MPI library and libclang at build time), `data_plane::mpi`
 //! adds the same data plane over MPI for jobs started by `mpirun`/`srun --mpi`:
 //! `MpiContext::init` brings MPI up on a progress thread that makes every MPI call of the
 //! process, `MpiContext::broadcast` bootstraps the store (rank 0 broadcasts its address, so no
 //! `MASTER_ADDR` is needed), and `MpiTransport` hands out `MpiSender`s and an `MpiReceiver`
 //! that take the same [`Sink`] as TCP. `MpiContext::abort` takes the whole job down when a
-//! rank cannot recover. With the `cuda` feature, `transport::nccl` carries the same runs
-//! between GPUs over NCCL, opened at run time (see that module).
+//! rank cannot recover.
+//!
+//! With the `cuda` feature, `data_plane::nccl` opens NCCL at run time for transfers between
+//! the ranks' GPUs, driven by axsave-core's GPU executor.
 
 #![warn(missing_docs)]
 
+pub mod data_plane;
 pub mod hostlist;
+mod net;
 #[cfg(feature = "pmix")]
 pub mod pmix;
 pub mod store;
-pub mod transport;
 pub mod world;
 
+/// The data plane's former path, kept while callers move to [`data_plane`].
+#[doc(hidden)]
+pub use data_plane as transport;
+pub use data_plane::{
+    DataPlane, DataPlaneError, PlaneReceiver, PlaneSender, ReceiveStats, SharedSink, Sink,
+    SinkError, TcpOptions, TcpReceiver, TcpSender, TransportError,
+};
 pub use store::{ClientOptions, ServerOptions, StoreClient, StoreError, StoreServer};
-pub use transport::{ReceiveStats, Receiver, Sender, Sink, TcpOptions, TransportError};
 pub use world::{Launcher, World, WorldError, detect, detect_from_process_env};

@@ -2,7 +2,7 @@
 //! die, real child processes (this test binary re-run in a child role).
 //!
 //! Raw peers below build hellos and frames by hand from the wire format documented in
-//! `axsave_dist::transport::tcp`, so the format itself is under test too.
+//! `axsave_dist::data_plane::tcp`, so the format itself is under test too.
 
 use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader, Read, Write};
@@ -13,8 +13,9 @@ use std::sync::{Arc, Mutex};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use axsave_dist::transport::{
-    PROTOCOL_VERSION, ReceiveStats, Receiver, Sender, Sink, TcpOptions, TransportError,
+use axsave_dist::data_plane::{
+    PROTOCOL_VERSION, ReceiveStats, SharedSink, TcpOptions, TcpReceiver, TcpSender, TransportError,
+    sink_fn,
 };
 
 // ---- helpers ----
@@ -83,9 +84,9 @@ impl Files {
     }
 
     /// A sink that does a positioned write, refusing writes outside the file.
-    fn sink(self: &Arc<Files>) -> Sink {
+    fn sink(self: &Arc<Files>) -> SharedSink {
         let files = Arc::clone(self);
-        Arc::new(move |_rank, file, offset, bytes| {
+        sink_fn(move |_rank, file, offset, bytes| {
             let f = file as usize;
             let mut data = files
                 .data
@@ -96,9 +97,7 @@ impl Files {
             let start = usize::try_from(offset).map_err(|e| e.to_string())?;
             let end = start + bytes.len();
             if end > data.len() {
-                return Err(format!(
-                    "write to {start}..{end} past the end of file {file}"
-                ));
+                return Err(format!("write to {start}..{end} past the end of file {file}").into());
             }
             data[start..end].copy_from_slice(bytes);
             let mut hits = files.hits[f].lock().unwrap();
@@ -125,15 +124,15 @@ impl Files {
 }
 
 /// A receiver on loopback, started with `sink`.
-fn receiver(opts: &TcpOptions, sink: Sink) -> (Receiver, Arc<AtomicBool>) {
-    let mut r = Receiver::listen(loopback(), opts.clone()).unwrap();
+fn receiver(opts: &TcpOptions, sink: SharedSink) -> (TcpReceiver, Arc<AtomicBool>) {
+    let mut r = TcpReceiver::listen(loopback(), opts.clone()).unwrap();
     let cancel = no_cancel();
     r.start(sink, Arc::clone(&cancel)).unwrap();
     (r, cancel)
 }
 
-fn null_sink() -> Sink {
-    Arc::new(|_, _, _, _| Ok(()))
+fn null_sink() -> SharedSink {
+    sink_fn(|_, _, _, _| Ok(()))
 }
 
 /// A hello as the documented wire format spells it.
@@ -276,7 +275,7 @@ fn many_runs_from_several_senders_and_connections_arrive_exactly_once() {
         .map(|(plan, rank)| {
             let opts = opts.clone();
             thread::spawn(move || {
-                let mut s = Sender::connect(addr, rank, &opts).unwrap();
+                let mut s = TcpSender::connect(addr, rank, &opts).unwrap();
                 let mut n = 0u64;
                 for (file, offset, len) in plan {
                     s.push(file, offset, &run_bytes(file, offset, len)).unwrap();
@@ -305,17 +304,17 @@ fn runs_larger_than_a_frame_are_split_and_adjacent_runs_merged() {
     let frame = 4096;
     let files = Files::new(&[2 * 1024 * 1024, 64 * 1024]);
     let calls: Arc<Mutex<Vec<(u32, u64, usize)>>> = Arc::default();
-    let sink: Sink = {
+    let sink: SharedSink = {
         let inner = files.sink();
         let calls = Arc::clone(&calls);
-        Arc::new(move |rank, file, offset, bytes| {
+        sink_fn(move |rank, file, offset, bytes| {
             calls.lock().unwrap().push((file, offset, bytes.len()));
-            inner(rank, file, offset, bytes)
+            inner.write_run(rank, file, offset, bytes)
         })
     };
     let opts = options(frame, secs(20));
     let (r, _cancel) = receiver(&opts, sink);
-    let mut s = Sender::connect(r.local_addr(), 4, &opts).unwrap();
+    let mut s = TcpSender::connect(r.local_addr(), 4, &opts).unwrap();
 
     // A run far larger than a frame, starting with an empty frame (sent without a copy).
     let big = 1024 * 1024 + 17;
@@ -382,7 +381,7 @@ fn nothing_expected_and_nothing_sent_returns_at_once() {
     assert_eq!(r.wait(0).unwrap(), ReceiveStats::default());
     assert!(t.elapsed() < secs(1));
     // A sender with nothing to say may still connect and finish.
-    let s = Sender::connect(r.local_addr(), 0, &options(1024, secs(30))).unwrap();
+    let s = TcpSender::connect(r.local_addr(), 0, &options(1024, secs(30))).unwrap();
     assert_eq!(s.finish().unwrap(), 0);
     let stats = r.wait(0).unwrap();
     assert_eq!(stats.connections, 1);
@@ -396,12 +395,12 @@ fn misuse_is_an_error() {
         ..TcpOptions::default()
     };
     assert!(matches!(
-        Receiver::listen(loopback(), bad.clone()),
+        TcpReceiver::listen(loopback(), bad.clone()),
         Err(TransportError::InvalidOptions { .. })
     ));
-    let r = Receiver::listen(loopback(), TcpOptions::default()).unwrap();
+    let r = TcpReceiver::listen(loopback(), TcpOptions::default()).unwrap();
     assert!(matches!(
-        Sender::connect(r.local_addr(), 0, &bad),
+        TcpSender::connect(r.local_addr(), 0, &bad),
         Err(TransportError::InvalidOptions { .. })
     ));
     assert!(matches!(r.wait(0), Err(TransportError::NotStarted)));
@@ -411,7 +410,7 @@ fn misuse_is_an_error() {
         r.start(null_sink(), no_cancel()),
         Err(TransportError::AlreadyStarted)
     ));
-    let mut s = Sender::connect(r.local_addr(), 0, &TcpOptions::default()).unwrap();
+    let mut s = TcpSender::connect(r.local_addr(), 0, &TcpOptions::default()).unwrap();
     // A run that would end past 2^64 is refused, and the sender stays usable.
     assert!(matches!(
         s.push(0, u64::MAX - 1, &[1, 2, 3]),
@@ -424,7 +423,7 @@ fn misuse_is_an_error() {
     // An "infinite" io_timeout is not an overflow.
     let forever = options(1024, Duration::MAX);
     let (r, _c) = receiver(&forever, null_sink());
-    let mut s = Sender::connect(r.local_addr(), 0, &forever).unwrap();
+    let mut s = TcpSender::connect(r.local_addr(), 0, &forever).unwrap();
     s.push(0, 0, &[1; 5000]).unwrap();
     assert_eq!(s.finish().unwrap(), 5000);
     assert_eq!(r.wait(5000).unwrap().bytes, 5000);
@@ -440,14 +439,14 @@ fn sending_and_receiving_at_once_in_every_rank_does_not_deadlock() {
     let opts = options(1024 * 1024, secs(30));
     type Seen = Arc<Mutex<Vec<(usize, u64, usize)>>>;
     let seen: Vec<Seen> = (0..n).map(|_| Seen::default()).collect();
-    let receivers: Vec<(Receiver, Arc<AtomicBool>)> = seen
+    let receivers: Vec<(TcpReceiver, Arc<AtomicBool>)> = seen
         .iter()
         .map(|seen| {
             let seen = Arc::clone(seen);
-            let sink: Sink = Arc::new(move |rank, file, offset, bytes| {
+            let sink: SharedSink = sink_fn(move |rank, file, offset, bytes| {
                 let last = offset + bytes.len() as u64 - 1;
                 if bytes[0] != byte(file, offset) || bytes[bytes.len() - 1] != byte(file, last) {
-                    return Err(format!("wrong bytes at {offset}"));
+                    return Err(format!("wrong bytes at {offset}").into());
                 }
                 seen.lock().unwrap().push((rank, offset, bytes.len()));
                 Ok(())
@@ -463,9 +462,9 @@ fn sending_and_receiving_at_once_in_every_rank_does_not_deadlock() {
             thread::spawn(move || {
                 // Each destination gets the region `me` of its file, pushed alternately so
                 // both connections are busy at once.
-                let mut conns: Vec<Sender> = (0..n)
+                let mut conns: Vec<TcpSender> = (0..n)
                     .filter(|&d| d != me)
-                    .map(|d| Sender::connect(addrs[d], me, &opts).unwrap())
+                    .map(|d| TcpSender::connect(addrs[d], me, &opts).unwrap())
                     .collect();
                 let step = 256 * 1024;
                 for at in (0..per_pair).step_by(step) {
@@ -521,9 +520,9 @@ fn throughput_on_loopback() {
     // Filled, not zeroed, so its pages exist before the clock starts (a zeroed allocation
     // would be faulted in page by page by the sink and measure that instead).
     let out = Arc::new(Mutex::new(vec![0xEEu8; total_mib * mib]));
-    let sink: Sink = {
+    let sink: SharedSink = {
         let out = Arc::clone(&out);
-        Arc::new(move |_, _, offset, bytes| {
+        sink_fn(move |_, _, offset, bytes| {
             let o = offset as usize;
             out.lock().unwrap()[o..o + bytes.len()].copy_from_slice(bytes);
             Ok(())
@@ -534,7 +533,7 @@ fn throughput_on_loopback() {
     let t = Instant::now();
     let addr = r.local_addr();
     let sender = thread::spawn(move || {
-        let mut s = Sender::connect(addr, 1, &opts).unwrap();
+        let mut s = TcpSender::connect(addr, 1, &opts).unwrap();
         for i in 0..total_mib {
             s.push(0, (i * mib) as u64, &source).unwrap();
         }
@@ -580,7 +579,7 @@ fn a_sender_that_drops_its_socket_mid_frame_is_reported_by_rank() {
 fn a_sender_dropped_without_finish_is_reported_as_died() {
     let opts = options(4096, secs(20));
     let (r, _c) = receiver(&opts, null_sink());
-    let mut s = Sender::connect(r.local_addr(), 3, &opts).unwrap();
+    let mut s = TcpSender::connect(r.local_addr(), 3, &opts).unwrap();
     s.push(0, 0, &[1u8; 10_000]).unwrap();
     s.flush().unwrap();
     drop(s);
@@ -616,7 +615,7 @@ fn nothing_arriving_is_a_stall_naming_the_open_connections() {
     let opts = options(4096, Duration::from_millis(600));
     let (r, _c) = receiver(&opts, null_sink());
     // Rank 6 connects, sends one frame, then idles without finishing.
-    let mut s = Sender::connect(r.local_addr(), 6, &opts).unwrap();
+    let mut s = TcpSender::connect(r.local_addr(), 6, &opts).unwrap();
     s.push(0, 0, &[1u8; 100]).unwrap();
     s.flush().unwrap();
     let t = Instant::now();
@@ -635,7 +634,7 @@ fn nothing_arriving_is_a_stall_naming_the_open_connections() {
     let o = opts.clone();
     let late = thread::spawn(move || {
         thread::sleep(Duration::from_millis(300));
-        let mut s = Sender::connect(addr, 1, &o).unwrap();
+        let mut s = TcpSender::connect(addr, 1, &o).unwrap();
         s.push(0, 0, &[1u8; 10]).unwrap();
         s.finish().unwrap()
     });
@@ -656,7 +655,7 @@ fn nothing_arriving_is_a_stall_naming_the_open_connections() {
 #[test]
 fn a_receiver_that_shuts_down_fails_the_sender_promptly() {
     let opts = options(64 * 1024, secs(30));
-    let slow: Sink = Arc::new(|_, _, _, _| {
+    let slow: SharedSink = sink_fn(|_, _, _, _| {
         thread::sleep(Duration::from_millis(2));
         Ok(())
     });
@@ -669,7 +668,7 @@ fn a_receiver_that_shuts_down_fails_the_sender_promptly() {
         *k.lock().unwrap() = Some(Instant::now());
         r.shutdown();
     });
-    let mut s = Sender::connect(addr, 1, &opts).unwrap();
+    let mut s = TcpSender::connect(addr, 1, &opts).unwrap();
     let data = vec![9u8; 1024 * 1024];
     let mut offset = 0;
     let e = loop {
@@ -721,7 +720,7 @@ fn hung_receiver(drain: bool) -> (SocketAddr, thread::JoinHandle<()>, Arc<Atomic
 fn a_receiver_that_stops_reading_times_the_sender_out() {
     let (addr, t, done) = hung_receiver(false);
     let opts = options(1024 * 1024, Duration::from_millis(700));
-    let mut s = Sender::connect(addr, 0, &opts).unwrap();
+    let mut s = TcpSender::connect(addr, 0, &opts).unwrap();
     let data = vec![1u8; 1024 * 1024];
     let started = Instant::now();
     let mut offset = 0;
@@ -741,7 +740,7 @@ fn a_receiver_that_stops_reading_times_the_sender_out() {
 fn a_receiver_that_never_acknowledges_times_finish_out() {
     let (addr, t, done) = hung_receiver(true);
     let opts = options(1024 * 1024, Duration::from_millis(700));
-    let mut s = Sender::connect(addr, 0, &opts).unwrap();
+    let mut s = TcpSender::connect(addr, 0, &opts).unwrap();
     s.push(0, 0, &[1u8; 5000]).unwrap();
     let started = Instant::now();
     let e = s.finish().unwrap_err();
@@ -761,15 +760,15 @@ fn a_receiver_that_never_acknowledges_times_finish_out() {
 #[test]
 fn a_sink_error_reaches_the_sender_instead_of_an_ack_and_fails_wait() {
     let opts = options(4096, secs(20));
-    let sink: Sink = Arc::new(|_, file, _, _| {
+    let sink: SharedSink = sink_fn(|_, file, _, _| {
         if file == 1 {
-            Err("disk full".to_owned())
+            Err("disk full".into())
         } else {
             Ok(())
         }
     });
     let (r, _c) = receiver(&opts, sink);
-    let mut s = Sender::connect(r.local_addr(), 8, &opts).unwrap();
+    let mut s = TcpSender::connect(r.local_addr(), 8, &opts).unwrap();
     s.push(0, 0, &[0u8; 10_000]).unwrap();
     s.push(1, 0, &[0u8; 100]).unwrap();
     // The frame for file 1 is still buffered; finish sends it and must not get an ack.
@@ -789,18 +788,18 @@ fn a_sink_error_reaches_the_sender_instead_of_an_ack_and_fails_wait() {
 fn a_sink_error_stops_a_sender_that_keeps_pushing() {
     let opts = options(4096, secs(20));
     let calls = Arc::new(AtomicUsize::new(0));
-    let sink: Sink = {
+    let sink: SharedSink = {
         let calls = Arc::clone(&calls);
-        Arc::new(move |_, _, _, _| {
+        sink_fn(move |_, _, _, _| {
             if calls.fetch_add(1, Ordering::SeqCst) == 3 {
-                Err("no space left on device".to_owned())
+                Err("no space left on device".into())
             } else {
                 Ok(())
             }
         })
     };
     let (r, _c) = receiver(&opts, sink);
-    let mut s = Sender::connect(r.local_addr(), 2, &opts).unwrap();
+    let mut s = TcpSender::connect(r.local_addr(), 2, &opts).unwrap();
     let data = vec![5u8; 4096];
     let mut offset = 0;
     let t = Instant::now();
@@ -827,9 +826,9 @@ fn a_sink_error_stops_a_sender_that_keeps_pushing() {
 #[test]
 fn a_panicking_sink_is_an_error_not_a_hang() {
     let opts = options(4096, secs(20));
-    let sink: Sink = Arc::new(|_, _, _, _| panic!("sink exploded"));
+    let sink: SharedSink = sink_fn(|_, _, _, _| panic!("sink exploded"));
     let (r, _c) = receiver(&opts, sink);
-    let mut s = Sender::connect(r.local_addr(), 1, &opts).unwrap();
+    let mut s = TcpSender::connect(r.local_addr(), 1, &opts).unwrap();
     s.push(0, 0, b"hello").unwrap();
     let e = s.finish().unwrap_err();
     assert!(e.to_string().contains("sink exploded"), "{e}");
@@ -850,7 +849,7 @@ fn more_bytes_than_expected_never_reach_the_sink() {
     let sender = thread::spawn(move || {
         // Let `wait` announce its expectation first.
         thread::sleep(Duration::from_millis(200));
-        let mut s = Sender::connect(addr, 4, &o).unwrap();
+        let mut s = TcpSender::connect(addr, 4, &o).unwrap();
         let r = s.push(0, 0, &run_bytes(0, 0, 5000));
         r.and_then(|()| s.finish())
     });
@@ -901,7 +900,7 @@ fn stray_connections_are_turned_away_without_harming_the_transfer() {
         session: 1,
         ..opts.clone()
     };
-    let e = Sender::connect(addr, 0, &other).unwrap_err();
+    let e = TcpSender::connect(addr, 0, &other).unwrap_err();
     assert!(
         matches!(&e, TransportError::Rejected { reason, .. } if reason.contains("session")),
         "{e}"
@@ -912,7 +911,7 @@ fn stray_connections_are_turned_away_without_harming_the_transfer() {
         token: [7; 32],
         ..opts.clone()
     };
-    let e = Sender::connect(addr, 0, &intruder).unwrap_err();
+    let e = TcpSender::connect(addr, 0, &intruder).unwrap_err();
     assert!(
         matches!(&e, TransportError::Rejected { reason, .. } if reason.contains("wrong job token")),
         "{e}"
@@ -950,7 +949,7 @@ fn stray_connections_are_turned_away_without_harming_the_transfer() {
         frame_bytes: 16384,
         ..opts.clone()
     };
-    let e = Sender::connect(addr, 0, &bigger).unwrap_err();
+    let e = TcpSender::connect(addr, 0, &bigger).unwrap_err();
     assert!(
         matches!(&e, TransportError::Rejected { reason, .. } if reason.contains("frame size")),
         "{e}"
@@ -962,7 +961,7 @@ fn stray_connections_are_turned_away_without_harming_the_transfer() {
         .map(|(rank, range)| {
             let opts = opts.clone();
             thread::spawn(move || {
-                let mut s = Sender::connect(addr, rank, &opts).unwrap();
+                let mut s = TcpSender::connect(addr, rank, &opts).unwrap();
                 let len = (range.end - range.start) as usize;
                 s.push(0, range.start, &run_bytes(0, range.start, len))
                     .unwrap();
@@ -1064,7 +1063,7 @@ fn an_end_marker_with_the_wrong_total_is_refused() {
 fn cancel_stops_wait_and_blocked_senders_promptly() {
     let opts = options(4096, secs(60));
     let (r, cancel) = receiver(&opts, null_sink());
-    let mut s = Sender::connect(r.local_addr(), 1, &opts).unwrap();
+    let mut s = TcpSender::connect(r.local_addr(), 1, &opts).unwrap();
     s.push(0, 0, &[1u8; 100]).unwrap();
     s.flush().unwrap();
     let c = Arc::clone(&cancel);
@@ -1083,7 +1082,7 @@ fn cancel_stops_wait_and_blocked_senders_promptly() {
     // A sender blocked on a receiver that does not read gives up when cancelled.
     let (addr, t, done) = hung_receiver(false);
     let flag = Arc::new(AtomicBool::new(false));
-    let mut s = Sender::connect_with_cancel(addr, 0, &opts, Some(Arc::clone(&flag))).unwrap();
+    let mut s = TcpSender::connect_with_cancel(addr, 0, &opts, Some(Arc::clone(&flag))).unwrap();
     let f = Arc::clone(&flag);
     thread::spawn(move || {
         thread::sleep(Duration::from_millis(300));
@@ -1117,14 +1116,14 @@ fn connect_retries_until_the_receiver_listens_and_gives_up_at_io_timeout() {
     let o = opts.clone();
     let late = thread::spawn(move || {
         thread::sleep(Duration::from_millis(400));
-        let mut r = Receiver::listen(addr, o).unwrap();
+        let mut r = TcpReceiver::listen(addr, o).unwrap();
         r.start(null_sink(), no_cancel()).unwrap();
         let stats = r.wait(3).unwrap();
         r.shutdown();
         stats
     });
     let t = Instant::now();
-    let mut s = Sender::connect(addr, 0, &opts).unwrap();
+    let mut s = TcpSender::connect(addr, 0, &opts).unwrap();
     assert!(t.elapsed() >= Duration::from_millis(300));
     s.push(0, 0, b"abc").unwrap();
     assert_eq!(s.finish().unwrap(), 3);
@@ -1137,7 +1136,7 @@ fn connect_retries_until_the_receiver_listens_and_gives_up_at_io_timeout() {
         .unwrap()
         .port();
     let t = Instant::now();
-    let e = Sender::connect(
+    let e = TcpSender::connect(
         (Ipv4Addr::LOCALHOST, port).into(),
         0,
         &options(4096, Duration::from_millis(500)),
@@ -1158,7 +1157,7 @@ fn connecting_to_something_else_is_not_mistaken_for_a_receiver() {
         s.read_exact(&mut hello).unwrap();
         s.write_all(b"HTTP/1.1 400 Bad Request\r\n\r\n").unwrap();
     });
-    let e = Sender::connect(addr, 0, &options(4096, secs(5))).unwrap_err();
+    let e = TcpSender::connect(addr, 0, &options(4096, secs(5))).unwrap_err();
     assert!(matches!(e, TransportError::NotTransport { .. }), "{e}");
     t.join().unwrap();
 }
@@ -1216,7 +1215,7 @@ fn child_process_role() {
                 .unwrap()
                 .parse()
                 .unwrap();
-            let mut s = Sender::connect(addr, 7, &opts).unwrap();
+            let mut s = TcpSender::connect(addr, 7, &opts).unwrap();
             let mut offset = 0;
             while Instant::now() < give_up {
                 s.push(0, offset, &[3u8; 4096]).unwrap();
@@ -1227,7 +1226,7 @@ fn child_process_role() {
         }
         // Receives forever into a slow sink, until killed.
         "receive" => {
-            let slow: Sink = Arc::new(|_, _, _, _| {
+            let slow: SharedSink = sink_fn(|_, _, _, _| {
                 thread::sleep(Duration::from_millis(1));
                 Ok(())
             });
@@ -1276,7 +1275,7 @@ fn a_killed_receiver_process_fails_the_sender_at_once() {
         }
     };
     let opts = options(64 * 1024, secs(30));
-    let mut s = Sender::connect(addr, 0, &opts).unwrap();
+    let mut s = TcpSender::connect(addr, 0, &opts).unwrap();
     let killed_at: Arc<Mutex<Option<Instant>>> = Arc::default();
     let k = Arc::clone(&killed_at);
     let killer = thread::spawn(move || {

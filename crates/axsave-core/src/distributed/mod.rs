@@ -590,12 +590,11 @@ impl Rank<'_> {
                     let files = files
                         .clone()
                         .ok_or_else(|| CoreError::Remote("receiver without files".into()))?;
-                    let sink: axsave_dist::transport::Sink =
-                        Arc::new(move |_from, file, offset, data| {
-                            files
-                                .write_at(file as usize, offset, data)
-                                .map_err(|e| e.to_string())
-                        });
+                    let sink = axsave_dist::transport::sink_fn(move |_from, file, offset, data| {
+                        files
+                            .write_at(file as usize, offset, data)
+                            .map_err(|e| e.to_string().into())
+                    });
                     match net {
                         Net::Tcp => {
                             let ip = self.publish_ip()?;

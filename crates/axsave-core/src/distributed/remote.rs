@@ -6,7 +6,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::AtomicBool;
 
-use axsave_dist::transport::{Receiver, Sender, Sink as NetSink, TcpOptions};
+use axsave_dist::transport::{SharedSink, TcpOptions, TcpReceiver, TcpSender};
 
 use crate::error::{CoreError, Result};
 use crate::execute::Sink;
@@ -40,7 +40,7 @@ impl Net {
 /// One worker's channel to one writer rank.
 pub enum RemoteSink {
     /// A TCP connection.
-    Tcp(Option<Sender>, usize),
+    Tcp(Option<TcpSender>, usize),
     /// An MPI stream.
     #[cfg(feature = "mpi")]
     Mpi(Option<axsave_dist::transport::mpi::MpiSender>, usize),
@@ -49,7 +49,7 @@ pub enum RemoteSink {
 impl RemoteSink {
     /// Connects to writer `peer` listening at `addr`.
     pub fn tcp(addr: SocketAddr, me: usize, peer: usize, opts: &TcpOptions) -> Result<Self> {
-        let sender = Sender::connect(addr, me, opts)
+        let sender = TcpSender::connect(addr, me, opts)
             .map_err(|e| CoreError::Remote(format!("cannot send to rank {peer} at {addr}: {e}")))?;
         Ok(RemoteSink::Tcp(Some(sender), peer))
     }
@@ -114,7 +114,7 @@ impl Sink for RemoteSink {
 /// A writer's receiving side.
 pub enum Incoming {
     /// TCP connections from readers.
-    Tcp(Receiver, Arc<AtomicBool>),
+    Tcp(TcpReceiver, Arc<AtomicBool>),
     /// MPI messages from readers.
     #[cfg(feature = "mpi")]
     Mpi(axsave_dist::transport::mpi::MpiReceiver, Arc<AtomicBool>),
@@ -123,7 +123,7 @@ pub enum Incoming {
 impl Incoming {
     /// Starts receiving over MPI into `sink`.
     #[cfg(feature = "mpi")]
-    pub fn mpi(t: &axsave_dist::transport::mpi::MpiTransport, sink: NetSink) -> Result<Self> {
+    pub fn mpi(t: &axsave_dist::transport::mpi::MpiTransport, sink: SharedSink) -> Result<Self> {
         let cancel = Arc::new(AtomicBool::new(false));
         let r = t
             .start_receiver(sink, cancel.clone())
@@ -133,7 +133,7 @@ impl Incoming {
 
     /// Starts a TCP receiver on `ip` (the address this rank publishes; every interface when it
     /// is not one of this host's, as an `AXSAVE_ADDR` behind NAT may be); returns it and its port.
-    pub fn tcp(opts: &TcpOptions, sink: NetSink, ip: std::net::IpAddr) -> Result<(Self, u16)> {
+    pub fn tcp(opts: &TcpOptions, sink: SharedSink, ip: std::net::IpAddr) -> Result<(Self, u16)> {
         let any = match ip {
             std::net::IpAddr::V4(_) => std::net::IpAddr::from([0, 0, 0, 0]),
             std::net::IpAddr::V6(_) => std::net::IpAddr::from([0u16; 8]),
@@ -143,7 +143,7 @@ impl Incoming {
         } else {
             any
         };
-        let mut r = Receiver::listen(SocketAddr::new(bind, 0), opts.clone())
+        let mut r = TcpReceiver::listen(SocketAddr::new(bind, 0), opts.clone())
             .map_err(|e| CoreError::Remote(format!("cannot listen for peers on {bind}: {e}")))?;
         let port = r.local_addr().port();
         let cancel = Arc::new(AtomicBool::new(false));

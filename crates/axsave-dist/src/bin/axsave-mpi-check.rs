@@ -30,11 +30,11 @@ use std::sync::{Arc, Mutex};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use axsave_dist::transport::Sink;
-use axsave_dist::transport::mpi::Threading;
-use axsave_dist::transport::mpi::{
+use axsave_dist::data_plane::mpi::Threading;
+use axsave_dist::data_plane::mpi::{
     DATA_TAG, END_TAG, MpiContext, MpiError, MpiOptions, MpiTransport,
 };
+use axsave_dist::data_plane::{SharedSink, sink_fn};
 
 type Res<T = ()> = Result<T, String>;
 
@@ -159,18 +159,18 @@ impl Files {
         })
     }
 
-    fn sink(files: &Arc<Files>) -> Sink {
+    fn sink(files: &Arc<Files>) -> SharedSink {
         let f = Arc::clone(files);
-        Arc::new(move |_from, file, offset, bytes| {
+        sink_fn(move |_from, file, offset, bytes| {
             let i = file as usize;
             let (Some(d), Some(h)) = (f.data.get(i), f.hits.get(i)) else {
-                return Err(format!("no file {file}"));
+                return Err(format!("no file {file}").into());
             };
             let mut d = d.lock().map_err(|e| e.to_string())?;
             let mut h = h.lock().map_err(|e| e.to_string())?;
             let o = offset as usize;
             if o + bytes.len() > d.len() {
-                return Err(format!("run past the end of file {file}"));
+                return Err(format!("run past the end of file {file}").into());
             }
             d[o..o + bytes.len()].copy_from_slice(bytes);
             for x in &mut h[o..o + bytes.len()] {
@@ -440,7 +440,7 @@ fn cancel(ctx: &MpiContext) -> Res {
         io_timeout: Duration::from_secs(io_secs),
         max_in_flight: 1,
     };
-    let null: Sink = Arc::new(|_, _, _, _| Ok(()));
+    let null: SharedSink = sink_fn(|_, _, _, _| Ok(()));
 
     // A: a cancelled wait returns Cancelled promptly.
     if me == 0 {
@@ -655,9 +655,9 @@ fn malformed(ctx: &MpiContext) -> Res {
         max_in_flight: 4,
     };
     let calls = Arc::new(AtomicUsize::new(0));
-    let counting: Sink = {
+    let counting: SharedSink = {
         let c = Arc::clone(&calls);
-        Arc::new(move |_, _, _, _| {
+        sink_fn(move |_, _, _, _| {
             c.fetch_add(1, Ordering::SeqCst);
             Ok(())
         })
@@ -753,9 +753,9 @@ fn sink_error(ctx: &MpiContext) -> Res {
     let total: u64 = 64 * 4096;
     if me == 0 {
         let calls = AtomicUsize::new(0);
-        let sink: Sink = Arc::new(move |_, _, offset, _| {
+        let sink: SharedSink = sink_fn(move |_, _, offset, _| {
             if calls.fetch_add(1, Ordering::SeqCst) == 5 {
-                Err(format!("disk full at {offset}"))
+                Err(format!("disk full at {offset}").into())
             } else {
                 Ok(())
             }
@@ -798,7 +798,7 @@ fn kill(ctx: &MpiContext) -> Res {
     let got = Arc::new(AtomicUsize::new(0));
     let rx = if me == 0 {
         let g = Arc::clone(&got);
-        let sink: Sink = Arc::new(move |_, _, _, b| {
+        let sink: SharedSink = sink_fn(move |_, _, _, b| {
             g.fetch_add(b.len(), Ordering::SeqCst);
             Ok(())
         });
@@ -851,7 +851,7 @@ fn throughput(ctx: &MpiContext, flags: &Flags) -> Res {
         let ring = 64 * MIB;
         let out = Arc::new(Mutex::new(vec![1u8; ring]));
         let o = Arc::clone(&out);
-        let sink: Sink = Arc::new(move |_, _, offset, b| {
+        let sink: SharedSink = sink_fn(move |_, _, offset, b| {
             let at = offset as usize % ring;
             let mut out = o.lock().map_err(|e| e.to_string())?;
             let n = b.len().min(ring - at);

@@ -20,10 +20,11 @@
 
 use std::io::{self, ErrorKind, Read, Write};
 use std::net::{SocketAddr, TcpStream, ToSocketAddrs};
-use std::thread;
 use std::time::{Duration, Instant};
 
 use thiserror::Error;
+
+use crate::net::{GaveUp, MIN_TIMEOUT, attempt_timeout, connect_with_backoff, is_timeout};
 
 use super::protocol::{
     self, CHECK_NOT_READY, CHECK_READY, Capped, Command, LIBUV_MAX_KEY_COUNT, LIBUV_MAX_KEY_LEN,
@@ -155,13 +156,8 @@ pub enum StoreError {
     },
 }
 
-/// First wait between connection attempts; doubles up to [`MAX_BACKOFF`].
-const FIRST_BACKOFF: Duration = Duration::from_millis(10);
+/// Longest wait between connection attempts.
 const MAX_BACKOFF: Duration = Duration::from_secs(1);
-/// Longest single `connect()` attempt, so one black-holed address does not eat the deadline.
-const MAX_ATTEMPT: Duration = Duration::from_secs(5);
-/// Shortest socket timeout (zero means "block forever" to the OS).
-const MIN_TIMEOUT: Duration = Duration::from_millis(1);
 
 /// A connection to a TCPStore server (ours or torch's).
 #[derive(Debug)]
@@ -598,19 +594,6 @@ impl StoreClient {
     }
 }
 
-/// `now + d`, saturating far in the future instead of overflowing on absurd durations.
-pub(crate) fn deadline_after(d: Duration) -> Instant {
-    let now = Instant::now();
-    now.checked_add(d)
-        .or_else(|| now.checked_add(Duration::from_secs(100 * 365 * 24 * 3600)))
-        .unwrap_or(now)
-}
-
-fn is_timeout(e: &io::Error) -> bool {
-    // SO_RCVTIMEO expiry reads as EAGAIN (WouldBlock) on Unix, TimedOut on Windows.
-    matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut)
-}
-
 fn keyed(req: Request, wire: &[String]) -> Request {
     wire.iter()
         .fold(req.u64(wire.len() as u64), |r, k| r.bytes(k.as_bytes()))
@@ -622,47 +605,45 @@ fn open(
     port: u16,
     options: &ClientOptions,
 ) -> Result<(TcpStream, SocketAddr), StoreError> {
-    let started = Instant::now();
-    let deadline = deadline_after(options.connect_timeout);
     let endpoint = if host.contains(':') {
         format!("[{host}]:{port}")
     } else {
         format!("{host}:{port}")
     };
-    let mut backoff = FIRST_BACKOFF;
-    let mut last_error = String::from("no attempt made");
-    loop {
+    connect_with_backoff(options.connect_timeout, MAX_BACKOFF, None, |deadline| {
         // Resolve on every round: the name may only become resolvable later (new nodes).
-        match (host, port).to_socket_addrs() {
-            Ok(addrs) => {
-                let addrs: Vec<SocketAddr> = addrs.collect();
-                if addrs.is_empty() {
-                    last_error = format!("{host} resolves to no address");
-                }
-                for addr in addrs {
-                    let left = deadline.saturating_duration_since(Instant::now());
-                    if left.is_zero() {
-                        break;
-                    }
-                    match try_connect(addr, left.min(MAX_ATTEMPT).max(MIN_TIMEOUT), options) {
-                        Ok(stream) => return Ok((stream, addr)),
-                        Err(e) => last_error = format!("{addr}: {e}"),
-                    }
-                }
+        let addrs: Vec<SocketAddr> = match (host, port).to_socket_addrs() {
+            Ok(addrs) => addrs.collect(),
+            Err(e) => return Err(format!("cannot resolve {host}: {e}")),
+        };
+        if addrs.is_empty() {
+            return Err(format!("{host} resolves to no address"));
+        }
+        let mut last_error = String::from("no attempt made before the deadline");
+        for addr in addrs {
+            if deadline <= Instant::now() {
+                break;
             }
-            Err(e) => last_error = format!("cannot resolve {host}: {e}"),
+            match try_connect(addr, attempt_timeout(deadline), options) {
+                Ok(stream) => return Ok((stream, addr)),
+                Err(e) => last_error = format!("{addr}: {e}"),
+            }
         }
-        let left = deadline.saturating_duration_since(Instant::now());
-        if left.is_zero() {
-            return Err(StoreError::ConnectTimeout {
-                endpoint,
-                waited: started.elapsed(),
-                last_error,
-            });
-        }
-        thread::sleep(backoff.min(left));
-        backoff = (backoff * 2).min(MAX_BACKOFF);
-    }
+        Err(last_error)
+    })
+    .map_err(|gave_up| match gave_up {
+        GaveUp::TimedOut { waited, last_error } => StoreError::ConnectTimeout {
+            endpoint,
+            waited,
+            last_error,
+        },
+        // Without a cancel flag it cannot be cancelled.
+        GaveUp::Cancelled => StoreError::ConnectTimeout {
+            endpoint,
+            waited: Duration::ZERO,
+            last_error: "cancelled".to_owned(),
+        },
+    })
 }
 
 fn try_connect(

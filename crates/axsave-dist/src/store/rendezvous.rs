@@ -10,7 +10,8 @@ use std::time::{Duration, Instant};
 
 use thiserror::Error;
 
-use super::client::{StoreClient, StoreError, deadline_after};
+use super::client::{StoreClient, StoreError};
+use crate::net::deadline_after;
 
 /// Key of the failure flag (under the client's namespace).
 pub const FAILURE_KEY: &str = "failure";

@@ -31,7 +31,7 @@
 //! reading cannot stall the server.
 
 use std::collections::HashMap;
-use std::io::{self, ErrorKind};
+use std::io;
 use std::net::{Ipv4Addr, Ipv6Addr, Shutdown, SocketAddr, TcpListener, TcpStream};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
@@ -39,6 +39,8 @@ use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
 use thiserror::Error;
+
+use crate::net;
 
 use super::protocol::{LIBUV_MAX_KEY_COUNT, LIBUV_MAX_KEY_LEN, LIBUV_MAX_VALUE_LEN};
 
@@ -117,8 +119,8 @@ pub enum ServerError {
     },
 }
 
-/// How often the accept loop looks for new connections and for shutdown when idle.
-const ACCEPT_POLL: Duration = Duration::from_millis(5);
+/// How often [`StoreServer::wait_for_disconnects`] looks at the connection count.
+const DISCONNECT_POLL: Duration = Duration::from_millis(5);
 /// Stack of a connection thread: the handler is shallow and buffers live on the heap.
 const CONN_STACK: usize = 256 * 1024;
 
@@ -188,7 +190,7 @@ impl StoreServer {
             if Instant::now() >= deadline {
                 return false;
             }
-            thread::sleep(ACCEPT_POLL);
+            thread::sleep(DISCONNECT_POLL);
         }
     }
 
@@ -270,45 +272,17 @@ impl Shared {
 }
 
 fn accept_loop(listeners: Vec<TcpListener>, shared: Arc<Shared>) {
-    let mut handles: Vec<JoinHandle<()>> = Vec::new();
-    while !shared.stopping.load(Ordering::SeqCst) {
-        let mut accepted = false;
-        for l in &listeners {
-            loop {
-                match l.accept() {
-                    Ok((stream, peer)) => {
-                        accepted = true;
-                        if let Some(h) = start_connection(stream, peer, &shared) {
-                            handles.push(h);
-                        }
-                    }
-                    Err(e) if e.kind() == ErrorKind::WouldBlock => break,
-                    Err(e) if e.kind() == ErrorKind::Interrupted => continue,
-                    Err(e) => {
-                        // E.g. EMFILE, or a connection reset before accept: try again later.
-                        tracing::debug!(error = %e, "store accept failed");
-                        break;
-                    }
-                }
+    net::accept_loop(
+        listeners,
+        &shared.stopping,
+        "store",
+        |stream, peer| start_connection(stream, peer, &shared),
+        || {
+            for stream in shared.conns().values() {
+                let _ = stream.shutdown(Shutdown::Both);
             }
-        }
-        // Reap finished connection threads so the list does not grow with every connection.
-        let (done, live): (Vec<_>, Vec<_>) = handles.into_iter().partition(|h| h.is_finished());
-        for h in done {
-            let _ = h.join();
-        }
-        handles = live;
-        if !accepted {
-            thread::sleep(ACCEPT_POLL);
-        }
-    }
-    drop(listeners);
-    for stream in shared.conns().values() {
-        let _ = stream.shutdown(Shutdown::Both);
-    }
-    for h in handles {
-        let _ = h.join();
-    }
+        },
+    );
 }
 
 fn start_connection(

@@ -6,14 +6,12 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError, mpsc};
 use std::time::{Duration, Instant};
 
-use super::progress::{Command, CtxShared, Outgoing, Receiving};
+use super::error::MpiError;
+use super::options::MpiOptions;
 use super::receiver::{MpiReceiver, RecvShared};
+use super::shared::{Command, CtxShared, Outgoing, POLL, Receiving, SendCompletions};
 use super::wire::{self, DATA_TAG, END_TAG, Framer};
-use super::{MpiError, MpiOptions};
-use crate::transport::Sink;
-
-/// Longest a blocked call sleeps before it looks at the cancel flag and the deadline again.
-pub(crate) const POLL: Duration = Duration::from_millis(20);
+use crate::data_plane::SharedSink;
 
 /// A handle on the MPI data plane of one transfer, from
 /// [`MpiContext::transport`](super::MpiContext::transport). Cheap to clone, `Send` and `Sync`: each worker thread
@@ -114,7 +112,7 @@ impl MpiTransport {
     /// [`MpiError::Cancelled`] and stops the sink calls.
     pub fn start_receiver(
         &self,
-        sink: Sink,
+        sink: SharedSink,
         cancel: Arc<AtomicBool>,
     ) -> Result<MpiReceiver, MpiError> {
         let ctx = &self.inner.ctx;
@@ -239,10 +237,12 @@ impl SendShared {
             pool.push(buf);
         }
     }
+}
 
+impl SendCompletions for SendShared {
     /// Called by the progress thread when a send of `stream` completed (with its buffer) or
     /// failed.
-    pub(crate) fn completed(&self, stream: u64, result: Result<Option<Vec<u8>>, MpiError>) {
+    fn completed(&self, stream: u64, result: Result<Option<Vec<u8>>, MpiError>) {
         let buf = {
             let mut book = self.book();
             book.free += 1;
@@ -420,7 +420,7 @@ impl MpiSender {
             tag,
             buf: message,
             stream: self.stream,
-            book: Arc::clone(send),
+            book: Arc::clone(send) as Arc<dyn SendCompletions>,
         }));
         if let Err(e) = sent {
             // Never reached MPI: give the slot back.

@@ -3,7 +3,6 @@
 use std::collections::{BTreeMap, HashMap};
 use std::io::{self, ErrorKind, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
-use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
 use std::thread::{self, JoinHandle};
@@ -14,37 +13,29 @@ use super::wire::{
     self, END_LEN, END_MAGIC, FRAME_HEADER_LEN, FRAME_MAGIC, FrameHeader, HELLO_LEN, Hello,
 };
 use super::{ReceiveStats, TcpOptions, TransportError};
-use crate::store::client::deadline_after;
-use crate::transport::clock::ProgressClock;
+use crate::data_plane::clock::ProgressClock;
+use crate::data_plane::sink::{SharedSink, deliver};
+use crate::net::deadline_after;
 
-/// Where received runs go: `sink(sender_rank, file, offset, bytes)`, typically a positioned
-/// write into a preallocated output file. Called from several connection threads at once,
-/// in arrival order within one connection. An `Err` (or a panic) fails the transfer: the
-/// receiver reports it from [`Receiver::wait`] and to the sender in place of its
-/// acknowledgement.
-pub type Sink = Arc<dyn Fn(usize, u32, u64, &[u8]) -> Result<(), String> + Send + Sync>;
-
-/// How often the accept loop looks for new connections and for shutdown when idle.
-const ACCEPT_POLL: Duration = Duration::from_millis(5);
 /// Most simultaneous connections; further ones are closed at once. A run needs one per
 /// sending worker thread per peer; this only stops a flood of strays from spawning threads
 /// without end.
 const MAX_CONNECTIONS: usize = 4096;
 
 /// The receiving side of the transport, one per writer rank. Dropping it shuts it down.
-pub struct Receiver {
+pub struct TcpReceiver {
     addr: SocketAddr,
     options: TcpOptions,
-    /// Until [`Receiver::start`] takes it.
+    /// Until [`TcpReceiver::start`] takes it.
     listener: Option<TcpListener>,
-    /// From [`Receiver::start`] on.
+    /// From [`TcpReceiver::start`] on.
     shared: Option<Arc<Shared>>,
     accept: Option<JoinHandle<()>>,
 }
 
-impl std::fmt::Debug for Receiver {
+impl std::fmt::Debug for TcpReceiver {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Receiver")
+        f.debug_struct("TcpReceiver")
             .field("addr", &self.addr)
             .field("options", &self.options)
             .field("started", &self.shared.is_some())
@@ -52,11 +43,11 @@ impl std::fmt::Debug for Receiver {
     }
 }
 
-impl Receiver {
+impl TcpReceiver {
     /// Listens on `bind` (port 0 picks a free port). Connections queue in the kernel until
-    /// [`Receiver::start`]; publish [`Receiver::local_addr`] (with a routable host when
+    /// [`TcpReceiver::start`]; publish [`TcpReceiver::local_addr`] (with a routable host when
     /// `bind` is a wildcard address) for the senders.
-    pub fn listen(bind: SocketAddr, options: TcpOptions) -> Result<Receiver, TransportError> {
+    pub fn listen(bind: SocketAddr, options: TcpOptions) -> Result<TcpReceiver, TransportError> {
         options.validate()?;
         let err = |e: io::Error| TransportError::Bind {
             addr: bind,
@@ -66,7 +57,7 @@ impl Receiver {
         // Polled, so the accept thread can notice shutdown without a wake-up connection.
         listener.set_nonblocking(true).map_err(err)?;
         let addr = listener.local_addr().map_err(err)?;
-        Ok(Receiver {
+        Ok(TcpReceiver {
             addr,
             options,
             listener: Some(listener),
@@ -82,8 +73,12 @@ impl Receiver {
 
     /// Starts serving in background threads (one per accepted connection) and returns. Each
     /// received run goes to `sink`. Setting `cancel` makes every connection close and
-    /// [`Receiver::wait`] return [`TransportError::Cancelled`].
-    pub fn start(&mut self, sink: Sink, cancel: Arc<AtomicBool>) -> Result<(), TransportError> {
+    /// [`TcpReceiver::wait`] return [`TransportError::Cancelled`].
+    pub fn start(
+        &mut self,
+        sink: SharedSink,
+        cancel: Arc<AtomicBool>,
+    ) -> Result<(), TransportError> {
         let listener = self.listener.take().ok_or(TransportError::AlreadyStarted)?;
         let shared = Arc::new(Shared {
             options: self.options.clone(),
@@ -119,7 +114,7 @@ impl Receiver {
     /// connection open. May be called again; it returns the same error.
     ///
     /// A sender that has nothing for this receiver should not connect: a connection that
-    /// arrives after `wait` returned is served only until [`Receiver::shutdown`].
+    /// arrives after `wait` returned is served only until [`TcpReceiver::shutdown`].
     pub fn wait(&self, expected_bytes: u64) -> Result<ReceiveStats, TransportError> {
         let shared = self.shared.as_ref().ok_or(TransportError::NotStarted)?;
         let mut st = shared.state();
@@ -165,7 +160,7 @@ impl Receiver {
         }
     }
 
-    /// What has been received so far (all zero before [`Receiver::start`]).
+    /// What has been received so far (all zero before [`TcpReceiver::start`]).
     pub fn stats(&self) -> ReceiveStats {
         self.shared
             .as_ref()
@@ -189,16 +184,16 @@ impl Receiver {
     }
 }
 
-impl Drop for Receiver {
+impl Drop for TcpReceiver {
     fn drop(&mut self) {
         self.stop();
     }
 }
 
-/// Bookkeeping shared by [`Receiver::wait`] and the connection threads.
+/// Bookkeeping shared by [`TcpReceiver::wait`] and the connection threads.
 #[derive(Debug, Default)]
 struct State {
-    /// Set by [`Receiver::wait`]; from then on frames that would exceed it are refused before
+    /// Set by [`TcpReceiver::wait`]; from then on frames that would exceed it are refused before
     /// they reach the sink.
     expected: Option<u64>,
     /// Bytes of frames that passed the checks and are being or have been handed to the sink.
@@ -228,7 +223,7 @@ impl State {
 struct Shared {
     options: TcpOptions,
     poll: Duration,
-    sink: Sink,
+    sink: SharedSink,
     cancel: Arc<AtomicBool>,
     stopping: AtomicBool,
     /// When a byte last arrived on any connection.
@@ -263,7 +258,7 @@ impl Shared {
         self.progress.idle_for()
     }
 
-    /// Records the first failure and wakes [`Receiver::wait`].
+    /// Records the first failure and wakes [`TcpReceiver::wait`].
     fn fail(&self, e: TransportError) {
         let mut st = self.state();
         if st.error.is_none() {
@@ -275,43 +270,17 @@ impl Shared {
 }
 
 fn accept_loop(listener: TcpListener, shared: Arc<Shared>) {
-    let mut handles: Vec<JoinHandle<()>> = Vec::new();
-    while !shared.stopping.load(Ordering::SeqCst) {
-        let mut accepted = false;
-        loop {
-            match listener.accept() {
-                Ok((stream, peer)) => {
-                    accepted = true;
-                    if let Some(h) = start_connection(stream, peer, &shared) {
-                        handles.push(h);
-                    }
-                }
-                Err(e) if e.kind() == ErrorKind::WouldBlock => break,
-                Err(e) if e.kind() == ErrorKind::Interrupted => continue,
-                Err(e) => {
-                    // E.g. EMFILE, or a connection reset before accept: try again later.
-                    tracing::debug!(error = %e, "transport accept failed");
-                    break;
-                }
+    crate::net::accept_loop(
+        vec![listener],
+        &shared.stopping,
+        "transport",
+        |stream, peer| start_connection(stream, peer, &shared),
+        || {
+            for stream in shared.conns().values() {
+                let _ = stream.shutdown(Shutdown::Both);
             }
-        }
-        // Reap finished connection threads so the list does not grow with every connection.
-        let (done, live): (Vec<_>, Vec<_>) = handles.into_iter().partition(|h| h.is_finished());
-        for h in done {
-            let _ = h.join();
-        }
-        handles = live;
-        if !accepted {
-            thread::sleep(ACCEPT_POLL);
-        }
-    }
-    drop(listener);
-    for stream in shared.conns().values() {
-        let _ = stream.shutdown(Shutdown::Both);
-    }
-    for h in handles {
-        let _ = h.join();
-    }
+        },
+    );
 }
 
 fn start_connection(
@@ -544,11 +513,7 @@ impl Conn<'_> {
         for &(offset, len) in &bufs.runs {
             let data = &bufs.payload[at..at + len as usize];
             at += len as usize;
-            let sink = &self.shared.sink;
-            let result = catch_unwind(AssertUnwindSafe(|| {
-                sink(self.rank, header.file, offset, data)
-            }))
-            .unwrap_or_else(|panic| Err(panic_message(&*panic)));
+            let result = deliver(&*self.shared.sink, self.rank, header.file, offset, data);
             if let Err(message) = result {
                 return Err(Stop::Failed {
                     error: TransportError::Sink {
@@ -739,13 +704,4 @@ fn read_full(
         }
     }
     Ok(())
-}
-
-fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
-    let what = panic
-        .downcast_ref::<&str>()
-        .copied()
-        .or_else(|| panic.downcast_ref::<String>().map(String::as_str))
-        .unwrap_or("a non-string panic");
-    format!("the sink panicked: {what}")
 }

@@ -15,8 +15,9 @@ use mpi::environment::Universe;
 use mpi::topology::SimpleCommunicator;
 use mpi::traits::{AsRaw, Communicator};
 
-use super::context::MIN_THREAD_LEVEL;
-use super::{MpiError, result, sys};
+use super::error::MpiError;
+use super::threading::MIN_THREAD_LEVEL;
+use super::{result, sys};
 
 /// Makes a type `!Send` and `!Sync` whatever the MPI handle types are (pointers in Open MPI,
 /// integers in MPICH): MPI state must stay on the progress thread.

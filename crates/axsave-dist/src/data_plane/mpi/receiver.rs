@@ -1,31 +1,22 @@
 //! The receiving side: [`MpiReceiver`], its sink thread, and the accounting of streams.
 
 use std::collections::{BTreeMap, HashMap};
-use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError, mpsc};
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
-use super::progress::{Command, CtxShared};
-use super::sender::POLL;
+use super::error::MpiError;
+use super::options::MpiOptions;
+use super::shared::{Command, CtxShared, Delivery, POLL, ReceiveSlots};
 use super::wire::{self, DATA_TAG, Decoded, END_TAG, End};
-use super::{MpiError, MpiOptions};
-use crate::transport::clock::ProgressClock;
-use crate::transport::{ReceiveStats, Sink};
+use crate::data_plane::ReceiveStats;
+use crate::data_plane::clock::ProgressClock;
+use crate::data_plane::sink::{SharedSink, deliver};
 
 /// How long stopping a receiver waits for the progress thread to confirm that no more
 /// messages will be delivered; it answers within one loop iteration unless it is gone.
 const STOP_WAIT: Duration = Duration::from_secs(10);
-
-/// A received message on its way from the progress thread to the sink thread.
-pub(crate) struct Delivery {
-    pub from: usize,
-    pub tag: i32,
-    /// Holds the message in its first `len` bytes.
-    pub buf: Vec<u8>,
-    pub len: usize,
-}
 
 /// The receiving side of the transport on a writer rank
 /// ([`MpiTransport::start_receiver`](super::MpiTransport::start_receiver)). Dropping it
@@ -155,7 +146,7 @@ impl Drop for MpiReceiver {
 /// Shared by the receiver, its sink thread, and the progress thread.
 pub(crate) struct RecvShared {
     pub options: MpiOptions,
-    sink: Sink,
+    sink: SharedSink,
     cancel: Arc<AtomicBool>,
     stopping: AtomicBool,
     /// Messages being received or waiting for the sink.
@@ -169,7 +160,7 @@ pub(crate) struct RecvShared {
 }
 
 impl RecvShared {
-    pub fn new(options: MpiOptions, sink: Sink, cancel: Arc<AtomicBool>) -> RecvShared {
+    pub fn new(options: MpiOptions, sink: SharedSink, cancel: Arc<AtomicBool>) -> RecvShared {
         RecvShared {
             options,
             sink,
@@ -188,27 +179,6 @@ impl RecvShared {
         self.state.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    /// Whether the progress thread may start receiving one more message.
-    pub fn has_room(&self) -> bool {
-        self.in_use.load(Ordering::SeqCst) < self.options.max_in_flight
-    }
-
-    pub fn claim_slot(&self) {
-        self.in_use.fetch_add(1, Ordering::SeqCst);
-    }
-
-    pub fn release(&self) {
-        self.in_use.fetch_sub(1, Ordering::SeqCst);
-    }
-
-    pub fn take_buf(&self) -> Vec<u8> {
-        self.pool
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .pop()
-            .unwrap_or_default()
-    }
-
     fn recycle(&self, buf: Vec<u8>) {
         let mut pool = self.pool.lock().unwrap_or_else(PoisonError::into_inner);
         if pool.len() < self.options.max_in_flight {
@@ -216,16 +186,43 @@ impl RecvShared {
         }
     }
 
-    pub fn touch(&self) {
-        self.progress.touch();
-    }
-
     fn idle_for(&self) -> Duration {
         self.progress.idle_for()
     }
+}
+
+impl ReceiveSlots for RecvShared {
+    fn frame_bytes(&self) -> usize {
+        self.options.frame_bytes
+    }
+
+    /// Whether the progress thread may start receiving one more message.
+    fn has_room(&self) -> bool {
+        self.in_use.load(Ordering::SeqCst) < self.options.max_in_flight
+    }
+
+    fn claim_slot(&self) {
+        self.in_use.fetch_add(1, Ordering::SeqCst);
+    }
+
+    fn release(&self) {
+        self.in_use.fetch_sub(1, Ordering::SeqCst);
+    }
+
+    fn take_buf(&self) -> Vec<u8> {
+        self.pool
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .pop()
+            .unwrap_or_default()
+    }
+
+    fn touch(&self) {
+        self.progress.touch();
+    }
 
     /// Records the first failure and wakes [`MpiReceiver::wait`].
-    pub fn fail(&self, e: MpiError) {
+    fn fail(&self, e: MpiError) {
         let mut st = self.state();
         if st.error.is_none() {
             tracing::debug!(error = %e, "MPI receiver failed");
@@ -417,9 +414,7 @@ fn handle(shared: &RecvShared, d: &Delivery, runs: &mut Vec<(u64, u32)>) -> Resu
             for &(offset, len) in runs.iter() {
                 let data = &v.payload[at..at + len as usize];
                 at += len as usize;
-                let sink = &shared.sink;
-                let result = catch_unwind(AssertUnwindSafe(|| sink(d.from, v.file, offset, data)))
-                    .unwrap_or_else(|panic| Err(panic_message(&*panic)));
+                let result = deliver(&*shared.sink, d.from, v.file, offset, data);
                 if let Err(message) = result {
                     return Err(MpiError::Sink {
                         rank: d.from,
@@ -442,15 +437,6 @@ fn handle(shared: &RecvShared, d: &Delivery, runs: &mut Vec<(u64, u32)>) -> Resu
         // The progress thread only receives messages with our tags.
         tag => Err(malformed(format!("a message with unknown tag {tag}"))),
     }
-}
-
-fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
-    let what = panic
-        .downcast_ref::<&str>()
-        .copied()
-        .or_else(|| panic.downcast_ref::<String>().map(String::as_str))
-        .unwrap_or("a non-string panic");
-    format!("the sink panicked: {what}")
 }
 
 #[cfg(test)]

@@ -2,16 +2,17 @@
 
 use std::collections::VecDeque;
 use std::panic::{AssertUnwindSafe, catch_unwind};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, mpsc};
 use std::time::{Duration, Instant};
 
 use mpi::Threading;
 
-use super::MpiError;
-use super::receiver::{Delivery, RecvShared};
+use super::error::MpiError;
 use super::safe::{Mpi, Pending};
-use super::sender::SendShared;
+use super::shared::{
+    Collective, CollectiveOp, Command, Delivery, Info, ReceiveSlots, SendCompletions,
+};
 use super::wire::{self, MAX_BROADCAST_BYTES, REFUSED};
 
 /// Shortest and longest nap of an idle progress loop. Incoming messages cannot wake the
@@ -20,111 +21,11 @@ use super::wire::{self, MAX_BROADCAST_BYTES, REFUSED};
 const MIN_NAP: Duration = Duration::from_micros(20);
 const MAX_NAP: Duration = Duration::from_millis(1);
 
-/// What the rest of the process learns from the progress thread once MPI is up.
-pub(crate) struct Info {
-    pub rank: usize,
-    pub size: usize,
-    pub processor_name: String,
-    pub threading: Threading,
-}
-
-/// State shared by the context, its transports and the progress thread.
-pub(crate) struct CtxShared {
-    pub rank: usize,
-    pub size: usize,
-    commands: mpsc::Sender<Command>,
-    /// Set when the progress thread has left its loop (shut down, or failed).
-    pub gone: Arc<AtomicBool>,
-    /// Whether a receiver is registered (one at a time).
-    pub receiving: AtomicBool,
-    /// Source of stream ids, unique within this process.
-    pub next_stream: AtomicU64,
-}
-
-impl CtxShared {
-    pub fn new(info: &Info, commands: mpsc::Sender<Command>, gone: Arc<AtomicBool>) -> CtxShared {
-        CtxShared {
-            rank: info.rank,
-            size: info.size,
-            commands,
-            gone,
-            receiving: AtomicBool::new(false),
-            next_stream: AtomicU64::new(1),
-        }
-    }
-
-    pub fn is_gone(&self) -> bool {
-        self.gone.load(Ordering::SeqCst)
-    }
-
-    /// Hands a command to the progress thread.
-    pub fn send(&self, c: Command) -> Result<(), MpiError> {
-        if self.is_gone() {
-            return Err(MpiError::Gone);
-        }
-        self.commands.send(c).map_err(|_| MpiError::Gone)
-    }
-
-    /// Checks a rank argument.
-    pub fn check_rank(&self, rank: usize, what: &str) -> Result<(), MpiError> {
-        if rank >= self.size {
-            return Err(MpiError::InvalidArgument {
-                detail: format!("{what} {rank} is not in a world of {}", self.size),
-            });
-        }
-        Ok(())
-    }
-}
-
-/// A request to the progress thread.
-pub(crate) enum Command {
-    /// Start sending a message (its slot is already taken).
-    Send(Outgoing),
-    /// Queue a collective.
-    Collective(Collective),
-    /// Start probing and receiving for this receiver.
-    StartReceiving(Receiving),
-    /// Stop receiving; answer on the channel once no more deliveries will be made.
-    StopReceiving(mpsc::Sender<()>),
-    /// `MPI_Abort` with this code.
-    Abort(i32),
-    /// Finish what is in flight (for at most the grace period), then finalize.
-    Shutdown(Duration),
-}
-
-/// A message for `MPI_Isend` and who to tell when it completed.
-pub(crate) struct Outgoing {
-    pub dest: usize,
-    pub tag: i32,
-    pub buf: Vec<u8>,
-    pub stream: u64,
-    pub book: Arc<SendShared>,
-}
-
-/// A collective and where its answer goes.
-pub(crate) struct Collective {
-    pub op: CollectiveOp,
-    pub timeout: Duration,
-    pub reply: mpsc::Sender<Result<Vec<u8>, MpiError>>,
-}
-
-/// Which collective.
-pub(crate) enum CollectiveOp {
-    Barrier,
-    Broadcast { root: usize, value: Option<Vec<u8>> },
-}
-
-/// A registered receiver: where its messages go.
-pub(crate) struct Receiving {
-    pub shared: Arc<RecvShared>,
-    pub deliveries: mpsc::Sender<Delivery>,
-}
-
 /// A send in flight.
 struct SendInFlight {
     pending: Pending,
     stream: u64,
-    book: Arc<SendShared>,
+    book: Arc<dyn SendCompletions>,
 }
 
 /// A receive in flight, kept in probe order.
@@ -138,7 +39,7 @@ struct RecvInFlight {
 
 /// The receiver being served.
 struct Serving {
-    shared: Arc<RecvShared>,
+    shared: Arc<dyn ReceiveSlots>,
     deliveries: mpsc::Sender<Delivery>,
     pending: VecDeque<RecvInFlight>,
 }
@@ -465,9 +366,7 @@ impl Progress {
                 Ok(Some(m)) => {
                     any = true;
                     s.shared.touch();
-                    if let Err(detail) =
-                        wire::check_probed(m.tag, m.len, s.shared.options.frame_bytes)
-                    {
+                    if let Err(detail) = wire::check_probed(m.tag, m.len, s.shared.frame_bytes()) {
                         // Left unreceived: its length is not to be trusted with an
                         // allocation. The receiver has failed; its sender finds out through
                         // the run's failure handling.

@@ -4,30 +4,27 @@ use std::io::{self, ErrorKind, IoSlice, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpStream};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::thread;
 use std::time::{Duration, Instant};
 
 use super::net::{self, is_disconnect, is_timeout, poll_interval};
 use super::wire::{self, Hello, MAX_RUNS_PER_FRAME, PROTOCOL_VERSION, REPLY_HEADER_LEN, REPLY_OK};
 use super::{TcpOptions, TransportError};
+use crate::net::{GaveUp, attempt_timeout, connect_with_backoff};
 
-/// First wait between connection attempts; doubles up to [`MAX_BACKOFF`].
-const FIRST_BACKOFF: Duration = Duration::from_millis(10);
+/// Longest wait between connection attempts.
 const MAX_BACKOFF: Duration = Duration::from_millis(250);
-/// Longest single `connect()` attempt, so one black-holed attempt does not eat the deadline.
-const MAX_ATTEMPT: Duration = Duration::from_secs(5);
 /// How long to look for the receiver's reason after it broke the connection: it is either in
 /// our receive buffer already or lost.
 const LAST_WORDS: Duration = Duration::from_millis(500);
 
-/// One connection from this rank to one writer rank's [`Receiver`](super::Receiver). Several
+/// One connection from this rank to one writer rank's [`TcpReceiver`](super::TcpReceiver). Several
 /// may exist per pair of ranks (one per worker thread).
 ///
-/// Not delivered until [`Sender::finish`] returns `Ok`. Dropping a sender without finishing
+/// Not delivered until [`TcpSender::finish`] returns `Ok`. Dropping a sender without finishing
 /// closes the connection, which the receiver reports as this rank having died. After any
 /// error the sender is broken and every later call returns the same error.
 #[derive(Debug)]
-pub struct Sender {
+pub struct TcpSender {
     link: Link,
     frame: Frame,
     /// Payload bytes written to the socket.
@@ -54,7 +51,7 @@ struct Frame {
     head: Vec<u8>,
 }
 
-impl Sender {
+impl TcpSender {
     /// Connects to the receiver at `addr` as `my_rank`, retrying until
     /// [`TcpOptions::io_timeout`] (a receiver publishes its address only after listening, so
     /// retries only cover a slow start), and exchanges the hello.
@@ -62,18 +59,18 @@ impl Sender {
         addr: SocketAddr,
         my_rank: usize,
         options: &TcpOptions,
-    ) -> Result<Sender, TransportError> {
+    ) -> Result<TcpSender, TransportError> {
         Self::connect_with_cancel(addr, my_rank, options, None)
     }
 
-    /// [`Sender::connect`], with a flag that, once set, makes this sender's calls (this one
+    /// [`TcpSender::connect`], with a flag that, once set, makes this sender's calls (this one
     /// included) return [`TransportError::Cancelled`] within a fraction of a second.
     pub fn connect_with_cancel(
         addr: SocketAddr,
         my_rank: usize,
         options: &TcpOptions,
         cancel: Option<Arc<AtomicBool>>,
-    ) -> Result<Sender, TransportError> {
+    ) -> Result<TcpSender, TransportError> {
         options.validate()?;
         let poll = poll_interval(options.io_timeout);
         let stream = open(addr, options.io_timeout, cancel.as_deref())?;
@@ -108,7 +105,7 @@ impl Sender {
             }
             Err(e) => return Err(e),
         }
-        Ok(Sender {
+        Ok(TcpSender {
             link,
             frame: Frame {
                 file: 0,
@@ -479,27 +476,15 @@ fn open(
     timeout: Duration,
     cancel: Option<&AtomicBool>,
 ) -> Result<TcpStream, TransportError> {
-    let started = Instant::now();
-    let mut backoff = FIRST_BACKOFF;
-    loop {
-        if cancel.is_some_and(|c| c.load(Ordering::SeqCst)) {
-            return Err(TransportError::Cancelled);
-        }
-        let left = timeout.saturating_sub(started.elapsed());
-        let attempt = left.min(MAX_ATTEMPT).max(net::MIN_TIMEOUT);
-        let last_error = match TcpStream::connect_timeout(&addr, attempt) {
-            Ok(s) => return Ok(s),
-            Err(e) => e.to_string(),
-        };
-        let left = timeout.saturating_sub(started.elapsed());
-        if left.is_zero() {
-            return Err(TransportError::Connect {
-                addr,
-                waited: started.elapsed(),
-                last_error,
-            });
-        }
-        thread::sleep(backoff.min(left));
-        backoff = (backoff * 2).min(MAX_BACKOFF);
-    }
+    connect_with_backoff(timeout, MAX_BACKOFF, cancel, |deadline| {
+        TcpStream::connect_timeout(&addr, attempt_timeout(deadline)).map_err(|e| e.to_string())
+    })
+    .map_err(|gave_up| match gave_up {
+        GaveUp::Cancelled => TransportError::Cancelled,
+        GaveUp::TimedOut { waited, last_error } => TransportError::Connect {
+            addr,
+            waited,
+            last_error,
+        },
+    })
 }

@@ -1,16 +1,11 @@
 //! Byte layout of the transport's messages (described in the [module documentation](super)),
 //! and the checks on everything read from the wire.
 
-pub(crate) use crate::transport::runs::{RUN_ENTRY_LEN, decode_run_table, u32_at, u64_at};
+pub(crate) use crate::data_plane::limits::MAX_RUNS_PER_FRAME;
+pub(crate) use crate::data_plane::runs::{RUN_ENTRY_LEN, decode_run_table, u32_at, u64_at};
 
 /// Version in the hello; a receiver rejects any other.
 pub const PROTOCOL_VERSION: u32 = 2;
-/// Most runs in one frame. Bounds the run table (12 bytes a run) independently of the
-/// payload, which matters when runs are tiny.
-pub const MAX_RUNS_PER_FRAME: usize = 64 * 1024;
-/// Largest [`TcpOptions::frame_bytes`](super::TcpOptions::frame_bytes) allowed, so a frame
-/// length always fits a run length (`u32`) and memory stays sane.
-pub const MAX_FRAME_BYTES: usize = 1 << 30;
 
 pub(crate) const HELLO_MAGIC: [u8; 8] = *b"AXSVTCP\0";
 pub(crate) const HELLO_LEN: usize = 72;

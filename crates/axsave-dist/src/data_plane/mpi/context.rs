@@ -7,14 +7,13 @@ use std::time::{Duration, Instant};
 
 use mpi::Threading;
 
-use super::progress::{self, Collective, CollectiveOp, Command, CtxShared};
+use super::error::MpiError;
+use super::options::MpiOptions;
+use super::progress;
+use super::result;
 use super::sender::MpiTransport;
-use super::{MpiError, MpiOptions, result};
-
-/// The least thread support accepted from the MPI library. Only the progress thread calls
-/// MPI, so even `Funneled` would do in principle; `Serialized` is required so that MPI makes
-/// no assumption about which thread that is.
-pub const MIN_THREAD_LEVEL: Threading = Threading::Serialized;
+use super::shared::{Collective, CollectiveOp, Command, CtxShared};
+use super::threading::MIN_THREAD_LEVEL;
 
 /// Whether [`MpiContext::init`] was called in this process.
 static INITIALIZED: AtomicBool = AtomicBool::new(false);

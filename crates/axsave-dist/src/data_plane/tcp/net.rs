@@ -1,11 +1,10 @@
 //! Socket helpers shared by both sides.
 
-use std::io::{self, ErrorKind};
+use std::io;
 use std::net::TcpStream;
 use std::time::Duration;
 
-/// Shortest socket timeout (zero means "block forever" to the OS) and shortest `io_timeout`.
-pub(crate) const MIN_TIMEOUT: Duration = Duration::from_millis(1);
+pub(crate) use crate::net::{MIN_TIMEOUT, is_disconnect, is_timeout};
 
 /// Longest a blocked socket call waits before the loop around it looks at the cancel flag
 /// and the progress deadline again.
@@ -25,22 +24,4 @@ pub(crate) fn configure(stream: &TcpStream, poll: Duration) -> io::Result<()> {
     stream.set_read_timeout(Some(poll))?;
     stream.set_write_timeout(Some(poll))?;
     Ok(())
-}
-
-/// A socket timeout expired (`SO_RCVTIMEO`/`SO_SNDTIMEO` read as `EAGAIN` on Unix, `TimedOut`
-/// on Windows).
-pub(crate) fn is_timeout(e: &io::Error) -> bool {
-    matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut)
-}
-
-/// The peer is gone (closed, reset, or our side was shut down).
-pub(crate) fn is_disconnect(e: &io::Error) -> bool {
-    matches!(
-        e.kind(),
-        ErrorKind::UnexpectedEof
-            | ErrorKind::ConnectionReset
-            | ErrorKind::ConnectionAborted
-            | ErrorKind::BrokenPipe
-            | ErrorKind::NotConnected
-    )
 }

@@ -121,279 +121,34 @@
 //! dead process and kills the whole job. [`MpiContext::abort`] is how a rank that cannot
 //! recover takes the job down itself.
 
-use std::io;
-use std::sync::Arc;
-use std::time::Duration;
-
-use thiserror::Error;
-
 mod context;
+mod error;
+mod options;
 mod progress;
 mod receiver;
 mod result;
 mod safe;
 mod sender;
+mod shared;
 mod sys;
+mod threading;
 mod wire;
 
-pub use super::tcp::{MAX_FRAME_BYTES, MAX_RUNS_PER_FRAME};
-pub use context::{MIN_THREAD_LEVEL, MpiContext};
+pub use super::limits::{MAX_FRAME_BYTES, MAX_RUNS_PER_FRAME};
+pub use context::MpiContext;
+pub use error::MpiError;
 /// MPI thread support levels (rsmpi's), for [`MpiContext::init_with_thread_level`].
 pub use mpi::Threading;
+pub use options::{MAX_IN_FLIGHT, MpiOptions};
 pub use receiver::MpiReceiver;
 pub use sender::{MpiSender, MpiTransport};
+pub use threading::MIN_THREAD_LEVEL;
 pub use wire::{DATA_TAG, END_TAG, MAX_BROADCAST_BYTES, MPI_PROTOCOL_VERSION};
-
-/// Largest [`MpiOptions::max_in_flight`].
-pub const MAX_IN_FLIGHT: usize = 4096;
-
-/// Options of one transfer, identical on every rank of a run.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct MpiOptions {
-    /// A token every rank of one run shares. Messages of another session (left over from an
-    /// earlier transfer on the same communicator) are dropped and counted, never written.
-    pub session: u64,
-    /// Largest frame payload a sender buffers before sending, and the largest a receiver
-    /// accepts; 1 ..= [`MAX_FRAME_BYTES`].
-    pub frame_bytes: usize,
-    /// No progress for this long while waiting is an error instead of a hang.
-    pub io_timeout: Duration,
-    /// Most frames the transport (all clones of one [`MpiTransport`]) has queued for or
-    /// inside `MPI_Isend` at once, and most messages its receiver has being received or
-    /// waiting for the sink; 1 ..= [`MAX_IN_FLIGHT`].
-    /// Memory is about `2 × max_in_flight × frame_bytes`, plus a frame per live sender.
-    pub max_in_flight: usize,
-}
-
-impl Default for MpiOptions {
-    fn default() -> Self {
-        MpiOptions {
-            session: 0,
-            frame_bytes: 1024 * 1024,
-            io_timeout: Duration::from_secs(60),
-            max_in_flight: 8,
-        }
-    }
-}
-
-impl MpiOptions {
-    /// Checks that the options are usable; [`MpiContext::transport`] calls it.
-    pub fn validate(&self) -> Result<(), MpiError> {
-        if self.frame_bytes == 0 || self.frame_bytes > MAX_FRAME_BYTES {
-            return Err(MpiError::InvalidOptions {
-                detail: format!(
-                    "frame_bytes is {}, it must be 1 ..= {MAX_FRAME_BYTES}",
-                    self.frame_bytes
-                ),
-            });
-        }
-        if self.io_timeout < Duration::from_millis(1) {
-            return Err(MpiError::InvalidOptions {
-                detail: format!(
-                    "io_timeout is {:?}, it must be at least 1 ms",
-                    self.io_timeout
-                ),
-            });
-        }
-        if self.max_in_flight == 0 || self.max_in_flight > MAX_IN_FLIGHT {
-            return Err(MpiError::InvalidOptions {
-                detail: format!(
-                    "max_in_flight is {}, it must be 1 ..= {MAX_IN_FLIGHT}",
-                    self.max_in_flight
-                ),
-            });
-        }
-        Ok(())
-    }
-}
-
-/// Why an MPI operation failed.
-///
-/// Cloneable so that a receiver's first failure can be returned by every
-/// [`MpiReceiver::wait`] and a broken [`MpiSender`] can repeat its error.
-#[derive(Debug, Clone, Error)]
-pub enum MpiError {
-    /// MPI is already initialized in this process (by another [`MpiContext`] or other code),
-    /// or was finalized: it can be initialized once per process.
-    #[error("MPI is already initialized (or was finalized) in this process")]
-    AlreadyInitialized,
-    /// The MPI library grants less thread support than [`MIN_THREAD_LEVEL`].
-    #[error(
-        "the MPI library provides thread level {provided}, this program needs at least {MIN_THREAD_LEVEL:?}"
-    )]
-    ThreadSupport {
-        /// What it provides.
-        provided: String,
-    },
-    /// An MPI call returned an error code (only possible on our communicator, which returns
-    /// errors instead of aborting).
-    #[error("{function} failed with MPI error {code}: {message}")]
-    Call {
-        /// The MPI function.
-        function: &'static str,
-        /// Its return code.
-        code: i32,
-        /// `MPI_Error_string` of it.
-        message: String,
-    },
-    /// [`MpiOptions`] out of range.
-    #[error("invalid MPI transport options: {detail}")]
-    InvalidOptions {
-        /// What is wrong.
-        detail: String,
-    },
-    /// An argument out of range: a rank not in the world, a broadcast root without a value.
-    #[error("invalid argument: {detail}")]
-    InvalidArgument {
-        /// What is wrong.
-        detail: String,
-    },
-    /// A pushed run would end past byte `u64::MAX`; nothing was queued.
-    #[error("a run of {len} bytes at offset {offset} of file {file} would end past 2^64")]
-    InvalidRun {
-        /// File index.
-        file: u32,
-        /// Offset given.
-        offset: u64,
-        /// Its length.
-        len: usize,
-    },
-    /// A message or broadcast is longer than MPI's `int` count or our limit allows.
-    #[error("{what} of {len} bytes exceeds the limit of {max} bytes")]
-    TooLarge {
-        /// What was too large.
-        what: &'static str,
-        /// Its length.
-        len: u64,
-        /// The limit.
-        max: u64,
-    },
-    /// The broadcast root refused to broadcast (it had no value, or one too large); every
-    /// rank gets this error so none waits for data that will not come.
-    #[error("broadcast from rank {root} failed at the root: {detail}")]
-    Broadcast {
-        /// The root.
-        root: usize,
-        /// Why.
-        detail: String,
-    },
-    /// A thread could not be started.
-    #[error("cannot start an MPI transport thread: {source}")]
-    Spawn {
-        /// The error.
-        source: Arc<io::Error>,
-    },
-    /// The progress thread is gone: the context is shutting down, or the thread failed.
-    #[error("the MPI progress thread is gone (context shut down or failed)")]
-    Gone,
-    /// A collective did not complete in time: a rank did not join (it died, hangs, or calls
-    /// collectives in another order).
-    #[error("MPI {what} did not complete within {timeout:?}: a rank did not join")]
-    CollectiveTimeout {
-        /// `barrier` or `broadcast`.
-        what: &'static str,
-        /// The timeout.
-        timeout: Duration,
-    },
-    /// An earlier collective failed and may still be pending inside MPI, so the ranks can no
-    /// longer agree on collectives; abort.
-    #[error("MPI collectives are unusable after an earlier failure: {detail}")]
-    Broken {
-        /// The earlier failure.
-        detail: String,
-    },
-    /// [`MpiTransport::start_receiver`] while this context already has a live receiver.
-    #[error("this MPI context already has a running receiver")]
-    AlreadyReceiving,
-    /// The cancel flag was set (by another part of this process, usually because another
-    /// rank or thread failed).
-    #[error("the transfer was cancelled")]
-    Cancelled,
-    /// A sender made no progress for [`MpiOptions::io_timeout`]: no send of this process
-    /// completed, so the writer is not receiving (hung, dead, or not started).
-    #[error("no progress sending{} for {timeout:?} while {during}",
-        .dest.map_or(String::new(), |d| format!(" to rank {d}")))]
-    Timeout {
-        /// The destination rank, when one sender timed out.
-        dest: Option<usize>,
-        /// What the sender was doing.
-        during: &'static str,
-        /// The timeout that expired.
-        timeout: Duration,
-    },
-    /// A message that the protocol does not allow.
-    #[error("malformed message from rank {rank}: {detail}")]
-    Malformed {
-        /// The sending rank.
-        rank: usize,
-        /// What was wrong.
-        detail: String,
-    },
-    /// The sink returned an error (or panicked) for a run.
-    #[error(
-        "writing {len} bytes at offset {offset} of file {file} from rank {rank} failed: {message}"
-    )]
-    Sink {
-        /// The sending rank.
-        rank: usize,
-        /// File index.
-        file: u32,
-        /// Offset of the run.
-        offset: u64,
-        /// Length of the run.
-        len: u64,
-        /// The sink's message.
-        message: String,
-    },
-    /// More payload bytes arrived than [`MpiReceiver::wait`] expects: the plans of the ranks
-    /// disagree.
-    #[error("{received} payload bytes arrived, more than the {expected} expected{}",
-        .rank.map_or(String::new(), |r| format!(" (the excess from rank {r})")))]
-    TooManyBytes {
-        /// Bytes expected in total.
-        expected: u64,
-        /// Bytes that arrived (or were about to be handed to the sink).
-        received: u64,
-        /// The rank whose frame went over, when known.
-        rank: Option<usize>,
-    },
-    /// A stream's end message announced other totals than arrived from it.
-    #[error(
-        "rank {rank} stream {stream} announced {announced_bytes} bytes in {announced_frames} frames at its end, but {received_bytes} bytes in {received_frames} frames arrived"
-    )]
-    CountMismatch {
-        /// The sending rank.
-        rank: usize,
-        /// Its stream.
-        stream: u64,
-        /// Bytes in the end message.
-        announced_bytes: u64,
-        /// Frames in the end message.
-        announced_frames: u64,
-        /// Bytes that arrived.
-        received_bytes: u64,
-        /// Frames that arrived.
-        received_frames: u64,
-    },
-    /// Nothing arrived for [`MpiOptions::io_timeout`] while bytes were missing or streams
-    /// unfinished: a sender hangs, died, or never got its share of the plan.
-    #[error(
-        "nothing arrived for {idle:?}: {received} of {expected} bytes received; ranks with unfinished streams: {open:?}"
-    )]
-    Stalled {
-        /// How long nothing arrived.
-        idle: Duration,
-        /// Bytes received so far.
-        received: u64,
-        /// Bytes expected.
-        expected: u64,
-        /// Ranks of the streams that sent data but not their end (one entry per stream).
-        open: Vec<usize>,
-    },
-}
 
 #[cfg(test)]
 mod tests {
+    use std::time::Duration;
+
     use super::*;
 
     fn send_sync<T: Send + Sync>() {}

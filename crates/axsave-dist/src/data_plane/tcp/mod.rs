@@ -1,10 +1,10 @@
 //! TCP transport: blocking `std::net` sockets, one thread per accepted connection.
 //!
-//! A writer rank runs one [`Receiver`]: it listens, publishes [`Receiver::local_addr`] in the
-//! store, [`starts`](Receiver::start) serving with a *sink* that performs positioned writes, and
-//! [`waits`](Receiver::wait) until every byte the plan sends it has been written. A reading rank
-//! opens a [`Sender`] to each writer it has data for (several per writer when several worker
-//! threads send), [`pushes`](Sender::push) runs, and [`finishes`](Sender::finish): only the
+//! A writer rank runs one [`TcpReceiver`]: it listens, publishes [`TcpReceiver::local_addr`] in the
+//! store, [`starts`](TcpReceiver::start) serving with a *sink* that performs positioned writes, and
+//! [`waits`](TcpReceiver::wait) until every byte the plan sends it has been written. A reading rank
+//! opens a [`TcpSender`] to each writer it has data for (several per writer when several worker
+//! threads send), [`pushes`](TcpSender::push) runs, and [`finishes`](TcpSender::finish): only the
 //! receiver's acknowledgement, which comes after its sink handled every byte, means delivered.
 //!
 //! # Wire format
@@ -53,16 +53,16 @@
 //! reply means every byte of the connection was handed to the sink, which returned success.
 //! When a frame fails (malformed, the sink failed, more bytes than expected) the receiver sends
 //! the error reply at once, stops writing, and discards whatever else arrives, so the sender
-//! learns the reason at its next frame or at [`Sender::finish`] rather than from a reset.
+//! learns the reason at its next frame or at [`TcpSender::finish`] rather than from a reset.
 //!
 //! # Timeouts, failures, cancellation
 //!
 //! Sockets use short read/write timeouts and loop, so a blocked call notices a cancel flag and
 //! measures progress. *No progress for [`TcpOptions::io_timeout`]* is an error:
-//! * on a [`Sender`], when a write makes no headway (the receiver stopped reading) or a reply
+//! * on a [`TcpSender`], when a write makes no headway (the receiver stopped reading) or a reply
 //!   does not come;
 //! * on a receiving connection, when a message stops arriving half way (the sender hangs);
-//! * in [`Receiver::wait`], when no byte arrived on any connection while data is still missing
+//! * in [`TcpReceiver::wait`], when no byte arrived on any connection while data is still missing
 //!   or a connection is still open (checked a little later than the above, so that a
 //!   connection's own, more precise error wins). Between messages a connection may be idle (its sender is
 //!   busy elsewhere), so executors whose senders may legitimately go quiet longer than that
@@ -70,7 +70,7 @@
 //!
 //! A peer process that dies closes its sockets, which the other side sees at once: a receiver
 //! reports [`TransportError::SenderDied`] naming the rank, a sender [`TransportError::Closed`].
-//! A [`Sender`] dropped without [`Sender::finish`] looks exactly like a dead sender.
+//! A [`TcpSender`] dropped without [`TcpSender::finish`] looks exactly like a dead sender.
 //!
 //! # Memory and throughput
 //!
@@ -98,9 +98,11 @@ mod receiver;
 mod sender;
 mod wire;
 
-pub use receiver::{Receiver, Sink};
-pub use sender::Sender;
-pub use wire::{MAX_FRAME_BYTES, MAX_RUNS_PER_FRAME, PROTOCOL_VERSION, TOKEN_LEN};
+pub use super::limits::{MAX_FRAME_BYTES, MAX_RUNS_PER_FRAME};
+pub use super::stats::ReceiveStats;
+pub use receiver::TcpReceiver;
+pub use sender::TcpSender;
+pub use wire::{PROTOCOL_VERSION, TOKEN_LEN};
 
 /// Options of one transfer, identical on every rank of a run.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -118,7 +120,7 @@ pub struct TcpOptions {
     /// accepts. Bounds memory on both sides; 1 ..= [`MAX_FRAME_BYTES`].
     pub frame_bytes: usize,
     /// No progress on a socket for this long means the peer is dead or hung: an error instead
-    /// of a hang. Also bounds how long [`Sender::connect`] retries.
+    /// of a hang. Also bounds how long [`TcpSender::connect`] retries.
     pub io_timeout: Duration,
 }
 
@@ -157,23 +159,10 @@ impl TcpOptions {
     }
 }
 
-/// What a [`Receiver`] has received (returned by [`Receiver::wait`] and [`Receiver::stats`]).
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct ReceiveStats {
-    /// Payload bytes handed to the sink, which returned success.
-    pub bytes: u64,
-    /// The same, per sender rank (ranks that sent nothing are absent).
-    pub bytes_by_rank: std::collections::BTreeMap<usize, u64>,
-    /// Connections that ended with a valid end marker.
-    pub connections: usize,
-    /// Connections turned away at the hello (not our protocol, another session or version).
-    pub rejected: usize,
-}
-
 /// Why a transfer failed.
 ///
 /// Cloneable so that the first failure a receiver records can be returned by every
-/// [`Receiver::wait`] call and a broken [`Sender`] can repeat its error.
+/// [`TcpReceiver::wait`] call and a broken [`TcpSender`] can repeat its error.
 #[derive(Debug, Clone, Error)]
 pub enum TransportError {
     /// [`TcpOptions`] out of range.
@@ -206,10 +195,10 @@ pub enum TransportError {
         /// The error.
         source: Arc<io::Error>,
     },
-    /// [`Receiver::start`] was called twice.
+    /// [`TcpReceiver::start`] was called twice.
     #[error("the transport receiver was already started")]
     AlreadyStarted,
-    /// [`Receiver::wait`] was called before [`Receiver::start`].
+    /// [`TcpReceiver::wait`] was called before [`TcpReceiver::start`].
     #[error("the transport receiver was not started")]
     NotStarted,
     /// No connection could be made within [`TcpOptions::io_timeout`]: nothing listens there,
@@ -286,7 +275,7 @@ pub enum TransportError {
     #[error("the transfer was cancelled")]
     Cancelled,
     /// A sender closed its connection without the end marker: its process died, or it
-    /// dropped its [`Sender`] without finishing.
+    /// dropped its [`TcpSender`] without finishing.
     #[error("sender rank {rank} ({peer}) {detail}: it died or gave up")]
     SenderDied {
         /// The sender's rank.
@@ -335,7 +324,7 @@ pub enum TransportError {
         /// The sink's message.
         message: String,
     },
-    /// More payload bytes arrived than [`Receiver::wait`] expects: the plans of the ranks
+    /// More payload bytes arrived than [`TcpReceiver::wait`] expects: the plans of the ranks
     /// disagree.
     #[error("{received} payload bytes arrived, more than the {expected} expected{}",
         .rank.map_or(String::new(), |r| format!(" (the excess from sender rank {r})")))]

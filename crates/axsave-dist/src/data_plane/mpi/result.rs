@@ -11,7 +11,7 @@
 use std::ffi::{c_char, c_int, c_void};
 use std::mem::MaybeUninit;
 
-use super::MpiError;
+use super::error::MpiError;
 use super::sys;
 
 /// A byte length as an MPI `int` count, or [`MpiError::TooLarge`] past `i32::MAX`: MPI-3 has

@@ -2,8 +2,8 @@
 //! [module documentation](super)), the framing of runs into them, and the checks on
 //! everything received. Pure functions: no MPI here.
 
-use super::{MAX_FRAME_BYTES, MAX_RUNS_PER_FRAME};
-pub(crate) use crate::transport::runs::{RUN_ENTRY_LEN, decode_run_table, u32_at, u64_at};
+use crate::data_plane::limits::{MAX_FRAME_BYTES, MAX_RUNS_PER_FRAME};
+pub(crate) use crate::data_plane::runs::{RUN_ENTRY_LEN, decode_run_table, u32_at, u64_at};
 
 /// Version carried by every message; a receiver refuses any other.
 pub const MPI_PROTOCOL_VERSION: u32 = 1;
