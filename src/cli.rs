@@ -77,7 +77,7 @@ pub enum Command {
     MergeLora(MergeLoraArgs),
     // No `///` here: a doc comment on the variant would replace the long help and examples
     // that `LaunchArgs` carries.
-    Launch(crate::launch::LaunchArgs),
+    Launch(axsave_launch::LaunchArgs),
     /// Measure host-to-device, device-to-host and conversion bandwidth on this GPU (used by
     /// scripts/gpu-check.sh).
     #[command(hide = true)]

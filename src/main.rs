@@ -3,7 +3,6 @@
 
 mod cli;
 mod commands;
-mod launch;
 mod progress;
 mod resolve;
 mod transport;
@@ -22,9 +21,9 @@ fn main() -> ExitCode {
         Some(cli::Command::GpuBench(a)) => commands::gpu_bench(&a),
         Some(cli::Command::MergeLora(a)) => commands::merge_lora(&a),
         // The launcher's exit code is its ranks' (or 128 + a signal), not just 0 or 1.
-        Some(cli::Command::Launch(a)) => match launch::run(&a) {
+        Some(cli::Command::Launch(a)) => match axsave_launch::run(&a) {
             Ok(code) => return code,
-            Err(e) => Err(e),
+            Err(e) => Err(e.into()),
         },
         None => commands::save(&cli.save),
     };
