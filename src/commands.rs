@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use anyhow::{Context, Result};
 use axsave_core::axolotl::CleanupPlan;
+use axsave_core::axolotl::resolve::{Resolved, resolve_save};
 use axsave_core::distributed::{self, DistOptions, Progress as DistProgress, sha256_file};
 use axsave_core::save::{SaveOptions, save_local};
 use axsave_core::size::{human, parse_size};
@@ -17,7 +18,6 @@ use axsave_core::transport::{Transport, select};
 
 use crate::cli::{GpuBenchArgs, InspectArgs, MergeLoraArgs, SaveArgs, VerifyArgs};
 use crate::progress::Progress;
-use crate::resolve::{Resolved, resolve_save};
 use crate::transport;
 
 /// Appends a formatted line to a `String` (writing to a `String` cannot fail).
@@ -101,7 +101,7 @@ pub fn save(a: &SaveArgs) -> Result<()> {
     let mut world = axsave_dist::detect_from_process_env()?;
     world.log_detected();
     let started = std::time::Instant::now();
-    let r = resolve_save(a, world.rank == 0)?;
+    let r = resolve_save(&a.flags(), world.rank == 0)?;
     if world.rank == 0 {
         for n in &r.notes {
             tracing::info!("{n}");

@@ -4,7 +4,6 @@
 mod cli;
 mod commands;
 mod progress;
-mod resolve;
 mod transport;
 
 use std::process::ExitCode;
@@ -30,7 +29,11 @@ fn main() -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            let usage = e.downcast_ref::<commands::UsageError>().is_some();
+            let usage = e.downcast_ref::<commands::UsageError>().is_some()
+                || matches!(
+                    e.downcast_ref::<axsave_core::axolotl::resolve::ResolveError>(),
+                    Some(axsave_core::axolotl::resolve::ResolveError::Usage(_))
+                );
             tracing::error!("{}", error_text(&e));
             // A save cancelled by SIGTERM/SIGINT/SIGHUP (its temporaries removed): 128 + N, as
             // a shell reports a command the signal stopped.
