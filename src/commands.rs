@@ -18,7 +18,7 @@ use axsave_core::transport::{Transport, select};
 
 use crate::cli::{GpuBenchArgs, InspectArgs, MergeLoraArgs, SaveArgs, VerifyArgs};
 use crate::progress::Progress;
-use crate::transport;
+use axsave_core::bootstrap;
 
 /// Appends a formatted line to a `String` (writing to a `String` cannot fail).
 macro_rules! outln {
@@ -130,8 +130,8 @@ pub fn save(a: &SaveArgs) -> Result<()> {
         return save_alone(a, &r, workers, &world, started, cleanup_plan.as_ref());
     }
     let _span = tracing::info_span!("rank", r = world.rank).entered();
-    let use_mpi = transport::wants_mpi(r.transport, world.launcher);
-    let ready = transport::setup(
+    let use_mpi = bootstrap::wants_mpi(r.transport, world.launcher);
+    let ready = bootstrap::setup(
         use_mpi,
         &mut world,
         Duration::from_secs(r.timeout.max(1)),

@@ -4,7 +4,6 @@
 mod cli;
 mod commands;
 mod progress;
-mod transport;
 
 use std::process::ExitCode;
 
