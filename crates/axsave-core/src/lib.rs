@@ -22,6 +22,7 @@ pub mod save;
 pub mod scales;
 pub mod size;
 pub mod sources;
+pub mod summary;
 pub mod transport;
 pub mod verify;
 

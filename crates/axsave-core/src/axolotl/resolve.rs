@@ -86,6 +86,26 @@ pub struct Resolved {
     pub warnings: Vec<String>,
 }
 
+impl Resolved {
+    /// A digest of what every rank must agree on: what and where to save, and how (`force`:
+    /// `--force`).
+    pub fn fingerprint(&self, force: bool) -> String {
+        let key = format!(
+            "{}|{}|{:?}|{:?}|{}|{}|{:?}",
+            self.source,
+            self.output.display(),
+            self.layout,
+            self.mode,
+            force,
+            self.cleanup,
+            self.transport
+        );
+        let mut h = crc32fast::Hasher::new();
+        h.update(key.as_bytes());
+        format!("{:08x}", h.finalize())
+    }
+}
+
 fn size(flag: &str, v: &str) -> Result<u64> {
     parse_size(v).map_err(|e| ResolveError::Usage(format!("{flag}: {e}")))
 }
