@@ -2,9 +2,11 @@
 
 use std::path::PathBuf;
 
+use axsave_core::axolotl::resolve::Flags;
 use axsave_core::layout::DtypeChoice;
+use axsave_core::plan::Mode;
 use axsave_core::transport::TransportRequest;
-use clap::{Args, Parser, Subcommand, ValueEnum};
+use clap::{Args, Parser, Subcommand};
 
 /// Save the model at the end of distributed training: turn PyTorch DCP / FSDP shards, DCP's
 /// Hugging Face shards or a safetensors model into Hugging Face safetensors, in one streaming
@@ -77,7 +79,7 @@ pub enum Command {
     MergeLora(MergeLoraArgs),
     // No `///` here: a doc comment on the variant would replace the long help and examples
     // that `LaunchArgs` carries.
-    Launch(crate::launch::LaunchArgs),
+    Launch(axsave_launch::LaunchArgs),
     /// Measure host-to-device, device-to-host and conversion bandwidth on this GPU (used by
     /// scripts/gpu-check.sh).
     #[command(hide = true)]
@@ -168,7 +170,7 @@ pub struct SaveArgs {
     /// their scales: a tensor named `<module>.weight_scale_inv`, `.weight_scale`,
     /// `.weight_scale_2` or `.input_scale` whose `<module>.weight` is float8 or fp4.
     #[arg(long, value_enum)]
-    pub dtype: Option<DtypeArg>,
+    pub dtype: Option<DtypeChoice>,
 
     /// Write only tensors whose output name matches one of these globs (`*`, `?`, `[..]`;
     /// repeatable), e.g. `--include 'model.layers.*'`. Applied after axsave's own choice of
@@ -217,7 +219,7 @@ pub struct SaveArgs {
     /// one file per rank, each written by one rank in parallel into a directory every rank
     /// shares.
     #[arg(long, value_enum)]
-    pub mode: Option<ModeArg>,
+    pub mode: Option<Mode>,
 
     /// How pieces travel between ranks (default auto). `nccl`: between the ranks' GPUs, with
     /// dtype conversions on the GPU (each rank binds its local rank's GPU, or --device); `mpi`:
@@ -226,7 +228,7 @@ pub struct SaveArgs {
     /// tcp. The rendezvous goes through PyTorch's TCPStore protocol at
     /// MASTER_ADDR:MASTER_PORT in every case.
     #[arg(long, value_enum)]
-    pub transport: Option<TransportArg>,
+    pub transport: Option<TransportRequest>,
 
     /// The GPU this rank binds, as an index among the visible devices (default: the local rank
     /// modulo the number of visible GPUs, so rank i of a node takes GPU i).
@@ -256,59 +258,22 @@ pub struct SaveArgs {
     pub json: bool,
 }
 
-/// `--mode` values.
-#[derive(ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ModeArg {
-    /// Rank 0 writes every file.
-    Gather,
-    /// Every rank writes some files, in parallel, into a shared directory.
-    Sharded,
-}
-
-/// `--transport` values.
-#[derive(ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
-pub enum TransportArg {
-    /// NCCL when every rank has a GPU and NCCL, else MPI when available, else TCP.
-    Auto,
-    /// NCCL between GPUs; fails at once where a rank has no GPU or no NCCL.
-    Nccl,
-    /// MPI point-to-point (a build with the `mpi` feature, started by an MPI launcher).
-    Mpi,
-    /// TCP connections between ranks; the GPU is not used.
-    Tcp,
-}
-
-impl From<TransportArg> for TransportRequest {
-    fn from(t: TransportArg) -> Self {
-        match t {
-            TransportArg::Auto => TransportRequest::Auto,
-            TransportArg::Nccl => TransportRequest::Nccl,
-            TransportArg::Mpi => TransportRequest::Mpi,
-            TransportArg::Tcp => TransportRequest::Tcp,
-        }
-    }
-}
-
-/// `--dtype` values.
-#[derive(ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
-pub enum DtypeArg {
-    /// Keep every tensor's dtype.
-    Keep,
-    /// bfloat16.
-    Bf16,
-    /// float16.
-    Fp16,
-    /// float32.
-    Fp32,
-}
-
-impl From<DtypeArg> for DtypeChoice {
-    fn from(d: DtypeArg) -> Self {
-        match d {
-            DtypeArg::Keep => DtypeChoice::Keep,
-            DtypeArg::Bf16 => DtypeChoice::Bf16,
-            DtypeArg::Fp16 => DtypeChoice::Fp16,
-            DtypeArg::Fp32 => DtypeChoice::Fp32,
+impl SaveArgs {
+    /// The flags the config's settings give way to.
+    pub fn flags(&self) -> Flags {
+        Flags {
+            config: self.config.clone(),
+            source: self.source.clone(),
+            output: self.output.clone(),
+            dtype: self.dtype,
+            include: self.include.clone(),
+            exclude: self.exclude.clone(),
+            max_shard_size: self.max_shard_size.clone(),
+            memory_budget: self.memory_budget.clone(),
+            mode: self.mode,
+            transport: self.transport,
+            timeout: self.timeout,
+            cleanup: self.cleanup,
         }
     }
 }

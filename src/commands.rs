@@ -7,28 +7,22 @@ use std::time::Duration;
 
 use anyhow::{Context, Result};
 use axsave_core::axolotl::CleanupPlan;
-use axsave_core::distributed::{self, DistOptions, Progress as DistProgress, sha256_file};
+use axsave_core::axolotl::resolve::{Resolved, resolve_save};
+use axsave_core::distributed::{self, DistOptions, Progress as DistProgress};
 use axsave_core::save::{SaveOptions, save_local};
 use axsave_core::size::{human, parse_size};
+use axsave_core::summary;
 use axsave_formats::detect;
 
-use axsave_core::gpu::{LocalGpu, local_caps as local_gpu_caps};
-use axsave_core::transport::{Transport, select};
+use axsave_core::gpu::alone::single_process_gpu;
 
 use crate::cli::{GpuBenchArgs, InspectArgs, MergeLoraArgs, SaveArgs, VerifyArgs};
 use crate::progress::Progress;
-use crate::resolve::{Resolved, resolve_save};
-use crate::transport;
+use axsave_core::bootstrap;
 
-/// Appends a formatted line to a `String` (writing to a `String` cannot fail).
-macro_rules! outln {
-    ($o:expr) => {
-        $o.push('\n')
-    };
-    ($o:expr, $($arg:tt)*) => {{
-        use std::fmt::Write as _;
-        let _ = writeln!($o, $($arg)*);
-    }};
+/// Prints `v` as pretty JSON on stdout.
+fn print_json(v: &serde_json::Value) -> Result<()> {
+    print_stdout(&format!("{}\n", serde_json::to_string_pretty(v)?))
 }
 
 /// Writes to stdout; a reader that went away (`| head`) is not an error.
@@ -101,7 +95,7 @@ pub fn save(a: &SaveArgs) -> Result<()> {
     let mut world = axsave_dist::detect_from_process_env()?;
     world.log_detected();
     let started = std::time::Instant::now();
-    let r = resolve_save(a, world.rank == 0)?;
+    let r = resolve_save(&a.flags(), world.rank == 0)?;
     if world.rank == 0 {
         for n in &r.notes {
             tracing::info!("{n}");
@@ -120,7 +114,7 @@ pub fn save(a: &SaveArgs) -> Result<()> {
     if a.dry_run {
         // A plan needs no other rank: rank 0 prints it, the others have nothing to do.
         return if world.rank == 0 {
-            dry_run(&r, cleanup_plan.as_ref())
+            print_stdout(&summary::dry_run_text(&r, cleanup_plan.as_ref())?)
         } else {
             Ok(())
         };
@@ -130,8 +124,8 @@ pub fn save(a: &SaveArgs) -> Result<()> {
         return save_alone(a, &r, workers, &world, started, cleanup_plan.as_ref());
     }
     let _span = tracing::info_span!("rank", r = world.rank).entered();
-    let use_mpi = transport::wants_mpi(r.transport, world.launcher);
-    let ready = transport::setup(
+    let use_mpi = bootstrap::wants_mpi(r.transport, world.launcher);
+    let ready = bootstrap::setup(
         use_mpi,
         &mut world,
         Duration::from_secs(r.timeout.max(1)),
@@ -148,7 +142,7 @@ pub fn save(a: &SaveArgs) -> Result<()> {
         timeout: Duration::from_secs(r.timeout.max(1)),
         rendezvous_timeout: Duration::from_secs(a.rendezvous_timeout.max(1)),
         checksums: a.json,
-        fingerprint: fingerprint(a, &r),
+        fingerprint: r.fingerprint(a.force),
         extras: r.extras.clone(),
         transport: r.transport,
         device: a.device,
@@ -200,14 +194,14 @@ pub fn save(a: &SaveArgs) -> Result<()> {
         .filter(|f| f.path.to_string_lossy().ends_with(".safetensors"))
         .count();
     tracing::info!(
-        "wrote {} tensors, {} in {} file{} to {} in {:.2}s ({}/s); {} crossed the network",
-        report.tensors,
-        human(report.bytes),
-        data_files,
-        if data_files == 1 { "" } else { "s" },
-        r.output.display(),
-        report.seconds,
-        human((report.bytes as f64 / report.seconds.max(1e-9)) as u64),
+        "{}; {} crossed the network",
+        summary::wrote_line(
+            report.tensors,
+            report.bytes,
+            data_files,
+            &r.output,
+            report.seconds
+        ),
         human(report.network_bytes),
     );
     if let Some(p) = cleanup_plan
@@ -217,12 +211,12 @@ pub fn save(a: &SaveArgs) -> Result<()> {
         cleanup(p)?;
     }
     if a.json {
-        let summary = serde_json::json!({
+        print_json(&serde_json::json!({
             "output": r.output,
             "files": report.files,
             "tensors": report.tensors,
             "bytes": report.bytes,
-            "dtype": dtype_summary(&report.dtypes),
+            "dtype": summary::dtype_json(&report.dtypes),
             "format": report.format,
             "seconds": report.seconds,
             "network_bytes": report.network_bytes,
@@ -230,8 +224,7 @@ pub fn save(a: &SaveArgs) -> Result<()> {
             "mode": report.mode.as_str(),
             "world_size": report.world_size,
             "launcher": world.launcher.to_string(),
-        });
-        print_stdout(&format!("{}\n", serde_json::to_string_pretty(&summary)?))?;
+        }))?;
     }
     Ok(())
 }
@@ -270,98 +263,6 @@ fn cleanup(plan: &CleanupPlan) -> Result<()> {
     Ok(())
 }
 
-/// `--dry-run`: what would be read and written.
-fn dry_run(r: &Resolved, cleanup: Option<&CleanupPlan>) -> Result<()> {
-    let source = std::path::PathBuf::from(&r.source);
-    let catalog = detect::open(&source)?;
-    let layout = axsave_core::layout::plan_layout(&catalog, &r.layout)?;
-    let mut o = String::new();
-    outln!(o, "dry run: nothing is written");
-    outln!(
-        o,
-        "source:  {} ({}, {} tensors, {})",
-        source.display(),
-        catalog.format,
-        catalog.tensors.len(),
-        human(catalog.total_bytes())
-    );
-    outln!(
-        o,
-        "output:  {} ({} tensors, {}, dtype {})",
-        r.output.display(),
-        layout.tensors.len(),
-        human(layout.total_size),
-        r.layout.dtype.as_str()
-    );
-    outln!(o, "mode:    {}", r.mode.as_str());
-    for f in &layout.files {
-        outln!(
-            o,
-            "  would write {} ({} bytes, {} tensors)",
-            f.name,
-            f.size,
-            f.tensors.len()
-        );
-    }
-    if let Some(name) = layout.index_name() {
-        outln!(o, "  would write {name}");
-    }
-    for (name, from) in r.extras.sources() {
-        outln!(o, "  would write {name} (from {from})");
-    }
-    let existing = axsave_core::output::existing_model_files(&r.output, &r.layout.stem)?;
-    if !existing.is_empty() {
-        outln!(
-            o,
-            "  {} already holds {} (a save would need --force)",
-            r.output.display(),
-            existing.join(", ")
-        );
-    }
-    for p in cleanup.iter().flat_map(|c| &c.remove) {
-        outln!(o, "cleanup: would remove {} after success", p.display());
-    }
-    print_stdout(&o)
-}
-
-/// Whether one process converts on a GPU: with `--transport nccl` it must (no GPU fails at
-/// once), with `auto` it does when it can (NCCL itself is not needed without peers), with
-/// `tcp`/`mpi` it does not. Returns the GPU and its description.
-fn single_process_gpu(
-    a: &SaveArgs,
-    r: &Resolved,
-    world: &axsave_dist::World,
-) -> Result<Option<(LocalGpu, String)>> {
-    if !r.transport.wants_gpu() {
-        return Ok(None);
-    }
-    let mut caps = local_gpu_caps(r.transport, a.device, world.local_rank);
-    if caps.gpu.is_ok() {
-        caps.nccl = Ok("not needed by one process".into());
-    }
-    let choice = select(r.transport, std::slice::from_ref(&caps), false).map_err(GpuUnavailable)?;
-    match (choice.transport, caps.gpu) {
-        (Transport::Nccl, Ok(desc)) => Ok(Some((
-            LocalGpu {
-                device: a.device,
-                timeout: Duration::from_secs(r.timeout.max(1)),
-            },
-            desc,
-        ))),
-        (_, gpu) => {
-            if let Err(why) = gpu {
-                tracing::debug!("no GPU ({why}): converting on the CPU");
-            }
-            Ok(None)
-        }
-    }
-}
-
-/// `--transport nccl` where there is no GPU (or no NCCL): exit 1 with the reason.
-#[derive(Debug, thiserror::Error)]
-#[error("{0}")]
-pub struct GpuUnavailable(pub String);
-
 /// One process, no rendezvous.
 fn save_alone(
     a: &SaveArgs,
@@ -371,7 +272,8 @@ fn save_alone(
     started: std::time::Instant,
     cleanup_plan: Option<&CleanupPlan>,
 ) -> Result<()> {
-    let gpu = single_process_gpu(a, r, world)?;
+    let timeout = Duration::from_secs(r.timeout.max(1));
+    let gpu = single_process_gpu(r.transport, a.device, world.local_rank, timeout)?;
     if let Some((_, desc)) = &gpu {
         tracing::info!("GPU {desc}: conversions on the GPU");
     }
@@ -388,17 +290,7 @@ fn save_alone(
     };
     let source = std::path::Path::new(&r.source);
     let catalog = detect::open(source)?;
-    tracing::info!(
-        "{}: {} ({} tensors, {}{})",
-        source.display(),
-        catalog.format,
-        catalog.tensors.len(),
-        human(catalog.total_bytes()),
-        catalog
-            .writer_ranks
-            .map(|r| format!(", written by {r} rank{}", if r == 1 { "" } else { "s" }))
-            .unwrap_or_default()
-    );
+    tracing::info!("{}", summary::source_line(source, &catalog));
     for n in &catalog.notes {
         tracing::info!("{n}");
     }
@@ -416,37 +308,26 @@ fn save_alone(
     for x in &report.replaced {
         tracing::info!("removed {x} of the model this save replaced");
     }
-    tracing::info!(
-        "wrote {} tensors, {} in {} file{} to {} in {:.2}s ({}/s)",
+    let files = layout.files.len();
+    let line = summary::wrote_line(
         report.tensors,
-        human(report.bytes),
-        layout.files.len(),
-        if layout.files.len() == 1 { "" } else { "s" },
-        r.output.display(),
+        report.bytes,
+        files,
+        &r.output,
         report.seconds,
-        human((report.bytes as f64 / report.seconds.max(1e-9)) as u64)
     );
+    tracing::info!("{line}");
     if let Some(p) = cleanup_plan {
         cleanup(p)?;
     }
     if a.json {
-        let mut files = Vec::new();
-        for (p, size) in &report.files {
-            files.push(serde_json::json!({"path": p, "size": size, "sha256": sha256_file(p)?}));
-        }
-        let mut dtypes: Vec<(axsave_formats::DType, usize)> = Vec::new();
-        for t in &layout.tensors {
-            match dtypes.iter_mut().find(|(d, _)| *d == t.dtype) {
-                Some((_, c)) => *c += 1,
-                None => dtypes.push((t.dtype, 1)),
-            }
-        }
-        let summary = serde_json::json!({
+        let dtypes = summary::dtype_counts(layout.tensors.iter().map(|t| t.dtype));
+        print_json(&serde_json::json!({
             "output": r.output,
-            "files": files,
+            "files": summary::files_json(&report.files)?,
             "tensors": report.tensors,
             "bytes": report.bytes,
-            "dtype": dtype_summary(&dtypes),
+            "dtype": summary::dtype_json(&dtypes),
             "format": catalog.format.to_string(),
             "seconds": started.elapsed().as_secs_f64(),
             "network_bytes": 0,
@@ -455,36 +336,9 @@ fn save_alone(
             "mode": "gather",
             "world_size": 1,
             "launcher": world.launcher.to_string(),
-        });
-        print_stdout(&format!("{}\n", serde_json::to_string_pretty(&summary)?))?;
+        }))?;
     }
     Ok(())
-}
-
-/// `{"BF16": 20, "I64": 1}`: how many tensors of each output dtype.
-fn dtype_summary(d: &[(axsave_formats::DType, usize)]) -> serde_json::Value {
-    serde_json::Value::Object(
-        d.iter()
-            .map(|(t, n)| (t.to_string(), serde_json::Value::from(*n)))
-            .collect(),
-    )
-}
-
-/// A digest of what every rank must agree on: what and where to save, and how.
-fn fingerprint(a: &SaveArgs, r: &Resolved) -> String {
-    let key = format!(
-        "{}|{}|{:?}|{:?}|{}|{}|{:?}",
-        r.source,
-        r.output.display(),
-        r.layout,
-        r.mode,
-        a.force,
-        r.cleanup,
-        r.transport
-    );
-    let mut h = crc32fast::Hasher::new();
-    h.update(key.as_bytes());
-    format!("{:08x}", h.finalize())
 }
 
 /// `axsave merge-lora`: by this process alone, or this rank's share of a merge by several
@@ -610,110 +464,16 @@ fn merge_json(
     if !a.json {
         return Ok(());
     }
-    let mut files = Vec::new();
-    for (p, size) in &report.files {
-        files.push(serde_json::json!({"path": p, "size": size, "sha256": sha256_file(p)?}));
-    }
-    let summary = serde_json::json!({
-        "output": output,
-        "files": files,
-        "tensors": report.tensors,
-        "merged": report.merged,
-        "replaced": report.replaced,
-        "bytes": report.bytes,
-        "seconds": report.seconds,
-    });
-    print_stdout(&format!("{}\n", serde_json::to_string_pretty(&summary)?))
+    print_json(&summary::merge_json(output, report)?)
 }
 
 /// `axsave inspect`.
 pub fn inspect(a: &InspectArgs) -> Result<()> {
     let c = detect::open(&a.source)?;
     if a.json {
-        let tensors: Vec<_> = c
-            .tensors
-            .iter()
-            .map(|t| {
-                serde_json::json!({
-                    "name": t.name,
-                    "dtype": t.dtype,
-                    "shape": t.shape,
-                    "bytes": t.nbytes(),
-                    "pieces": t.pieces.iter().map(|p| serde_json::json!({
-                        "region": p.region,
-                        "file": c.files[p.file].path,
-                        "offset": p.offset,
-                        "strides": p.strides,
-                        "stored_dtype": p.stored_dtype,
-                    })).collect::<Vec<_>>(),
-                })
-            })
-            .collect();
-        let v = serde_json::json!({
-            "format": c.format,
-            "format_name": c.format.to_string(),
-            "writer_ranks": c.writer_ranks,
-            "files": c.files,
-            "total_bytes": c.total_bytes(),
-            "tensors": tensors,
-            "skipped": c.skipped,
-            "notes": c.notes,
-        });
-        return print_stdout(&format!("{}\n", serde_json::to_string_pretty(&v)?));
+        return print_json(&summary::inspect_json(&c));
     }
-    let mut o = String::new();
-    outln!(o, "format:       {}", c.format);
-    if let Some(r) = c.writer_ranks {
-        outln!(o, "written by:   {r} rank{}", if r == 1 { "" } else { "s" });
-    }
-    outln!(o, "files:        {}", c.files.len());
-    outln!(o, "tensors:      {}", c.tensors.len());
-    outln!(
-        o,
-        "total:        {} ({} bytes)",
-        human(c.total_bytes()),
-        c.total_bytes()
-    );
-    if !c.skipped.is_empty() {
-        outln!(
-            o,
-            "non-tensors:  {} skipped ({})",
-            c.skipped.len(),
-            c.skipped.join(", ")
-        );
-    }
-    for n in &c.notes {
-        outln!(o, "note:         {n}");
-    }
-    outln!(o);
-    let width = c
-        .tensors
-        .iter()
-        .map(|t| t.name.len())
-        .max()
-        .unwrap_or(4)
-        .max(4);
-    outln!(
-        o,
-        "{:<width$}  {:<7}  {:<20}  {:>6}  {:>12}",
-        "name",
-        "dtype",
-        "shape",
-        "pieces",
-        "bytes"
-    );
-    for t in &c.tensors {
-        outln!(
-            o,
-            "{:<width$}  {:<7}  {:<20}  {:>6}  {:>12}",
-            t.name,
-            t.dtype.to_string(),
-            format!("{:?}", t.shape),
-            t.pieces.len(),
-            t.nbytes()
-        );
-    }
-    print_stdout(&o)
+    print_stdout(&summary::inspect_text(&c))
 }
 
 /// `axsave verify`.
@@ -752,37 +512,14 @@ pub fn gpu_bench(a: &GpuBenchArgs) -> Result<()> {
     {
         let (device, rows) = axsave_core::gpu::bench::run(bytes as usize, a.device)?;
         if a.json {
-            let v = serde_json::json!({ "device": device, "rows": rows });
-            return print_stdout(&format!("{}\n", serde_json::to_string_pretty(&v)?));
+            return print_json(&serde_json::json!({ "device": device, "rows": rows }));
         }
-        let mut o = String::new();
-        outln!(
-            o,
-            "GPU {device}, {} per measurement (best of several)",
-            human(bytes)
-        );
-        outln!(o, "{:<58} {:>10} {:>10}", "", "GB/s", "ms");
-        for r in rows {
-            if r.bytes == 0 {
-                outln!(o, "{}", r.what);
-            } else {
-                outln!(
-                    o,
-                    "{:<58} {:>10.1} {:>10.2}",
-                    r.what,
-                    r.gb_per_s,
-                    r.seconds * 1e3
-                );
-            }
-        }
-        print_stdout(&o)
+        print_stdout(&summary::bench_text(&device, bytes, &rows))
     }
     #[cfg(not(feature = "cuda"))]
     {
         let _ = (bytes, a.device, a.json);
-        Err(
-            GpuUnavailable("this axsave was built without CUDA (cargo feature `cuda`)".into())
-                .into(),
-        )
+        let why = "this axsave was built without CUDA (cargo feature `cuda`)";
+        Err(axsave_core::gpu::alone::GpuUnavailable(why.into()).into())
     }
 }

@@ -3,10 +3,7 @@
 
 mod cli;
 mod commands;
-mod launch;
 mod progress;
-mod resolve;
-mod transport;
 
 use std::process::ExitCode;
 
@@ -22,16 +19,20 @@ fn main() -> ExitCode {
         Some(cli::Command::GpuBench(a)) => commands::gpu_bench(&a),
         Some(cli::Command::MergeLora(a)) => commands::merge_lora(&a),
         // The launcher's exit code is its ranks' (or 128 + a signal), not just 0 or 1.
-        Some(cli::Command::Launch(a)) => match launch::run(&a) {
+        Some(cli::Command::Launch(a)) => match axsave_launch::run(&a) {
             Ok(code) => return code,
-            Err(e) => Err(e),
+            Err(e) => Err(e.into()),
         },
         None => commands::save(&cli.save),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            let usage = e.downcast_ref::<commands::UsageError>().is_some();
+            let usage = e.downcast_ref::<commands::UsageError>().is_some()
+                || matches!(
+                    e.downcast_ref::<axsave_core::axolotl::resolve::ResolveError>(),
+                    Some(axsave_core::axolotl::resolve::ResolveError::Usage(_))
+                );
             tracing::error!("{}", error_text(&e));
             // A save cancelled by SIGTERM/SIGINT/SIGHUP (its temporaries removed): 128 + N, as
             // a shell reports a command the signal stopped.

@@ -15,15 +15,16 @@ use crate::scales::is_quantization_scale;
 /// What `--dtype` asks for.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]
+#[cfg_attr(feature = "clap", derive(clap::ValueEnum))]
 pub enum DtypeChoice {
-    /// Every tensor keeps its dtype.
+    /// Keep every tensor's dtype.
     #[default]
     Keep,
-    /// Floating tensors become bfloat16.
+    /// bfloat16.
     Bf16,
-    /// Floating tensors become float16.
+    /// float16.
     Fp16,
-    /// Floating tensors become float32.
+    /// float32.
     Fp32,
 }
 

@@ -3,6 +3,7 @@
 //! memory) and finalization (temporary names, fsync, atomic renames).
 
 pub mod axolotl;
+pub mod bootstrap;
 pub mod distributed;
 pub mod error;
 pub mod execute;
@@ -22,6 +23,7 @@ pub mod save;
 pub mod scales;
 pub mod size;
 pub mod sources;
+pub mod summary;
 pub mod transport;
 pub mod verify;
 

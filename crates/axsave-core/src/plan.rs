@@ -9,11 +9,12 @@ use crate::layout::Layout;
 /// How the output is spread over ranks.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]
+#[cfg_attr(feature = "clap", derive(clap::ValueEnum))]
 pub enum Mode {
-    /// Rank 0 writes every file, as the classic save does; pieces only other ranks can read are
-    /// sent to it.
+    /// Rank 0 writes every file.
+    // (As the classic save does; pieces only other ranks can read are sent to it.)
     Gather,
-    /// Every rank writes some of the files, in parallel, into a directory they all share.
+    /// Every rank writes some files, in parallel, into a shared directory.
     Sharded,
 }
 

@@ -10,14 +10,15 @@ use axsave_dist::{Launcher, World};
 /// What `--transport` asks for.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]
+#[cfg_attr(feature = "clap", derive(clap::ValueEnum))]
 pub enum TransportRequest {
-    /// The best every rank can use.
+    /// NCCL when every rank has a GPU and NCCL, else MPI when available, else TCP.
     Auto,
-    /// NCCL between the ranks' GPUs (conversions on the GPU too).
+    /// NCCL between GPUs; fails at once where a rank has no GPU or no NCCL.
     Nccl,
-    /// MPI point-to-point (feature `mpi`, under an MPI launcher).
+    /// MPI point-to-point (a build with the `mpi` feature, started by an MPI launcher).
     Mpi,
-    /// Plain TCP connections; the GPU is not used at all.
+    /// TCP connections between ranks; the GPU is not used.
     Tcp,
 }
 

@@ -4,6 +4,7 @@
 pub mod config;
 pub mod extras;
 pub mod peft;
+pub mod resolve;
 pub mod select;
 
 use std::path::{Path, PathBuf};

@@ -27,6 +27,7 @@
 //! `cuda` the driver, NVRTC and NCCL are opened at run time, and their absence is reported as
 //! a reason ([`local_caps`]) that makes `auto` pick another transport.
 
+pub mod alone;
 pub mod kernels;
 pub mod pipeline;
 pub mod schedule;

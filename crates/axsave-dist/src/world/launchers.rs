@@ -295,3 +295,27 @@ pub(super) fn plain_env(env: &Env<'_>) -> Result<Core, WorldError> {
         restart_count: 0,
     })
 }
+
+/// Prefixes of the variables the launchers above set (torchrun's agent, Slurm, Open MPI, PMI /
+/// PMIx, MVAPICH). A process that starts ranks of its own (`axsave launch`) removes them from
+/// the ranks' environment: launchers nest, and [`detect`](super::detect) gives these precedence
+/// over the plain `RANK`/`WORLD_SIZE`, so a stale one would make every rank believe it belongs
+/// to the outer job.
+const LAUNCHER_PREFIXES: &[&str] = &[
+    "TORCHELASTIC_",
+    "SLURM_",
+    "OMPI_COMM_WORLD_",
+    "PMI_",
+    "PMIX_",
+    "MV2_",
+];
+
+/// Whole names of launcher variables outside [`LAUNCHER_PREFIXES`]: Hydra's local rank and
+/// size, and `NODE_RANK` (the node index Lightning and accelerate read).
+const LAUNCHER_NAMES: &[&str] = &["MPI_LOCALRANKID", "MPI_LOCALNRANKS", "NODE_RANK"];
+
+/// Whether `name` is a variable of a launcher that [`detect`](super::detect) recognises by
+/// its own variables (every one but the plain `env` launcher's `RANK`, `WORLD_SIZE`, …).
+pub fn is_launcher_variable(name: &str) -> bool {
+    LAUNCHER_PREFIXES.iter().any(|p| name.starts_with(p)) || LAUNCHER_NAMES.contains(&name)
+}

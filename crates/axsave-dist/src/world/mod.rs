@@ -65,6 +65,7 @@ mod env;
 mod launchers;
 
 use env::{Core, Env};
+pub use launchers::is_launcher_variable;
 use launchers::{mpi, plain_env, slurm_step, torchrun};
 
 /// The program that started this process, as far as the environment tells.

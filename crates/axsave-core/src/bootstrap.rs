@@ -1,17 +1,131 @@
-//! The MPI bootstrap: under mpirun, a build with MPI starts it before the rendezvous. (Which
-//! transport carries the pieces is agreed by the ranks: `axsave_core::transport::select`.)
+//! Before the rendezvous: under mpirun, a build with MPI starts MPI, which tells every rank
+//! where rank 0's store is and can carry the pieces; without MPI, PMIx can tell the address.
+//! (Which transport carries the pieces is agreed by the ranks: [`crate::transport::select`].)
 
-use anyhow::Result;
-use axsave_core::distributed::Net;
-use axsave_core::transport::TransportRequest;
 use axsave_dist::{Launcher, World};
+
+use crate::distributed::Net;
+use crate::transport::TransportRequest;
+
+/// Why the bootstrap failed.
+#[derive(Debug, thiserror::Error)]
+pub enum BootstrapError {
+    /// An MPI call failed (`what` names it).
+    #[cfg(feature = "mpi")]
+    #[error("{what}: {source}")]
+    Mpi {
+        /// The step: "MPI initialisation failed", "MPI bootstrap broadcast failed", …
+        what: &'static str,
+        /// What MPI said.
+        #[source]
+        source: axsave_dist::transport::mpi::MpiError,
+    },
+    /// MPI's idea of this rank differs from the environment's.
+    #[error("MPI says rank {mpi_rank} of {mpi_size}, the environment says rank {rank} of {size}")]
+    RankMismatch {
+        /// Rank according to MPI.
+        mpi_rank: usize,
+        /// World size according to MPI.
+        mpi_size: usize,
+        /// Rank according to the launcher's variables.
+        rank: usize,
+        /// World size according to the launcher's variables.
+        size: usize,
+    },
+    /// Rank 0 sent something that is not what it should be.
+    #[error("malformed {what} {text:?}")]
+    Malformed {
+        /// What was expected ("bootstrap address", "store address from PMIx", "job token").
+        what: &'static str,
+        /// What came.
+        text: String,
+    },
+    /// Rank 0's host name does not resolve on this node.
+    #[error(
+        "rank 0's store is at {host}:{port}{via}, but {host:?} does not resolve on this node ({source}); set MASTER_ADDR to an address every node can reach"
+    )]
+    Unresolvable {
+        /// The host rank 0 gave.
+        host: String,
+        /// Its port.
+        port: u16,
+        /// " (from PMIx)" or nothing.
+        via: &'static str,
+        /// The resolver's answer.
+        #[source]
+        source: std::io::Error,
+    },
+    /// No port could be reserved for the store.
+    #[error("cannot find a free port for the store: {0}")]
+    Port(#[source] std::io::Error),
+    /// Rank 0 has no host name to publish.
+    #[error("this host has no name to tell the other ranks")]
+    NoHostName,
+    /// Every rank is on one node but PMIx did not deliver rank 0's address.
+    #[cfg(feature = "pmix")]
+    #[error(
+        "rank 0's store address could not come through PMIx: {0} (--rendezvous-timeout bounds the wait)"
+    )]
+    Pmix(#[source] axsave_dist::pmix::PmixError),
+    /// Ranks on several nodes, no MASTER_ADDR, and PMIx did not deliver rank 0's address.
+    #[cfg(feature = "pmix")]
+    #[error(
+        "{launcher} started ranks on several nodes and gives no MASTER_ADDR, and rank 0's address cannot come through PMIx: {source}; set MASTER_ADDR to the host of rank 0"
+    )]
+    PmixAcrossNodes {
+        /// The launcher.
+        launcher: Launcher,
+        /// What PMIx said.
+        #[source]
+        source: axsave_dist::pmix::PmixError,
+    },
+}
+
+type Result<T, E = BootstrapError> = std::result::Result<T, E>;
+
+/// A free port on every local address right now (rank 0's store binds it soon after).
+#[cfg(any(feature = "mpi", feature = "pmix"))]
+fn free_port() -> Result<u16> {
+    std::net::TcpListener::bind(("0.0.0.0", 0))
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .map_err(BootstrapError::Port)
+}
+
+/// `host:port` as rank 0 published it.
+#[cfg(any(feature = "mpi", feature = "pmix"))]
+fn host_port(text: &str, what: &'static str) -> Result<(String, u16)> {
+    text.rsplit_once(':')
+        .and_then(|(h, p)| Some((h.to_string(), p.parse::<u16>().ok()?)))
+        .ok_or_else(|| BootstrapError::Malformed {
+            what,
+            text: text.to_string(),
+        })
+}
+
+/// A name that does not resolve here never will within the rendezvous timeout: say so now
+/// rather than retrying the connection for minutes (a node without the others' names in its
+/// DNS or /etc/hosts, a container without its host name).
+#[cfg(any(feature = "mpi", feature = "pmix"))]
+fn check_resolves(host: &str, port: u16, via: &'static str) -> Result<()> {
+    use std::net::ToSocketAddrs;
+    match (host, port).to_socket_addrs() {
+        Ok(_) => Ok(()),
+        Err(source) => Err(BootstrapError::Unresolvable {
+            host: host.to_string(),
+            port,
+            via,
+            source,
+        }),
+    }
+}
 
 /// Whether to start MPI: built with it, started by an MPI launcher, and TCP not asked for. MPI
 /// then tells the ranks where rank 0's store is (no MASTER_ADDR needed) and is there to carry
 /// the pieces if the transport choice takes it.
 pub fn wants_mpi(request: TransportRequest, launcher: Launcher) -> bool {
     cfg!(feature = "mpi")
-        && axsave_core::transport::launched_by_mpi(launcher)
+        && crate::transport::launched_by_mpi(launcher)
         && request != TransportRequest::Tcp
 }
 
@@ -89,14 +203,12 @@ fn pmix_bootstrap(world: &mut World, join_timeout: std::time::Duration) -> Resul
                 .map(|s| s.trim().to_string())
                 .ok()
                 .filter(|h| !h.is_empty())
-                .ok_or_else(|| anyhow::anyhow!("this host has no name to tell the other ranks"))?,
+                .ok_or(BootstrapError::NoHostName)?,
         };
         let port = if std::env::var_os("MASTER_PORT").is_some() {
             world.master_port
         } else {
-            std::net::TcpListener::bind(("0.0.0.0", 0))?
-                .local_addr()?
-                .port()
+            free_port()?
         };
         Some(format!("{host}:{port}"))
     } else {
@@ -113,27 +225,17 @@ fn pmix_bootstrap(world: &mut World, join_timeout: std::time::Duration) -> Resul
                 return Ok(());
             }
             if world.master_addr.is_some() {
-                anyhow::bail!(
-                    "rank 0's store address could not come through PMIx: {e} (--rendezvous-timeout bounds the wait)"
-                );
+                return Err(BootstrapError::Pmix(e));
             }
-            anyhow::bail!(
-                "{} started ranks on several nodes and gives no MASTER_ADDR, and rank 0's address cannot come through PMIx: {e}; set MASTER_ADDR to the host of rank 0",
-                world.launcher
-            );
+            return Err(BootstrapError::PmixAcrossNodes {
+                launcher: world.launcher,
+                source: e,
+            });
         }
     };
-    let (host, port) = text
-        .rsplit_once(':')
-        .and_then(|(h, p)| Some((h.to_string(), p.parse::<u16>().ok()?)))
-        .ok_or_else(|| anyhow::anyhow!("malformed store address {text:?} from PMIx"))?;
+    let (host, port) = host_port(&text, "store address from PMIx")?;
     if world.rank != 0 {
-        use std::net::ToSocketAddrs;
-        if let Err(e) = (host.as_str(), port).to_socket_addrs() {
-            anyhow::bail!(
-                "rank 0's store is at {host}:{port} (from PMIx), but {host:?} does not resolve on this node ({e}); set MASTER_ADDR to an address every node can reach"
-            );
-        }
+        check_resolves(&host, port, " (from PMIx)")?;
     }
     tracing::debug!("rank 0's store is at {host}:{port} (from PMIx)");
     world.master_addr = Some(host);
@@ -144,7 +246,10 @@ fn pmix_bootstrap(world: &mut World, join_timeout: std::time::Duration) -> Resul
 #[cfg(feature = "mpi")]
 fn mpi_setup(world: &mut World, timeout: std::time::Duration) -> Result<Ready> {
     use axsave_dist::transport::mpi::MpiContext;
-    let ctx = MpiContext::init().map_err(|e| anyhow::anyhow!("MPI initialisation failed: {e}"))?;
+    let ctx = MpiContext::init().map_err(|source| BootstrapError::Mpi {
+        what: "MPI initialisation failed",
+        source,
+    })?;
     // Once MPI is up, a rank that fails must abort the job: MPI_Finalize waits for every rank,
     // and the others would wait for this one in the rendezvous.
     match bootstrap(&ctx, world, timeout).and_then(|net| Ok((net, job_token(&ctx, world)?))) {
@@ -154,7 +259,7 @@ fn mpi_setup(world: &mut World, timeout: std::time::Duration) -> Result<Ready> {
             mpi: Some(ctx),
         }),
         Err(e) => {
-            tracing::error!("{e:#}");
+            tracing::error!("{e}");
             ctx.abort(1)
         }
     }
@@ -167,13 +272,19 @@ fn job_token(
     ctx: &axsave_dist::transport::mpi::MpiContext,
     world: &World,
 ) -> Result<[u8; axsave_dist::transport::TOKEN_LEN]> {
-    let mine = (world.rank == 0).then(axsave_core::distributed::random_token);
+    let mine = (world.rank == 0).then(crate::distributed::random_token);
     let got = ctx
         .broadcast(0, mine.as_ref().map(|t| t.as_slice()))
-        .map_err(|e| anyhow::anyhow!("MPI broadcast of the job token failed: {e}"))?;
+        .map_err(|source| BootstrapError::Mpi {
+            what: "MPI broadcast of the job token failed",
+            source,
+        })?;
     got.as_slice()
         .try_into()
-        .map_err(|_| anyhow::anyhow!("malformed job token from rank 0 ({} bytes)", got.len()))
+        .map_err(|_| BootstrapError::Malformed {
+            what: "job token from rank 0",
+            text: format!("({} bytes)", got.len()),
+        })
 }
 
 /// Rank 0 tells every rank where its store will listen; then the MPI data plane.
@@ -185,44 +296,33 @@ fn bootstrap(
 ) -> Result<axsave_dist::transport::mpi::MpiTransport> {
     use axsave_dist::transport::mpi::MpiOptions;
     if ctx.size() != world.world_size || ctx.rank() != world.rank {
-        anyhow::bail!(
-            "MPI says rank {} of {}, the environment says rank {} of {}",
-            ctx.rank(),
-            ctx.size(),
-            world.rank,
-            world.world_size
-        );
+        return Err(BootstrapError::RankMismatch {
+            mpi_rank: ctx.rank(),
+            mpi_size: ctx.size(),
+            rank: world.rank,
+            size: world.world_size,
+        });
     }
     // Rank 0 tells everyone where its store will listen: MASTER_ADDR when the user set one,
     // else its host name; a port free right now.
     let value = if world.rank == 0 {
         let host =
             std::env::var("MASTER_ADDR").unwrap_or_else(|_| ctx.processor_name().to_string());
-        let port = std::net::TcpListener::bind(("0.0.0.0", 0))?
-            .local_addr()?
-            .port();
+        let port = free_port()?;
         Some(format!("{host}:{port}"))
     } else {
         None
     };
     let got = ctx
         .broadcast(0, value.as_deref().map(str::as_bytes))
-        .map_err(|e| anyhow::anyhow!("MPI bootstrap broadcast failed: {e}"))?;
+        .map_err(|source| BootstrapError::Mpi {
+            what: "MPI bootstrap broadcast failed",
+            source,
+        })?;
     let text = String::from_utf8_lossy(&got).into_owned();
-    let (host, port) = text
-        .rsplit_once(':')
-        .and_then(|(h, p)| Some((h.to_string(), p.parse::<u16>().ok()?)))
-        .ok_or_else(|| anyhow::anyhow!("malformed bootstrap address {text:?}"))?;
-    // A name that does not resolve here never will within the rendezvous timeout: say so now
-    // rather than retrying the connection for minutes (a node without the others' names in its
-    // DNS or /etc/hosts, a container without its host name).
+    let (host, port) = host_port(&text, "bootstrap address")?;
     if world.rank != 0 {
-        use std::net::ToSocketAddrs;
-        if let Err(e) = (host.as_str(), port).to_socket_addrs() {
-            anyhow::bail!(
-                "rank 0's store is at {host}:{port}, but {host:?} does not resolve on this node ({e}); set MASTER_ADDR to an address every node can reach"
-            );
-        }
+        check_resolves(&host, port, "")?;
     }
     world.master_addr = Some(host);
     world.master_port = port;
@@ -234,7 +334,10 @@ fn bootstrap(
         io_timeout: timeout,
         ..MpiOptions::default()
     })
-    .map_err(|e| anyhow::anyhow!("MPI transport: {e}"))
+    .map_err(|source| BootstrapError::Mpi {
+        what: "MPI transport",
+        source,
+    })
 }
 
 #[cfg(test)]
