@@ -174,22 +174,10 @@ pub fn save_local(
     let replaced = guard
         .commit(|| finalize(&opts.output, &layout, &opts.tag, &extras, &existing))
         .inspect_err(|_| output::remove_run_temps(&opts.output, &opts.tag))?;
-    let mut report_files: Vec<(PathBuf, u64)> = layout
-        .files
-        .iter()
-        .map(|f| (opts.output.join(&f.name), f.size))
-        .collect();
-    for name in layout
-        .index_name()
-        .into_iter()
-        .chain(extras.iter().map(|(n, _)| n.clone()))
-    {
-        let p = opts.output.join(&name);
-        let size = std::fs::metadata(&p).map(|m| m.len()).unwrap_or(0);
-        report_files.push((p, size));
-    }
+    let report_files =
+        crate::report::output_files(&opts.output, &layout, &extras, Vec::new(), false)?;
     let report = SaveReport {
-        files: report_files,
+        files: report_files.into_iter().map(|f| (f.path, f.size)).collect(),
         tensors: layout.tensors.len(),
         bytes: layout.total_size,
         replaced,
