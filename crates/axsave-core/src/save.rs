@@ -123,8 +123,7 @@ pub fn save_local(
             // The GPU executor with a plan of one rank that reads and writes everything.
             let readers = vec![vec![0]; catalog.files.len()];
             let plan =
-                crate::plan::make_plan(catalog, &layout, &readers, 1, crate::plan::Mode::Gather)
-                    .map_err(|e| CoreError::Layout(e.to_string()))?;
+                crate::plan::make_plan(catalog, &layout, &readers, 1, crate::plan::Mode::Gather)?;
             let work = crate::gpu::RankWork {
                 catalog,
                 layout: &layout,

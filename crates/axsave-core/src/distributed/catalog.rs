@@ -11,7 +11,7 @@ use axsave_formats::Catalog;
 use axsave_formats::detect::{self, Detected};
 
 use super::inventory::{self, Inventory};
-use super::{Rank, identity, json, remote, unjson};
+use super::{Rank, identity, json, unjson};
 use crate::error::{CoreError, Result};
 use crate::host::hostname;
 use crate::layout::{Layout, plan_layout};
@@ -66,7 +66,7 @@ impl Rank<'_> {
             self.world.node_rank,
         )?);
         let inv = inventory::take(&source)?;
-        broadcast_bytes(self.client, &format!("inv/{me}"), &json(&inv)?).map_err(remote)?;
+        broadcast_bytes(self.client, &format!("inv/{me}"), &json(&inv)?)?;
         let mut invs: Vec<Inventory> = Vec::with_capacity(n);
         for r in 0..n {
             let d = self.deadline();
@@ -103,7 +103,7 @@ impl Rank<'_> {
                     })?;
                 if holder == me {
                     let m = axsave_formats::dcp::load_metadata(&source)?;
-                    broadcast_bytes(self.client, "meta", &json(&m)?).map_err(remote)?;
+                    broadcast_bytes(self.client, "meta", &json(&m)?)?;
                     m
                 } else {
                     let d = self.deadline();
@@ -113,7 +113,7 @@ impl Rank<'_> {
                 Vec::new()
             };
             let part = detect::open_partial(&source, format, &metadata)?;
-            broadcast_bytes(self.client, &format!("part/{me}"), &json(&part)?).map_err(remote)?;
+            broadcast_bytes(self.client, &format!("part/{me}"), &json(&part)?)?;
             if me == 0 {
                 let mut parts = Vec::with_capacity(n);
                 for r in 0..n {
@@ -150,8 +150,7 @@ impl Rank<'_> {
             lopts.min_files = lopts.min_files.max(n);
         }
         let layout = plan_layout(&catalog, &lopts)?;
-        let plan = make_plan(&catalog, &layout, &readers, n, self.opts.mode)
-            .map_err(|e| CoreError::Layout(e.to_string()))?;
+        let plan = make_plan(&catalog, &layout, &readers, n, self.opts.mode)?;
         // Held to the end of the commit: a second save into this directory fails at once.
         self.lock = Some(crate::lock::OutputLock::acquire(&self.opts.output, tag)?);
         check_output(&self.opts.output, &self.opts.layout.stem, self.opts.force)?;
@@ -174,7 +173,7 @@ impl Rank<'_> {
             plan,
             shared_source,
         };
-        broadcast_bytes(self.client, "bundle", &json(&bundle)?).map_err(remote)?;
+        broadcast_bytes(self.client, "bundle", &json(&bundle)?)?;
         Ok(bundle)
     }
 }

@@ -9,7 +9,7 @@ use std::time::Instant;
 
 use super::catalog::{Bundle, marker_name};
 use super::join::Joined;
-use super::{DistReport, Progress, Rank, json, remote, unjson};
+use super::{DistReport, Progress, Rank, json, unjson};
 use crate::error::Result;
 use crate::output::{self, OutputFiles};
 use crate::plan::Mode;
@@ -88,9 +88,7 @@ impl Rank<'_> {
             }
         }
         crate::fault::point("synced", me);
-        self.client
-            .set(&format!("ok/{me}"), &json(&done)?)
-            .map_err(remote)?;
+        self.client.set(&format!("ok/{me}"), &json(&done)?)?;
         progress.done.store(total, Ordering::Relaxed);
         if me != 0 {
             // From now on rank 0 may be renaming this run's files: a failure here must not
@@ -109,7 +107,7 @@ impl Rank<'_> {
             let key = format!("ok/{r}");
             let d = self.far();
             self.wait_keys(&[&key], d)?;
-            let b = self.client.get(&key, d).map_err(remote)?;
+            let b = self.client.get(&key, d)?;
             dones.push(unjson::<Done>(&b, "report")?);
         }
         let shas = collect_shas(layout.files.len(), dones);
@@ -126,7 +124,7 @@ impl Rank<'_> {
         };
         self.run_files = None;
         self.guard = None;
-        self.client.set("committed", b"1").map_err(remote)?;
+        self.client.set("committed", b"1")?;
         watchdog.stop();
         if opts.mode == Mode::Sharded {
             let _ = std::fs::remove_file(opts.output.join(marker_name(&tag)));

@@ -10,7 +10,7 @@ use axsave_dist::transport::TcpOptions;
 
 use super::catalog::{Bundle, marker_name};
 use super::remote::{Incoming, Net, RemoteSink};
-use super::{Rank, address, remote};
+use super::{Rank, address};
 use crate::error::{CoreError, Result};
 use crate::execute::{self, CopyJob, ExecOptions, Sink};
 use crate::host::hostname;
@@ -101,7 +101,7 @@ impl Rank<'_> {
         if expected > 0 {
             let files = files
                 .cloned()
-                .ok_or_else(|| CoreError::Remote("receiver without files".into()))?;
+                .ok_or_else(|| CoreError::Internal("a receiver without files".into()))?;
             let sink: axsave_dist::transport::Sink = Arc::new(move |_from, file, offset, data| {
                 files
                     .write_at(file as usize, offset, data)
@@ -114,8 +114,7 @@ impl Rank<'_> {
                     let addr = SocketAddr::new(ip, port);
                     tracing::debug!(rank = me, "peers reach this rank at {addr}");
                     self.client
-                        .set(&format!("addr/{me}"), addr.to_string().as_bytes())
-                        .map_err(remote)?;
+                        .set(&format!("addr/{me}"), addr.to_string().as_bytes())?;
                     receiver = Some(r);
                 }
                 #[cfg(feature = "mpi")]
@@ -133,7 +132,7 @@ impl Rank<'_> {
                     let key = format!("addr/{w}");
                     let d = self.far();
                     self.wait_keys(&[&key], d)?;
-                    let a = self.client.get(&key, d).map_err(remote)?;
+                    let a = self.client.get(&key, d)?;
                     let a: SocketAddr = String::from_utf8_lossy(&a).parse().map_err(|e| {
                         CoreError::Remote(format!("rank {w} published a bad address: {e}"))
                     })?;
@@ -157,13 +156,14 @@ impl Rank<'_> {
             &writer_of,
             &|w| -> Result<Box<dyn Sink + '_>> {
                 if w == me {
-                    let f = files.ok_or_else(|| CoreError::Remote("no local files".into()))?;
+                    let f = files.ok_or_else(|| CoreError::Internal("no local files".into()))?;
                     return Ok(Box::new(LocalSink(f.as_ref())));
                 }
                 match net {
                     Net::Tcp => {
-                        let addr = peers[w]
-                            .ok_or_else(|| CoreError::Remote(format!("no address for rank {w}")))?;
+                        let addr = peers[w].ok_or_else(|| {
+                            CoreError::Internal(format!("no address for rank {w}"))
+                        })?;
                         Ok(Box::new(RemoteSink::tcp(addr, me, w, &tcp)?))
                     }
                     #[cfg(feature = "mpi")]
@@ -198,7 +198,7 @@ impl Rank<'_> {
         if over.is_none() && own.is_loopback() {
             for r in (0..self.world.world_size).filter(|&r| r != me) {
                 let d = self.deadline();
-                let b = self.client.get(&format!("ip/{r}"), d).map_err(remote)?;
+                let b = self.client.get(&format!("ip/{r}"), d)?;
                 if let Ok(ip) = String::from_utf8_lossy(&b).parse::<IpAddr>()
                     && !ip.is_loopback()
                 {

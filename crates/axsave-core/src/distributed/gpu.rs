@@ -8,7 +8,7 @@ use std::sync::atomic::Ordering;
 use axsave_dist::store::rendezvous::broadcast_bytes;
 
 use super::catalog::Bundle;
-use super::{Rank, json, remote, unjson};
+use super::{Rank, json, unjson};
 use crate::error::{CoreError, Result};
 #[cfg(feature = "cuda")]
 use crate::execute::ExecOptions;
@@ -36,7 +36,7 @@ impl Rank<'_> {
                 hostname()
             )));
         }
-        broadcast_bytes(self.client, &format!("caps/{me}"), &json(&caps)?).map_err(remote)?;
+        broadcast_bytes(self.client, &format!("caps/{me}"), &json(&caps)?)?;
         let mut all = Vec::with_capacity(n);
         for r in 0..n {
             let d = self.deadline();
@@ -104,7 +104,7 @@ impl Rank<'_> {
 #[cfg(feature = "cuda")]
 impl crate::gpu::nccl::Exchange for Rank<'_> {
     fn publish(&mut self, key: &str, value: &[u8]) -> Result<()> {
-        broadcast_bytes(self.client, key, value).map_err(remote)
+        Ok(broadcast_bytes(self.client, key, value)?)
     }
     fn fetch(&mut self, key: &str) -> Result<Vec<u8>> {
         let d = self.deadline();

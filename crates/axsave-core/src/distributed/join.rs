@@ -12,8 +12,8 @@ use axsave_dist::{ClientOptions, ServerOptions, StoreClient, StoreServer, World}
 
 use super::token::{hex, random_token, token_digest, unhex};
 use super::watchdog::Watchdog;
-use super::{DistOptions, Rank, address, json, rank_list, remote, unjson};
-use crate::error::{CoreError, Result};
+use super::{DistOptions, Rank, address, json, rank_list, unjson};
+use crate::error::{CoreError, Result, ResultExt};
 use crate::host::hostname;
 
 /// What every rank says when it joins.
@@ -67,11 +67,9 @@ pub(super) fn connect_store(
             port: world.master_port,
             ..ServerOptions::default()
         })
-        .map_err(|e| {
-            CoreError::Remote(format!(
-                "rank 0 cannot host the rendezvous store on port {}: {e} (set MASTER_PORT to a free port)",
-                world.master_port
-            ))
+        .map_err(|source| CoreError::StoreServer {
+            port: world.master_port,
+            source,
         })?;
         tracing::debug!(addrs = ?s.local_addrs(), "the rendezvous store listens");
         Some(s)
@@ -90,11 +88,11 @@ pub(super) fn connect_store(
         ..ClientOptions::default()
     };
     let client = StoreClient::connect(&host, world.master_port, client_opts)
-        .map_err(|e| {
-            CoreError::Remote(format!(
-                "cannot reach the rendezvous store at {host}:{}: {e}",
+        .context(|| {
+            format!(
+                "cannot reach the rendezvous store at {host}:{}",
                 world.master_port
-            ))
+            )
         })?
         .with_namespace(&world.store_namespace());
     Ok((server, client))
@@ -176,11 +174,8 @@ impl Rank<'_> {
             .map(|a| a.ip())
             .unwrap_or(IpAddr::from([127, 0, 0, 1]));
         self.client
-            .set(&format!("ip/{me}"), seen.to_string().as_bytes())
-            .map_err(remote)?;
-        self.client
-            .set(&format!("hello/{me}"), &json(&hello)?)
-            .map_err(remote)?;
+            .set(&format!("ip/{me}"), seen.to_string().as_bytes())?;
+        self.client.set(&format!("hello/{me}"), &json(&hello)?)?;
         let (tag, token) = if me == 0 {
             self.check_hellos()?;
             let tag = crate::runtag::RunTag::new().to_string();
@@ -193,7 +188,7 @@ impl Rank<'_> {
                 tag: tag.clone(),
                 token: minted.map(|t| hex(&t)),
             };
-            broadcast_bytes(self.client, "start", &json(&start)?).map_err(remote)?;
+            broadcast_bytes(self.client, "start", &json(&start)?)?;
             (tag, opts.job_token.or(minted).ok_or_else(no_token)?)
         } else {
             let d = self.deadline();
@@ -207,7 +202,7 @@ impl Rank<'_> {
         crate::fault::point("joined", me);
         let watch: Vec<usize> = if me == 0 { (1..n).collect() } else { vec![0] };
         let watchdog = Watchdog::start(
-            self.client.reconnect().map_err(remote)?,
+            self.client.reconnect()?,
             me,
             watch,
             opts.timeout,
@@ -225,7 +220,7 @@ impl Rank<'_> {
     /// failure stops the others.
     fn claim_rank(&mut self, hello: &Hello) -> Result<()> {
         let me = self.world.rank;
-        let claims = self.client.add(&format!("claim/{me}"), 1).map_err(remote)?;
+        let claims = self.client.add(&format!("claim/{me}"), 1)?;
         if claims <= 1 {
             return Ok(());
         }
@@ -257,14 +252,11 @@ impl Rank<'_> {
         let mut missing_from = 0;
         loop {
             self.check_cancel()?;
-            if let Some(f) = check_failure(self.client)
-                .map_err(remote)?
-                .filter(|f| f.rank != 0)
-            {
-                return Err(CoreError::Remote(format!(
-                    "rank {} failed: {}",
-                    f.rank, f.message
-                )));
+            if let Some(f) = check_failure(self.client)?.filter(|f| f.rank != 0) {
+                return Err(CoreError::PeerFailed {
+                    rank: f.rank,
+                    message: f.message,
+                });
             }
             for (r, seen_r) in seen.iter_mut().enumerate().skip(missing_from) {
                 if *seen_r {
@@ -275,10 +267,10 @@ impl Rank<'_> {
                     break;
                 }
                 let key = format!("hello/{r}");
-                if !self.client.check(&[&key]).map_err(remote)? {
+                if !self.client.check(&[&key])? {
                     continue;
                 }
-                let b = self.client.get(&key, deadline).map_err(remote)?;
+                let b = self.client.get(&key, deadline)?;
                 let h: Hello = unjson(&b, "hello")?;
                 check_hello(r, &h, n, &self.opts.fingerprint, mine.as_deref())?;
                 *seen_r = true;

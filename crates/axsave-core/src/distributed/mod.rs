@@ -132,17 +132,17 @@ pub struct Progress {
     pub done: std::sync::atomic::AtomicU64,
 }
 
-fn remote(e: impl std::fmt::Display) -> CoreError {
-    CoreError::Remote(e.to_string())
-}
-
+/// A value for the store. Our own types always serialize; a failure is a bug.
 fn json<T: serde::Serialize>(v: &T) -> Result<Vec<u8>> {
-    serde_json::to_vec(v).map_err(remote)
+    serde_json::to_vec(v).map_err(|e| CoreError::Internal(format!("cannot serialize: {e}")))
 }
 
+/// A value another rank put in the store, named `what` in the error.
 fn unjson<T: serde::de::DeserializeOwned>(b: &[u8], what: &str) -> Result<T> {
-    serde_json::from_slice(b)
-        .map_err(|e| CoreError::Remote(format!("malformed {what} from another rank: {e}")))
+    serde_json::from_slice(b).map_err(|source| CoreError::Malformed {
+        what: what.into(),
+        source,
+    })
 }
 
 /// Runs this rank's part of a save. Returns the report on rank 0, `None` on the others.
@@ -293,7 +293,7 @@ impl Rank<'_> {
                     self.shared.fail(format!("rank {rank} failed: {message}"));
                     return Err(CoreError::Cancelled);
                 }
-                Err(e) => return Err(remote(e)),
+                Err(e) => return Err(e.into()),
             }
         }
     }
@@ -301,7 +301,7 @@ impl Rank<'_> {
     fn receive(&mut self, key: &str, deadline: Instant) -> Result<Vec<u8>> {
         let header = format!("bcast/{key}");
         self.wait_keys(&[&header], deadline)?;
-        receive_broadcast(self.client, key, deadline).map_err(remote)
+        Ok(receive_broadcast(self.client, key, deadline)?)
     }
 }
 
@@ -331,7 +331,7 @@ mod tests {
     #[test]
     fn malformed_values_from_a_peer_say_what_they_were() {
         let e = unjson::<Vec<u32>>(b"nope", "inventory").unwrap_err();
-        assert!(matches!(e, CoreError::Remote(_)));
+        assert!(matches!(e, CoreError::Malformed { .. }));
         assert!(
             e.to_string()
                 .starts_with("malformed inventory from another rank: ")

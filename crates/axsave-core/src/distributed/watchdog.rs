@@ -8,6 +8,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use axsave_dist::StoreClient;
+use axsave_dist::store::CoordError;
 use axsave_dist::store::rendezvous::{check_failure, report_failure};
 
 /// How often the watchdog wakes up.
@@ -68,28 +69,22 @@ impl Watchdog {
                 watch.iter().map(|&r| (r, -1, Instant::now())).collect();
             let mut reported = 0u64;
             while !s.load(Ordering::SeqCst) {
-                let tick = (|| -> Result<(), String> {
-                    client
-                        .add(&format!("hb/{rank}"), 1)
-                        .map_err(|e| e.to_string())?;
+                let tick = (|| -> Result<(), CoordError> {
+                    client.add(&format!("hb/{rank}"), 1)?;
                     let local = shared.local_written.load(Ordering::Relaxed);
-                    let total = client
-                        .add("progress", (local - reported) as i64)
-                        .map_err(|e| e.to_string())?;
+                    let total = client.add("progress", (local - reported) as i64)?;
                     reported = local;
                     shared
                         .progress
                         .done
                         .store(total.max(0) as u64, Ordering::Relaxed);
-                    if let Some(f) = check_failure(&mut client).map_err(|e| e.to_string())?
+                    if let Some(f) = check_failure(&mut client)?
                         && f.rank != rank
                     {
                         shared.fail(format!("rank {} failed: {}", f.rank, f.message));
                     }
                     for (r, value, since) in &mut last_seen {
-                        let v = client
-                            .add(&format!("hb/{r}"), 0)
-                            .map_err(|e| e.to_string())?;
+                        let v = client.add(&format!("hb/{r}"), 0)?;
                         if v != *value {
                             *value = v;
                             *since = Instant::now();
