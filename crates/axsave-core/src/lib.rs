@@ -3,6 +3,7 @@
 //! memory) and finalization (temporary names, fsync, atomic renames).
 
 pub mod axolotl;
+pub mod cancel;
 pub mod distributed;
 pub mod error;
 pub mod execute;

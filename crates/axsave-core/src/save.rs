@@ -1,11 +1,12 @@
 //! A save in one process: catalog → layout → copy every piece → fsync → rename.
 
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicU64};
+use std::sync::atomic::AtomicU64;
 use std::time::Instant;
 
 use axsave_formats::Catalog;
 
+use crate::cancel::{Cancel, CancelReason};
 use crate::error::{CoreError, Result};
 use crate::execute::{self, CopyJob, ExecOptions, Sink, Task};
 use crate::layout::{Layout, LayoutOptions, plan_layout};
@@ -106,12 +107,13 @@ pub fn save_local(
             return Err(e);
         }
     };
+    // A signal cancels the copy (see `crate::interrupt`).
+    let cancel = Cancel::new();
+    crate::interrupt::watch(&cancel);
     let result = (|| {
         let copy_start = Instant::now();
         let sources = SourceFiles::new(catalog, &catalog.root);
         let tasks = all_tasks(catalog, &layout);
-        let cancel = std::sync::Arc::new(AtomicBool::new(false));
-        crate::interrupt::watch(&cancel);
         let job = CopyJob {
             catalog,
             layout: &layout,
@@ -136,7 +138,7 @@ pub fn save_local(
                 // rest.
                 exec: ExecOptions::for_budget(opts.memory_budget / 2, opts.workers),
                 written,
-                cancel: &cancel,
+                cancel: cancel.flag(),
             };
             crate::gpu::run_single(work, g)?;
         } else {
@@ -144,7 +146,13 @@ pub fn save_local(
                 crate::fault::point("copying", 0);
                 0
             };
-            execute::run(job, &sink_for, &|_| Ok(LocalSink(&files)), written, &cancel)?;
+            execute::run(
+                job,
+                &sink_for,
+                &|_| Ok(LocalSink(&files)),
+                written,
+                cancel.flag(),
+            )?;
         }
         let sync_start = Instant::now();
         files.sync()?;
@@ -157,8 +165,10 @@ pub fn save_local(
     })();
     if let Err(e) = result {
         files.discard();
-        return Err(match (e, crate::interrupt::received()) {
-            (CoreError::Cancelled, Some(signal)) => CoreError::Interrupted { signal },
+        return Err(match (e, cancel.reason()) {
+            (CoreError::Cancelled, Some(CancelReason::Signal(signal))) => {
+                CoreError::Interrupted { signal }
+            }
             (e, _) => e,
         });
     }

@@ -171,7 +171,7 @@ impl Rank<'_> {
                 }
             },
             &self.shared.local_written,
-            &self.shared.cancel,
+            self.shared.cancel.flag(),
         );
         let received = match (&receiver, &copy) {
             (Some(r), Ok(())) => r.wait(expected),

@@ -2,9 +2,6 @@
 //! capabilities, and the copy over NCCL through the GPU executor (rank 0's sizes and NCCL id
 //! travel through the store).
 
-#[cfg(feature = "cuda")]
-use std::sync::atomic::Ordering;
-
 use axsave_dist::store::rendezvous::broadcast_bytes;
 
 use super::catalog::Bundle;
@@ -61,14 +58,14 @@ impl Rank<'_> {
         files: Option<&OutputFiles>,
         sources: &SourceFiles,
     ) -> Result<()> {
-        let shared = self.shared.clone();
+        let cancel = self.shared.cancel.clone();
         let o = crate::gpu::nccl::NcclOptions {
             world_size: self.world.world_size,
             device: self.opts.device,
             local_rank: self.world.local_rank,
             timeout: self.opts.timeout,
             init_timeout: self.opts.rendezvous_timeout,
-            cancelled: std::sync::Arc::new(move || shared.cancel.load(Ordering::SeqCst)),
+            cancelled: std::sync::Arc::new(move || cancel.is_cancelled()),
         };
         let shared = self.shared.clone();
         let work = crate::gpu::RankWork {
@@ -81,7 +78,7 @@ impl Rank<'_> {
             sizing: crate::gpu::schedule::Sizing::for_budget(self.opts.memory_budget),
             exec: ExecOptions::for_budget(self.opts.memory_budget / 2, self.opts.workers),
             written: &shared.local_written,
-            cancel: &shared.cancel,
+            cancel: shared.cancel.flag(),
         };
         crate::gpu::nccl::run_nccl(self, work, &o)
     }

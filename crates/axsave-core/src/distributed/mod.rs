@@ -38,6 +38,7 @@ use axsave_dist::store::rendezvous::{receive_broadcast, report_failure, wait_wat
 use axsave_dist::{StoreClient, World};
 use axsave_formats::DType;
 
+use crate::cancel::CancelReason;
 use crate::error::{CoreError, Result};
 use crate::layout::LayoutOptions;
 use crate::plan::Mode;
@@ -171,7 +172,10 @@ pub fn run(
         reported: false,
     };
     let result = rank.run(start, &progress, &net);
-    let interrupted = crate::interrupt::received().filter(|_| shared.failure().is_none());
+    let interrupted = match shared.cancel.reason() {
+        Some(CancelReason::Signal(signal)) => Some(signal),
+        _ => None,
+    };
     if let Err(e) = &result {
         // Tell everyone (unless it is someone else's failure we are echoing), then clean up.
         let msg = match interrupted {
@@ -193,15 +197,7 @@ pub fn run(
         let _ = s.wait_for_disconnects(Instant::now() + Duration::from_secs(5).min(opts.timeout));
         s.shutdown();
     }
-    match result {
-        Err(_) if interrupted.is_some() => Err(CoreError::Interrupted {
-            signal: interrupted.unwrap_or_default(),
-        }),
-        Err(CoreError::Cancelled) => Err(CoreError::Remote(
-            shared.failure().unwrap_or_else(|| "cancelled".into()),
-        )),
-        other => other,
-    }
+    result.map_err(|e| shared.cancel.explain(e))
 }
 
 /// One rank of the run: its view of the world, its store connection, and what it must undo
@@ -267,14 +263,11 @@ impl Rank<'_> {
     /// The run's cancel flag, shared with transports that watch it.
     #[cfg(feature = "mpi")]
     fn shared_cancel(&self) -> Arc<std::sync::atomic::AtomicBool> {
-        self.shared.cancel.clone()
+        self.shared.cancel.flag().clone()
     }
 
     fn check_cancel(&self) -> Result<()> {
-        if self.shared.cancel.load(Ordering::SeqCst) {
-            return Err(CoreError::Cancelled);
-        }
-        Ok(())
+        self.shared.cancel.check()
     }
 
     /// Waits for keys, cancelled by the watchdog.

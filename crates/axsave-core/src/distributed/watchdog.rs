@@ -2,12 +2,14 @@
 //! heartbeats of the ranks it depends on and the failure flag, and reports progress. When
 //! anything goes wrong it raises `cancel`, so every blocking step of the rank gives up.
 
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use axsave_dist::StoreClient;
+
+use crate::cancel::{Cancel, CancelReason};
 use axsave_dist::store::CoordError;
 use axsave_dist::store::rendezvous::{check_failure, report_failure};
 
@@ -17,10 +19,9 @@ const TICK: Duration = Duration::from_millis(500);
 /// State shared between a rank's threads and its watchdog.
 #[derive(Default)]
 pub struct Shared {
-    /// Set when the run must stop (shared with transports that watch it).
-    pub cancel: Arc<AtomicBool>,
-    /// Why it stopped, when the watchdog found out first.
-    pub failure: Mutex<Option<String>>,
+    /// Raised when the run must stop, with the first reason (shared with transports that
+    /// watch its flag, and with the signal handler).
+    pub cancel: Cancel,
     /// Bytes this rank has handed to writers (its own files or peers).
     pub local_written: AtomicU64,
     /// Where the watchdog puts the bytes written by all ranks, as last read from the store.
@@ -28,21 +29,15 @@ pub struct Shared {
 }
 
 impl Shared {
-    /// Records the first reason to stop and raises `cancel`.
+    /// Cancels the run because of `why` (another part's failure), unless it was cancelled
+    /// for another reason first.
     pub fn fail(&self, why: String) {
-        let mut f = self.failure.lock().unwrap_or_else(|e| e.into_inner());
-        if f.is_none() {
-            *f = Some(why);
-        }
-        self.cancel.store(true, Ordering::SeqCst);
+        self.cancel.cancel(CancelReason::Failure(why));
     }
 
-    /// The recorded reason, if any.
+    /// The failure that cancelled the run, if one did.
     pub fn failure(&self) -> Option<String> {
-        self.failure
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone()
+        self.cancel.failure()
     }
 }
 

@@ -13,7 +13,7 @@ use std::fs::{File, OpenOptions};
 use std::os::unix::fs::FileExt;
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::AtomicU64;
 use std::time::{Duration, Instant};
 
 use axsave_dist::store::CoordError;
@@ -153,7 +153,7 @@ fn wait_keys(
     deadline: Instant,
 ) -> Result<()> {
     loop {
-        if shared.cancel.load(Ordering::SeqCst) {
+        if shared.cancel.is_cancelled() {
             return Err(CoreError::Cancelled);
         }
         let slice = deadline.min(Instant::now() + Duration::from_secs(1));
@@ -218,7 +218,7 @@ fn rank_run(
     // Every rank reads and checks the inputs itself (they must be visible to every rank).
     let prepared = prepare(opts)?;
     let check = || -> Result<()> {
-        if shared.cancel.load(Ordering::SeqCst) {
+        if shared.cancel.is_cancelled() {
             return Err(CoreError::Cancelled);
         }
         Ok(())
