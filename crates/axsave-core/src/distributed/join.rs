@@ -387,6 +387,92 @@ mod tests {
         );
     }
 
+    /// Two ranks (threads) against a real store: one tag, one token, and rank 0's checks.
+    fn join_two(fingerprints: [&str; 2]) -> Vec<Result<(String, [u8; TOKEN_LEN])>> {
+        use std::sync::Arc;
+        let server = StoreServer::start(ServerOptions {
+            bind: vec![SocketAddr::from(([127, 0, 0, 1], 0))],
+            port: 0,
+            ..ServerOptions::default()
+        })
+        .unwrap();
+        let out = tempfile::tempdir().unwrap();
+        let run_id = format!("join-test-{}", random_token()[0]);
+        let handles: Vec<_> = (0..2)
+            .map(|rank| {
+                let world = World {
+                    rank,
+                    world_size: 2,
+                    local_rank: rank,
+                    master_addr: Some("127.0.0.1".into()),
+                    master_port: server.port(),
+                    run_id: Some(run_id.clone()),
+                    use_agent_store: true,
+                    ..World::single()
+                };
+                let opts = DistOptions {
+                    source: "/nonexistent".into(),
+                    output: out.path().to_path_buf(),
+                    layout: Default::default(),
+                    mode: crate::plan::Mode::Gather,
+                    memory_budget: 1 << 26,
+                    force: false,
+                    workers: 1,
+                    timeout: Duration::from_secs(20),
+                    rendezvous_timeout: Duration::from_secs(3),
+                    checksums: false,
+                    fingerprint: fingerprints[rank].into(),
+                    extras: Default::default(),
+                    transport: crate::transport::TransportRequest::Tcp,
+                    device: None,
+                    mpi_available: false,
+                    job_token: None,
+                };
+                std::thread::spawn(move || {
+                    let (_, mut client) = connect_store(&world, &opts)?;
+                    let mut rank = Rank {
+                        world: &world,
+                        opts: &opts,
+                        client: &mut client,
+                        shared: Arc::new(super::super::watchdog::Shared::default()),
+                        run_files: None,
+                        guard: None,
+                        lock: None,
+                        reported: false,
+                    };
+                    let joined = rank.join()?;
+                    joined.watchdog.stop();
+                    Ok((joined.tag, joined.token))
+                })
+            })
+            .collect();
+        let results = handles.into_iter().map(|h| h.join().unwrap()).collect();
+        server.shutdown();
+        results
+    }
+
+    #[test]
+    fn both_ranks_join_with_rank_0_s_tag_and_minted_token() {
+        let r = join_two(["fp", "fp"]);
+        let (tag0, token0) = r[0].as_ref().unwrap();
+        let (tag1, token1) = r[1].as_ref().unwrap();
+        assert_eq!(tag0, tag1);
+        assert_eq!(token0, token1);
+        assert!(crate::runtag::RunTag::parse(tag0).is_some(), "{tag0}");
+    }
+
+    #[test]
+    fn rank_0_refuses_a_rank_with_other_arguments() {
+        let r = join_two(["ours", "theirs"]);
+        let e = r[0].as_ref().unwrap_err().to_string();
+        assert!(
+            e.contains("rank 1 (on ") && e.contains("(theirs vs ours)"),
+            "{e}"
+        );
+        // Rank 1 never hears a start.
+        assert!(r[1].is_err());
+    }
+
     #[test]
     fn the_token_comes_from_the_launcher_first_then_from_rank_0() {
         let own = [7u8; TOKEN_LEN];
