@@ -230,6 +230,102 @@ mod tests {
         assert_eq!(root_of(&dir.path().join("gone")), dir.path().join("gone"));
     }
 
+    fn fixture(rel: &str) -> PathBuf {
+        Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../../tests/fixtures")
+            .join(rel)
+    }
+
+    /// What a rank's bundle says: tensor names, readers of each file, shared source, root.
+    type Seen = (Vec<String>, Vec<Vec<usize>>, bool, PathBuf);
+
+    /// Join and catalog on two ranks; each returns what its bundle says.
+    fn catalog_two(source: &str) -> Vec<Result<Seen>> {
+        let out = tempfile::tempdir().unwrap();
+        let out_path = out.path().to_path_buf();
+        let r = super::super::tests::two_ranks(["fp", "fp"], source, &out_path, |rank| {
+            let joined = rank.join()?;
+            let bundle = rank.catalog(&joined.tag)?;
+            joined.watchdog.stop();
+            rank.cleanup();
+            let names = bundle
+                .layout
+                .tensors
+                .iter()
+                .map(|t| t.name.clone())
+                .collect();
+            Ok((
+                names,
+                bundle.readers,
+                bundle.shared_source,
+                bundle.catalog.root,
+            ))
+        });
+        drop(out);
+        r
+    }
+
+    #[test]
+    fn a_shared_source_is_read_by_rank_0_and_sent_to_the_others() {
+        let src = fixture("dcp/fsdp_w2/checkpoint");
+        let r = catalog_two(src.to_str().unwrap());
+        let (names0, readers0, shared0, root0) = r[0].as_ref().unwrap();
+        let (names1, readers1, shared1, root1) = r[1].as_ref().unwrap();
+        assert!(*shared0 && *shared1);
+        assert!(!names0.is_empty());
+        assert_eq!(names0, names1);
+        // Every rank can read every file.
+        assert!(readers0.iter().all(|r| r == &vec![0, 1]));
+        assert_eq!(readers0, readers1);
+        assert_eq!((root0, root1), (&src, &src));
+    }
+
+    #[test]
+    fn split_views_are_merged_by_rank_0() {
+        // Node-local disks: rank 0 holds the metadata and its shard, rank 1 only its shard.
+        let src = fixture("dcp/fsdp_w2/checkpoint");
+        let views = tempfile::tempdir().unwrap();
+        for (rank, files) in [
+            (0, &[".metadata", "__0_0.distcp"][..]),
+            (1, &["__1_0.distcp"][..]),
+        ] {
+            let d = views.path().join(format!("r{rank}"));
+            std::fs::create_dir(&d).unwrap();
+            for f in files {
+                std::fs::copy(src.join(f), d.join(f)).unwrap();
+            }
+        }
+        let template = format!("{}/r{{rank}}", views.path().display());
+        let r = catalog_two(&template);
+        let (names0, readers0, shared0, root0) = r[0].as_ref().unwrap();
+        let (names1, readers1, _, root1) = r[1].as_ref().unwrap();
+        assert!(!shared0);
+        assert_eq!(names0, names1);
+        // Rank 0's merged catalog names the one rank that holds each file.
+        assert!(readers0.iter().all(|r| r.len() == 1), "{readers0:?}");
+        assert!(readers0.contains(&vec![0]) && readers0.contains(&vec![1]));
+        assert_eq!(readers0, readers1);
+        // Each rank reads from its own view.
+        assert_eq!(root0, &views.path().join("r0"));
+        assert_eq!(root1, &views.path().join("r1"));
+        // The full model is there: the same tensors as from the whole directory.
+        let whole = catalog_two(src.to_str().unwrap());
+        assert_eq!(&whole[0].as_ref().unwrap().0, names0);
+    }
+
+    #[test]
+    fn no_checkpoint_anywhere_is_one_clear_error_on_every_rank() {
+        let empty = tempfile::tempdir().unwrap();
+        let r = catalog_two(empty.path().to_str().unwrap());
+        for res in &r {
+            let e = res.as_ref().unwrap_err().to_string();
+            assert!(
+                e.starts_with("no rank finds a checkpoint at --source"),
+                "{e}"
+            );
+        }
+    }
+
     #[test]
     fn the_marker_is_a_hidden_name_with_the_tag() {
         assert_eq!(marker_name("abc"), ".axsave-abc.shared");

@@ -387,68 +387,14 @@ mod tests {
         );
     }
 
-    /// Two ranks (threads) against a real store: one tag, one token, and rank 0's checks.
+    /// Two ranks joining against a real store; each returns its tag and token.
     fn join_two(fingerprints: [&str; 2]) -> Vec<Result<(String, [u8; TOKEN_LEN])>> {
-        use std::sync::Arc;
-        let server = StoreServer::start(ServerOptions {
-            bind: vec![SocketAddr::from(([127, 0, 0, 1], 0))],
-            port: 0,
-            ..ServerOptions::default()
-        })
-        .unwrap();
         let out = tempfile::tempdir().unwrap();
-        let run_id = format!("join-test-{}", random_token()[0]);
-        let handles: Vec<_> = (0..2)
-            .map(|rank| {
-                let world = World {
-                    rank,
-                    world_size: 2,
-                    local_rank: rank,
-                    master_addr: Some("127.0.0.1".into()),
-                    master_port: server.port(),
-                    run_id: Some(run_id.clone()),
-                    use_agent_store: true,
-                    ..World::single()
-                };
-                let opts = DistOptions {
-                    source: "/nonexistent".into(),
-                    output: out.path().to_path_buf(),
-                    layout: Default::default(),
-                    mode: crate::plan::Mode::Gather,
-                    memory_budget: 1 << 26,
-                    force: false,
-                    workers: 1,
-                    timeout: Duration::from_secs(20),
-                    rendezvous_timeout: Duration::from_secs(3),
-                    checksums: false,
-                    fingerprint: fingerprints[rank].into(),
-                    extras: Default::default(),
-                    transport: crate::transport::TransportRequest::Tcp,
-                    device: None,
-                    mpi_available: false,
-                    job_token: None,
-                };
-                std::thread::spawn(move || {
-                    let (_, mut client) = connect_store(&world, &opts)?;
-                    let mut rank = Rank {
-                        world: &world,
-                        opts: &opts,
-                        client: &mut client,
-                        shared: Arc::new(super::super::watchdog::Shared::default()),
-                        run_files: None,
-                        guard: None,
-                        lock: None,
-                        reported: false,
-                    };
-                    let joined = rank.join()?;
-                    joined.watchdog.stop();
-                    Ok((joined.tag, joined.token))
-                })
-            })
-            .collect();
-        let results = handles.into_iter().map(|h| h.join().unwrap()).collect();
-        server.shutdown();
-        results
+        super::super::tests::two_ranks(fingerprints, "/nonexistent", out.path(), |rank| {
+            let joined = rank.join()?;
+            joined.watchdog.stop();
+            Ok((joined.tag, joined.token))
+        })
     }
 
     #[test]

@@ -310,8 +310,77 @@ fn rank_list(ranks: &[usize], max: usize) -> String {
 }
 
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
     use super::*;
+
+    /// Runs `phases` on two ranks (threads of this process) against a real store, with
+    /// `fingerprints[r]` as rank r's arguments, `source` (placeholders allowed) and `output`.
+    pub(in crate::distributed) fn two_ranks<T: Send + 'static>(
+        fingerprints: [&str; 2],
+        source: &str,
+        output: &std::path::Path,
+        phases: impl Fn(&mut Rank<'_>) -> Result<T> + Send + Sync + 'static,
+    ) -> Vec<Result<T>> {
+        use axsave_dist::{ServerOptions, StoreServer};
+        let server = StoreServer::start(ServerOptions {
+            bind: vec![std::net::SocketAddr::from(([127, 0, 0, 1], 0))],
+            port: 0,
+            ..ServerOptions::default()
+        })
+        .unwrap();
+        let run_id = hex(&random_token());
+        let phases = Arc::new(phases);
+        let handles: Vec<_> = (0..2)
+            .map(|rank| {
+                let world = World {
+                    rank,
+                    world_size: 2,
+                    local_rank: rank,
+                    master_addr: Some("127.0.0.1".into()),
+                    master_port: server.port(),
+                    run_id: Some(run_id.clone()),
+                    use_agent_store: true,
+                    ..World::single()
+                };
+                let opts = DistOptions {
+                    source: source.into(),
+                    output: output.to_path_buf(),
+                    layout: Default::default(),
+                    mode: Mode::Gather,
+                    memory_budget: 1 << 26,
+                    force: false,
+                    workers: 1,
+                    timeout: Duration::from_secs(20),
+                    rendezvous_timeout: Duration::from_secs(3),
+                    checksums: false,
+                    fingerprint: fingerprints[rank].into(),
+                    extras: Default::default(),
+                    transport: TransportRequest::Tcp,
+                    device: None,
+                    mpi_available: false,
+                    job_token: None,
+                };
+                let phases = phases.clone();
+                std::thread::spawn(move || {
+                    let (_, mut client) = join::connect_store(&world, &opts)?;
+                    let mut rank = Rank {
+                        world: &world,
+                        opts: &opts,
+                        client: &mut client,
+                        shared: Arc::new(Shared::default()),
+                        run_files: None,
+                        guard: None,
+                        lock: None,
+                        reported: false,
+                    };
+                    phases(&mut rank)
+                })
+            })
+            .collect();
+        let results = handles.into_iter().map(|h| h.join().unwrap()).collect();
+        server.shutdown();
+        results
+    }
 
     #[test]
     fn rank_lists_are_short() {
