@@ -53,9 +53,66 @@ pub enum CoreError {
     /// The GPU could not do its part (CUDA or NCCL failed, or no device where one is needed).
     #[error("GPU: {0}")]
     Gpu(String),
-    /// Another rank failed, or the transport broke.
+    /// The ranks disagree (world size, arguments, checkpoint, job token), one is missing, or
+    /// one sees what another does not; the message names the rank and what to do.
     #[error("{0}")]
     Remote(String),
+    /// Another rank reported a failure.
+    #[error("rank {rank} failed: {message}")]
+    PeerFailed {
+        /// The rank.
+        rank: usize,
+        /// What it reported.
+        message: String,
+    },
+    /// A value another rank put in the store cannot be read.
+    #[error("malformed {what} from another rank: {source}")]
+    Malformed {
+        /// What the value was.
+        what: String,
+        /// Why it does not parse.
+        #[source]
+        source: serde_json::Error,
+    },
+    /// The plan (who reads and writes what) cannot be made.
+    #[error("cannot plan the copy: {0}")]
+    Plan(#[from] crate::plan::PlanError),
+    /// The rendezvous store failed.
+    #[error(transparent)]
+    Store(#[from] axsave_dist::StoreError),
+    /// A step through the store failed (a broadcast, a wait, the failure flag).
+    #[error(transparent)]
+    Coord(#[from] axsave_dist::store::CoordError),
+    /// Rank 0 could not start the rendezvous store.
+    #[error(
+        "rank 0 cannot host the rendezvous store on port {port}: {source} (set MASTER_PORT to a free port)"
+    )]
+    StoreServer {
+        /// The port asked for.
+        port: u16,
+        /// Why it failed.
+        #[source]
+        source: axsave_dist::store::ServerError,
+    },
+    /// The TCP data plane failed.
+    #[error(transparent)]
+    Transport(#[from] axsave_dist::TransportError),
+    /// The MPI data plane failed.
+    #[cfg(feature = "mpi")]
+    #[error(transparent)]
+    Mpi(#[from] axsave_dist::transport::mpi::MpiError),
+    /// `source`, with what was being done when it happened (the peer, the address).
+    #[error("{context}: {source}")]
+    Context {
+        /// What was being done.
+        context: String,
+        /// What failed.
+        #[source]
+        source: Box<CoreError>,
+    },
+    /// A bug in axsave: a state the code should never reach.
+    #[error("internal error (a bug in axsave): {0}")]
+    Internal(String),
     /// Another save holds the output directory's lock.
     #[error("{} is in use by another save ({holder}); wait for it to finish or choose another --output", dir.display())]
     Locked {
@@ -85,5 +142,68 @@ impl CoreError {
     }
 }
 
+/// Adds what was being done to an error ([`CoreError::Context`]).
+pub trait ResultExt<T> {
+    /// Wraps the error, if any, with `context()` (called only on failure).
+    fn context(self, context: impl FnOnce() -> String) -> Result<T>;
+}
+
+impl<T, E: Into<CoreError>> ResultExt<T> for std::result::Result<T, E> {
+    fn context(self, context: impl FnOnce() -> String) -> Result<T> {
+        self.map_err(|e| CoreError::Context {
+            context: context(),
+            source: Box::new(e.into()),
+        })
+    }
+}
+
 /// Result with [`CoreError`].
 pub type Result<T, E = CoreError> = std::result::Result<T, E>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn context_keeps_the_typed_cause_and_the_old_message() {
+        let cause = axsave_dist::TransportError::AlreadyStarted;
+        let e = Err::<(), _>(cause)
+            .context(|| "sending to rank 3".into())
+            .unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "sending to rank 3: the transport receiver was already started"
+        );
+        match &e {
+            CoreError::Context { source, .. } => {
+                assert!(matches!(**source, CoreError::Transport(_)))
+            }
+            other => panic!("{other:?}"),
+        }
+        // The chain is walkable down to the transport's error.
+        let inner = std::error::Error::source(&e).unwrap();
+        assert!(inner.to_string().contains("already started"));
+    }
+
+    #[test]
+    fn a_plan_error_is_not_called_a_layout_error() {
+        let e: CoreError = crate::plan::PlanError::Unreadable {
+            file: "__3_0.distcp".into(),
+            tensor: "w".into(),
+        }
+        .into();
+        assert_eq!(
+            e.to_string(),
+            "cannot plan the copy: no rank can read __3_0.distcp, which holds part of tensor w"
+        );
+    }
+
+    #[test]
+    fn a_peer_s_failure_reads_as_before() {
+        let e = CoreError::PeerFailed {
+            rank: 2,
+            message: "disk full".into(),
+        };
+        assert_eq!(e.to_string(), "rank 2 failed: disk full");
+    }
+}

@@ -451,7 +451,7 @@ impl<S: Sink> Worker<'_, S> {
             let sink = self
                 .sinks
                 .get_mut(&key)
-                .ok_or_else(|| CoreError::Remote("sink vanished".into()))?;
+                .ok_or_else(|| CoreError::Internal("sink vanished".into()))?;
             let mut pos = 0usize;
             for (elem, len) in runs(&g, b) {
                 let n = len as usize * oes;

@@ -11,10 +11,11 @@
 //! into place, which takes milliseconds): it waits for the commit to end first.
 
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicI32, Ordering};
-use std::sync::{Arc, Mutex, Weak};
+use std::sync::atomic::{AtomicI32, Ordering};
+use std::sync::{Mutex, Weak};
 use std::time::{Duration, Instant};
 
+use crate::cancel::{self, Cancel, CancelReason};
 use crate::error::{CoreError, Result};
 
 /// The first signal received (0: none).
@@ -28,7 +29,7 @@ struct Run {
 }
 
 struct State {
-    flags: Vec<Weak<AtomicBool>>,
+    flags: Vec<Weak<cancel::Inner>>,
     runs: Vec<Run>,
     next_id: u64,
 }
@@ -59,16 +60,16 @@ pub fn check() -> Result<()> {
     }
 }
 
-/// Records `sig` (the first one only) and raises every watched flag. Returns whether it was
-/// the first.
+/// Records `sig` (the first one only) and cancels every watched run with it. Returns whether it
+/// was the first.
 pub fn raise(sig: i32) -> bool {
     let first = SIGNAL
         .compare_exchange(0, sig, Ordering::SeqCst, Ordering::SeqCst)
         .is_ok();
     let mut st = state();
-    st.flags.retain(|f| match f.upgrade() {
-        Some(f) => {
-            f.store(true, Ordering::SeqCst);
+    st.flags.retain(|f| match Cancel::upgrade(f) {
+        Some(c) => {
+            c.cancel(CancelReason::Signal(sig));
             true
         }
         None => false,
@@ -76,14 +77,14 @@ pub fn raise(sig: i32) -> bool {
     first
 }
 
-/// Has `flag` raised when a signal comes (at once if one came already).
-pub fn watch(flag: &Arc<AtomicBool>) {
+/// Has `cancel` raised with the signal when one comes (at once if one came already).
+pub fn watch(cancel: &Cancel) {
     let mut st = state();
-    if received().is_some() {
-        flag.store(true, Ordering::SeqCst);
+    if let Some(sig) = received() {
+        cancel.cancel(CancelReason::Signal(sig));
     }
     st.flags.retain(|f| f.strong_count() > 0);
-    st.flags.push(Arc::downgrade(flag));
+    st.flags.push(cancel.downgrade());
 }
 
 /// A run whose temporaries [`abandon`] removes; unregistered when dropped.

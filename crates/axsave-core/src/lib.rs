@@ -4,6 +4,7 @@
 
 pub mod axolotl;
 pub mod bootstrap;
+pub mod cancel;
 pub mod distributed;
 pub mod error;
 pub mod execute;
@@ -11,6 +12,7 @@ pub mod fault;
 pub mod finalize;
 pub mod geometry;
 pub mod gpu;
+pub mod host;
 pub mod interrupt;
 pub mod layout;
 pub mod lock;
@@ -18,6 +20,7 @@ pub mod merge_lora;
 pub mod naming;
 pub mod output;
 pub mod plan;
+pub mod report;
 pub mod runtag;
 pub mod save;
 pub mod scales;

@@ -1,11 +1,12 @@
 //! A save in one process: catalog → layout → copy every piece → fsync → rename.
 
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicU64};
+use std::sync::atomic::AtomicU64;
 use std::time::Instant;
 
 use axsave_formats::Catalog;
 
+use crate::cancel::{Cancel, CancelReason};
 use crate::error::{CoreError, Result};
 use crate::execute::{self, CopyJob, ExecOptions, Task};
 use crate::layout::{Layout, LayoutOptions, plan_layout};
@@ -98,12 +99,13 @@ pub fn save_local(
             return Err(e);
         }
     };
+    // A signal cancels the copy (see `crate::interrupt`).
+    let cancel = Cancel::new();
+    crate::interrupt::watch(&cancel);
     let result = (|| {
         let copy_start = Instant::now();
         let sources = SourceFiles::new(catalog, &catalog.root);
         let tasks = all_tasks(catalog, &layout);
-        let cancel = std::sync::Arc::new(AtomicBool::new(false));
-        crate::interrupt::watch(&cancel);
         let job = CopyJob {
             catalog,
             layout: &layout,
@@ -115,8 +117,7 @@ pub fn save_local(
             // The GPU executor with a plan of one rank that reads and writes everything.
             let readers = vec![vec![0]; catalog.files.len()];
             let plan =
-                crate::plan::make_plan(catalog, &layout, &readers, 1, crate::plan::Mode::Gather)
-                    .map_err(|e| CoreError::Layout(e.to_string()))?;
+                crate::plan::make_plan(catalog, &layout, &readers, 1, crate::plan::Mode::Gather)?;
             let work = crate::gpu::RankWork {
                 catalog,
                 layout: &layout,
@@ -129,7 +130,7 @@ pub fn save_local(
                 // rest.
                 exec: ExecOptions::for_budget(opts.memory_budget / 2, opts.workers),
                 written,
-                cancel: &cancel,
+                cancel: cancel.flag(),
             };
             crate::gpu::run_single(work, g)?;
         } else {
@@ -137,7 +138,13 @@ pub fn save_local(
                 crate::fault::point("copying", 0);
                 0
             };
-            execute::run(job, &sink_for, &|_| Ok(LocalSink(&files)), written, &cancel)?;
+            execute::run(
+                job,
+                &sink_for,
+                &|_| Ok(LocalSink(&files)),
+                written,
+                cancel.flag(),
+            )?;
         }
         let sync_start = Instant::now();
         files.sync()?;
@@ -150,8 +157,10 @@ pub fn save_local(
     })();
     if let Err(e) = result {
         files.discard();
-        return Err(match (e, crate::interrupt::received()) {
-            (CoreError::Cancelled, Some(signal)) => CoreError::Interrupted { signal },
+        return Err(match (e, cancel.reason()) {
+            (CoreError::Cancelled, Some(CancelReason::Signal(signal))) => {
+                CoreError::Interrupted { signal }
+            }
             (e, _) => e,
         });
     }
@@ -166,22 +175,10 @@ pub fn save_local(
     let replaced = guard
         .commit(|| finalize(&opts.output, &layout, &opts.tag, &extras, &existing))
         .inspect_err(|_| output::remove_run_temps(&opts.output, &opts.tag))?;
-    let mut report_files: Vec<(PathBuf, u64)> = layout
-        .files
-        .iter()
-        .map(|f| (opts.output.join(&f.name), f.size))
-        .collect();
-    for name in layout
-        .index_name()
-        .into_iter()
-        .chain(extras.iter().map(|(n, _)| n.clone()))
-    {
-        let p = opts.output.join(&name);
-        let size = std::fs::metadata(&p).map(|m| m.len()).unwrap_or(0);
-        report_files.push((p, size));
-    }
+    let report_files =
+        crate::report::output_files(&opts.output, &layout, &extras, Vec::new(), false)?;
     let report = SaveReport {
-        files: report_files,
+        files: report_files.into_iter().map(|f| (f.path, f.size)).collect(),
         tensors: layout.tensors.len(),
         bytes: layout.total_size,
         replaced,

@@ -79,7 +79,7 @@ impl SourceFiles {
         let cell = self
             .files
             .get(i)
-            .ok_or_else(|| CoreError::Remote(format!("no source file {i}")))?;
+            .ok_or_else(|| CoreError::Internal(format!("no source file {i}")))?;
         let path = self.path(i);
         let expected = self.sizes.get(i).copied().unwrap_or(0);
         let at_start = self.at_start.get(i).copied().flatten();

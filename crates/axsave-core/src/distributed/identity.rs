@@ -33,7 +33,7 @@ impl Identity {
     pub fn of(source: &Path) -> Result<Identity> {
         let shown = std::path::absolute(source).unwrap_or_else(|_| source.to_path_buf());
         let mut id = Identity {
-            path: format!("{} on {}", shown.display(), super::hostname()),
+            path: format!("{} on {}", shown.display(), crate::host::hostname()),
             ..Identity::default()
         };
         if source.is_file() {

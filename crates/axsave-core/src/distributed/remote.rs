@@ -8,7 +8,7 @@ use std::sync::atomic::AtomicBool;
 
 use axsave_dist::transport::{SharedSink, TcpOptions, TcpReceiver, TcpSender};
 
-use crate::error::{CoreError, Result};
+use crate::error::{CoreError, Result, ResultExt};
 use crate::execute::Sink;
 
 /// Which transport moves pieces between ranks.
@@ -50,7 +50,7 @@ impl RemoteSink {
     /// Connects to writer `peer` listening at `addr`.
     pub fn tcp(addr: SocketAddr, me: usize, peer: usize, opts: &TcpOptions) -> Result<Self> {
         let sender = TcpSender::connect(addr, me, opts)
-            .map_err(|e| CoreError::Remote(format!("cannot send to rank {peer} at {addr}: {e}")))?;
+            .context(|| format!("cannot send to rank {peer} at {addr}"))?;
         Ok(RemoteSink::Tcp(Some(sender), peer))
     }
 
@@ -63,48 +63,48 @@ impl RemoteSink {
     ) -> Result<Self> {
         let s = t
             .sender_with_cancel(peer, Some(cancel))
-            .map_err(|e| CoreError::Remote(format!("cannot send to rank {peer} over MPI: {e}")))?;
+            .context(|| format!("cannot send to rank {peer} over MPI"))?;
         Ok(RemoteSink::Mpi(Some(s), peer))
     }
 
     fn gone(peer: usize) -> CoreError {
-        CoreError::Remote(format!("stream to rank {peer} already finished"))
+        CoreError::Internal(format!("the stream to rank {peer} already finished"))
     }
 }
 
 impl Sink for RemoteSink {
     fn write(&mut self, file: usize, offset: u64, data: &[u8]) -> Result<()> {
-        let err = |peer: usize, e: &dyn std::fmt::Display| {
-            CoreError::Remote(format!("sending to rank {peer}: {e}"))
-        };
         match self {
             RemoteSink::Tcp(s, peer) => s
                 .as_mut()
                 .ok_or_else(|| Self::gone(*peer))?
                 .push(file as u32, offset, data)
-                .map_err(|e| err(*peer, &e)),
+                .context(|| format!("sending to rank {peer}")),
             #[cfg(feature = "mpi")]
             RemoteSink::Mpi(s, peer) => s
                 .as_mut()
                 .ok_or_else(|| Self::gone(*peer))?
                 .push(file as u32, offset, data)
-                .map_err(|e| err(*peer, &e)),
+                .context(|| format!("sending to rank {peer}")),
         }
     }
 
     /// Sends what is buffered; over TCP, also waits until the writer confirms every byte.
     fn finish(&mut self) -> Result<()> {
-        let err = |peer: usize, e: &dyn std::fmt::Display| {
-            CoreError::Remote(format!("sending to rank {peer}: {e}"))
-        };
         match self {
             RemoteSink::Tcp(s, peer) => match s.take() {
-                Some(s) => s.finish().map(|_| ()).map_err(|e| err(*peer, &e)),
+                Some(s) => s
+                    .finish()
+                    .map(|_| ())
+                    .context(|| format!("sending to rank {peer}")),
                 None => Ok(()),
             },
             #[cfg(feature = "mpi")]
             RemoteSink::Mpi(s, peer) => match s.take() {
-                Some(s) => s.finish().map(|_| ()).map_err(|e| err(*peer, &e)),
+                Some(s) => s
+                    .finish()
+                    .map(|_| ())
+                    .context(|| format!("sending to rank {peer}")),
                 None => Ok(()),
             },
         }
@@ -127,7 +127,7 @@ impl Incoming {
         let cancel = Arc::new(AtomicBool::new(false));
         let r = t
             .start_receiver(sink, cancel.clone())
-            .map_err(|e| CoreError::Remote(format!("cannot receive over MPI: {e}")))?;
+            .context(|| "cannot receive over MPI".into())?;
         Ok(Incoming::Mpi(r, cancel))
     }
 
@@ -144,26 +144,19 @@ impl Incoming {
             any
         };
         let mut r = TcpReceiver::listen(SocketAddr::new(bind, 0), opts.clone())
-            .map_err(|e| CoreError::Remote(format!("cannot listen for peers on {bind}: {e}")))?;
+            .context(|| format!("cannot listen for peers on {bind}"))?;
         let port = r.local_addr().port();
         let cancel = Arc::new(AtomicBool::new(false));
-        r.start(sink, cancel.clone())
-            .map_err(|e| CoreError::Remote(e.to_string()))?;
+        r.start(sink, cancel.clone())?;
         Ok((Incoming::Tcp(r, cancel), port))
     }
 
     /// Waits until `expected` bytes were written.
     pub fn wait(&self, expected: u64) -> Result<()> {
         match self {
-            Incoming::Tcp(r, _) => r
-                .wait(expected)
-                .map(|_| ())
-                .map_err(|e| CoreError::Remote(e.to_string())),
+            Incoming::Tcp(r, _) => Ok(r.wait(expected).map(|_| ())?),
             #[cfg(feature = "mpi")]
-            Incoming::Mpi(r, _) => r
-                .wait(expected)
-                .map(|_| ())
-                .map_err(|e| CoreError::Remote(e.to_string())),
+            Incoming::Mpi(r, _) => Ok(r.wait(expected).map(|_| ())?),
         }
     }
 

@@ -2,12 +2,15 @@
 //! heartbeats of the ranks it depends on and the failure flag, and reports progress. When
 //! anything goes wrong it raises `cancel`, so every blocking step of the rank gives up.
 
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use axsave_dist::StoreClient;
+
+use crate::cancel::{Cancel, CancelReason};
+use axsave_dist::store::CoordError;
 use axsave_dist::store::rendezvous::{check_failure, report_failure};
 
 /// How often the watchdog wakes up.
@@ -16,10 +19,9 @@ const TICK: Duration = Duration::from_millis(500);
 /// State shared between a rank's threads and its watchdog.
 #[derive(Default)]
 pub struct Shared {
-    /// Set when the run must stop (shared with transports that watch it).
-    pub cancel: Arc<AtomicBool>,
-    /// Why it stopped, when the watchdog found out first.
-    pub failure: Mutex<Option<String>>,
+    /// Raised when the run must stop, with the first reason (shared with transports that
+    /// watch its flag, and with the signal handler).
+    pub cancel: Cancel,
     /// Bytes this rank has handed to writers (its own files or peers).
     pub local_written: AtomicU64,
     /// Where the watchdog puts the bytes written by all ranks, as last read from the store.
@@ -27,21 +29,15 @@ pub struct Shared {
 }
 
 impl Shared {
-    /// Records the first reason to stop and raises `cancel`.
+    /// Cancels the run because of `why` (another part's failure), unless it was cancelled
+    /// for another reason first.
     pub fn fail(&self, why: String) {
-        let mut f = self.failure.lock().unwrap_or_else(|e| e.into_inner());
-        if f.is_none() {
-            *f = Some(why);
-        }
-        self.cancel.store(true, Ordering::SeqCst);
+        self.cancel.cancel(CancelReason::Failure(why));
     }
 
-    /// The recorded reason, if any.
+    /// The failure that cancelled the run, if one did.
     pub fn failure(&self) -> Option<String> {
-        self.failure
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone()
+        self.cancel.failure()
     }
 }
 
@@ -68,28 +64,22 @@ impl Watchdog {
                 watch.iter().map(|&r| (r, -1, Instant::now())).collect();
             let mut reported = 0u64;
             while !s.load(Ordering::SeqCst) {
-                let tick = (|| -> Result<(), String> {
-                    client
-                        .add(&format!("hb/{rank}"), 1)
-                        .map_err(|e| e.to_string())?;
+                let tick = (|| -> Result<(), CoordError> {
+                    client.add(&format!("hb/{rank}"), 1)?;
                     let local = shared.local_written.load(Ordering::Relaxed);
-                    let total = client
-                        .add("progress", (local - reported) as i64)
-                        .map_err(|e| e.to_string())?;
+                    let total = client.add("progress", (local - reported) as i64)?;
                     reported = local;
                     shared
                         .progress
                         .done
                         .store(total.max(0) as u64, Ordering::Relaxed);
-                    if let Some(f) = check_failure(&mut client).map_err(|e| e.to_string())?
+                    if let Some(f) = check_failure(&mut client)?
                         && f.rank != rank
                     {
                         shared.fail(format!("rank {} failed: {}", f.rank, f.message));
                     }
                     for (r, value, since) in &mut last_seen {
-                        let v = client
-                            .add(&format!("hb/{r}"), 0)
-                            .map_err(|e| e.to_string())?;
+                        let v = client.add(&format!("hb/{r}"), 0)?;
                         if v != *value {
                             *value = v;
                             *since = Instant::now();

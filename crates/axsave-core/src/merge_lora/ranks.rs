@@ -18,7 +18,7 @@ use std::fs::{File, OpenOptions};
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::AtomicU64;
 use std::time::{Duration, Instant};
 
 use axsave_dist::store::CoordError;
@@ -208,7 +208,7 @@ fn wait_keys(
     deadline: Instant,
 ) -> Result<()> {
     loop {
-        if shared.cancel.load(Ordering::SeqCst) {
+        if shared.cancel.is_cancelled() {
             return Err(CoreError::Cancelled);
         }
         let slice = deadline.min(Instant::now() + Duration::from_secs(1));
@@ -273,7 +273,7 @@ fn rank_run(
     // Every rank reads and checks the inputs itself (they must be visible to every rank).
     let prepared = prepare(opts)?;
     let check = || -> Result<()> {
-        if shared.cancel.load(Ordering::SeqCst) {
+        if shared.cancel.is_cancelled() {
             return Err(CoreError::Cancelled);
         }
         Ok(())
