@@ -16,8 +16,7 @@ pub mod ranks;
 pub mod write;
 
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::AtomicU64;
 use std::time::Instant;
 
 use axsave_formats::{Catalog, st_reader};
@@ -175,10 +174,10 @@ pub fn merge_local(p: &Prepared, opts: &MergeOptions, written: &AtomicU64) -> Re
             return Err(e);
         }
     };
-    let cancel = Arc::new(AtomicBool::new(false));
+    let cancel = crate::cancel::Cancel::new();
     crate::interrupt::watch(&cancel);
     let check = || -> Result<()> {
-        if cancel.load(Ordering::SeqCst) {
+        if cancel.is_cancelled() {
             return Err(CoreError::Cancelled);
         }
         Ok(())
