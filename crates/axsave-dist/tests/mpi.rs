@@ -1,6 +1,6 @@
 //! The MPI transport under a real launcher: each test runs
 //! `mpirun -n N axsave-mpi-check SCENARIO ...` (the scenarios live in
-//! `src/bin/axsave-mpi-check.rs`) and checks its exit status, its output and how long it
+//! `src/bin/axsave-mpi-check/`) and checks its exit status, its output and how long it
 //! took. Needs the `mpi` feature and `mpirun` on `PATH`; without them the tests say why
 //! they skip and pass.
 //!

@@ -14,8 +14,8 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use axsave_dist::data_plane::{
-    PROTOCOL_VERSION, ReceiveStats, SharedSink, TcpOptions, TcpReceiver, TcpSender, TransportError,
-    sink_fn,
+    PROTOCOL_VERSION, ReceiveStats, RunError, SharedSink, TcpOptions, TcpReceiver, TcpSender,
+    TransportError, sink_fn,
 };
 
 // ---- helpers ----
@@ -414,7 +414,7 @@ fn misuse_is_an_error() {
     // A run that would end past 2^64 is refused, and the sender stays usable.
     assert!(matches!(
         s.push(0, u64::MAX - 1, &[1, 2, 3]),
-        Err(TransportError::InvalidRun { .. })
+        Err(TransportError::Run(RunError::InvalidRun { .. }))
     ));
     s.push(0, 0, &[1, 2, 3]).unwrap();
     assert_eq!(s.finish().unwrap(), 3);
@@ -779,7 +779,7 @@ fn a_sink_error_reaches_the_sender_instead_of_an_ack_and_fails_wait() {
     );
     let e = r.wait(10_100).unwrap_err();
     assert!(
-        matches!(&e, TransportError::Sink { rank: 8, file: 1, message, .. } if message == "disk full"),
+        matches!(&e, TransportError::Run(RunError::Sink { rank: 8, file: 1, message, .. }) if message == "disk full"),
         "{e}"
     );
 }
@@ -819,7 +819,7 @@ fn a_sink_error_stops_a_sender_that_keeps_pushing() {
     );
     assert!(matches!(
         r.wait(u64::MAX).unwrap_err(),
-        TransportError::Sink { rank: 2, .. }
+        TransportError::Run(RunError::Sink { rank: 2, .. })
     ));
 }
 
@@ -834,7 +834,7 @@ fn a_panicking_sink_is_an_error_not_a_hang() {
     assert!(e.to_string().contains("sink exploded"), "{e}");
     let e = r.wait(5).unwrap_err();
     assert!(
-        matches!(&e, TransportError::Sink { message, .. } if message.contains("panicked")),
+        matches!(&e, TransportError::Run(RunError::Sink { message, .. }) if message.contains("panicked")),
         "{e}"
     );
 }
@@ -857,11 +857,11 @@ fn more_bytes_than_expected_never_reach_the_sink() {
     assert!(
         matches!(
             e,
-            TransportError::TooManyBytes {
+            TransportError::Run(RunError::TooManyBytes {
                 expected: 3000,
                 rank: Some(4),
                 ..
-            }
+            })
         ),
         "{e}"
     );

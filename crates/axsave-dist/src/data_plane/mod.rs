@@ -22,6 +22,7 @@
 //! ([`limits`]).
 
 mod clock;
+pub mod error;
 pub mod limits;
 #[cfg(feature = "mpi")]
 pub mod mpi;
@@ -37,6 +38,7 @@ pub mod tcp;
 /// depends on how it was launched; see axsave-core's `transport::mpi_available`.
 pub const MPI_BUILT: bool = cfg!(feature = "mpi");
 
+pub use error::RunError;
 pub use limits::{MAX_FRAME_BYTES, MAX_RUNS_PER_FRAME};
 pub use plane::{DataPlane, DataPlaneError, PlaneReceiver, PlaneSender};
 pub use sink::{SharedSink, Sink, SinkError, sink_fn};

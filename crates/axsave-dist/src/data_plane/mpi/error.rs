@@ -6,6 +6,8 @@ use std::time::Duration;
 
 use thiserror::Error;
 
+use crate::data_plane::error::RunError;
+
 use super::threading::MIN_THREAD_LEVEL;
 
 /// Why an MPI operation failed.
@@ -48,16 +50,6 @@ pub enum MpiError {
     InvalidArgument {
         /// What is wrong.
         detail: String,
-    },
-    /// A pushed run would end past byte `u64::MAX`; nothing was queued.
-    #[error("a run of {len} bytes at offset {offset} of file {file} would end past 2^64")]
-    InvalidRun {
-        /// File index.
-        file: u32,
-        /// Offset given.
-        offset: u64,
-        /// Its length.
-        len: usize,
     },
     /// A message or broadcast is longer than MPI's `int` count or our limit allows.
     #[error("{what} of {len} bytes exceeds the limit of {max} bytes")]
@@ -110,6 +102,9 @@ pub enum MpiError {
     /// rank or thread failed).
     #[error("the transfer was cancelled")]
     Cancelled,
+    /// A run could not be queued or delivered (the failures both transports share).
+    #[error(transparent)]
+    Run(#[from] RunError),
     /// A sender made no progress for [`MpiOptions::io_timeout`](super::MpiOptions::io_timeout): no send of this process
     /// completed, so the writer is not receiving (hung, dead, or not started).
     #[error("no progress sending{} for {timeout:?} while {during}",
@@ -129,34 +124,6 @@ pub enum MpiError {
         rank: usize,
         /// What was wrong.
         detail: String,
-    },
-    /// The sink returned an error (or panicked) for a run.
-    #[error(
-        "writing {len} bytes at offset {offset} of file {file} from rank {rank} failed: {message}"
-    )]
-    Sink {
-        /// The sending rank.
-        rank: usize,
-        /// File index.
-        file: u32,
-        /// Offset of the run.
-        offset: u64,
-        /// Length of the run.
-        len: u64,
-        /// The sink's message.
-        message: String,
-    },
-    /// More payload bytes arrived than [`MpiReceiver::wait`](super::MpiReceiver::wait) expects: the plans of the ranks
-    /// disagree.
-    #[error("{received} payload bytes arrived, more than the {expected} expected{}",
-        .rank.map_or(String::new(), |r| format!(" (the excess from rank {r})")))]
-    TooManyBytes {
-        /// Bytes expected in total.
-        expected: u64,
-        /// Bytes that arrived (or were about to be handed to the sink).
-        received: u64,
-        /// The rank whose frame went over, when known.
-        rank: Option<usize>,
     },
     /// A stream's end message announced other totals than arrived from it.
     #[error(

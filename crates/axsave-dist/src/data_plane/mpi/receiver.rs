@@ -12,6 +12,7 @@ use super::shared::{Command, CtxShared, Delivery, POLL, ReceiveSlots};
 use super::wire::{self, DATA_TAG, Decoded, END_TAG, End};
 use crate::data_plane::ReceiveStats;
 use crate::data_plane::clock::ProgressClock;
+use crate::data_plane::error::RunError;
 use crate::data_plane::sink::{SharedSink, deliver};
 
 /// How long stopping a receiver waits for the progress thread to confirm that no more
@@ -81,11 +82,11 @@ impl MpiReceiver {
                 return Err(MpiError::Cancelled);
             }
             if st.ledger.claimed > expected_bytes {
-                return Err(MpiError::TooManyBytes {
+                return Err(MpiError::Run(RunError::TooManyBytes {
                     expected: expected_bytes,
                     received: st.ledger.claimed,
                     rank: None,
-                });
+                }));
             }
             if st.ledger.complete(expected_bytes) {
                 return Ok(st.stats());
@@ -282,11 +283,11 @@ impl Ledger {
         let claimed = self.claimed.saturating_add(n);
         if let Some(expected) = expected {
             if claimed > expected {
-                return Err(MpiError::TooManyBytes {
+                return Err(MpiError::Run(RunError::TooManyBytes {
                     expected,
                     received: claimed,
                     rank: Some(rank),
-                });
+                }));
             }
         }
         self.claimed = claimed;
@@ -416,13 +417,13 @@ fn handle(shared: &RecvShared, d: &Delivery, runs: &mut Vec<(u64, u32)>) -> Resu
                 at += len as usize;
                 let result = deliver(&*shared.sink, d.from, v.file, offset, data);
                 if let Err(message) = result {
-                    return Err(MpiError::Sink {
+                    return Err(MpiError::Run(RunError::Sink {
                         rank: d.from,
                         file: v.file,
                         offset,
                         len: u64::from(len),
                         message,
-                    });
+                    }));
                 }
             }
             shared.state().ledger.handled(d.from, v.stream, n)
@@ -505,11 +506,11 @@ mod tests {
         assert!(
             matches!(
                 e,
-                MpiError::TooManyBytes {
+                MpiError::Run(RunError::TooManyBytes {
                     expected: 10,
                     received: 11,
                     rank: Some(2)
-                }
+                })
             ),
             "{e:?}"
         );

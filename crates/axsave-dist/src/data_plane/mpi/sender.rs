@@ -12,6 +12,7 @@ use super::receiver::{MpiReceiver, RecvShared};
 use super::shared::{Command, CtxShared, Outgoing, POLL, Receiving, SendCompletions};
 use super::wire::{self, DATA_TAG, END_TAG, Framer};
 use crate::data_plane::SharedSink;
+use crate::data_plane::error::RunError;
 
 /// A handle on the MPI data plane of one transfer, from
 /// [`MpiContext::transport`](super::MpiContext::transport). Cheap to clone, `Send` and `Sync`: each worker thread
@@ -317,11 +318,11 @@ impl MpiSender {
         self.usable()?;
         if offset.checked_add(data.len() as u64).is_none() {
             // A caller's mistake, caught before anything is queued: the sender stays usable.
-            return Err(MpiError::InvalidRun {
+            return Err(MpiError::Run(RunError::InvalidRun {
                 file,
                 offset,
                 len: data.len(),
-            });
+            }));
         }
         let mut framer = std::mem::replace(&mut self.framer, Framer::new(0, 0, 1, Vec::new()));
         let r = framer.push(file, offset, data, &mut |m| {

@@ -93,6 +93,8 @@ use std::time::Duration;
 
 use thiserror::Error;
 
+use super::error::RunError;
+
 mod net;
 mod receiver;
 mod sender;
@@ -170,16 +172,6 @@ pub enum TransportError {
     InvalidOptions {
         /// What is wrong.
         detail: String,
-    },
-    /// A pushed run would end past byte `u64::MAX`; nothing was queued.
-    #[error("a run of {len} bytes at offset {offset} of file {file} would end past 2^64")]
-    InvalidRun {
-        /// File index.
-        file: u32,
-        /// Offset given.
-        offset: u64,
-        /// Its length.
-        len: usize,
     },
     /// Binding or configuring the listening socket failed.
     #[error("cannot listen on {addr}: {source}")]
@@ -274,6 +266,9 @@ pub enum TransportError {
     /// rank or thread failed).
     #[error("the transfer was cancelled")]
     Cancelled,
+    /// A run could not be queued or delivered (the failures both transports share).
+    #[error(transparent)]
+    Run(#[from] RunError),
     /// A sender closed its connection without the end marker: its process died, or it
     /// dropped its [`TcpSender`] without finishing.
     #[error("sender rank {rank} ({peer}) {detail}: it died or gave up")]
@@ -307,34 +302,6 @@ pub enum TransportError {
         peer: SocketAddr,
         /// What was wrong.
         detail: String,
-    },
-    /// The sink returned an error (or panicked) for a run.
-    #[error(
-        "writing {len} bytes at offset {offset} of file {file} from sender rank {rank} failed: {message}"
-    )]
-    Sink {
-        /// The sender's rank.
-        rank: usize,
-        /// File index.
-        file: u32,
-        /// Offset of the run.
-        offset: u64,
-        /// Length of the run.
-        len: u64,
-        /// The sink's message.
-        message: String,
-    },
-    /// More payload bytes arrived than [`TcpReceiver::wait`] expects: the plans of the ranks
-    /// disagree.
-    #[error("{received} payload bytes arrived, more than the {expected} expected{}",
-        .rank.map_or(String::new(), |r| format!(" (the excess from sender rank {r})")))]
-    TooManyBytes {
-        /// Bytes expected in total.
-        expected: u64,
-        /// Bytes that arrived (or were about to be handed to the sink).
-        received: u64,
-        /// The rank whose frame went over, when known.
-        rank: Option<usize>,
     },
     /// A sender's end marker announced a different byte total than arrived on its
     /// connection.

@@ -14,6 +14,7 @@ use super::wire::{
 };
 use super::{ReceiveStats, TcpOptions, TransportError};
 use crate::data_plane::clock::ProgressClock;
+use crate::data_plane::error::RunError;
 use crate::data_plane::sink::{SharedSink, deliver};
 use crate::net::deadline_after;
 
@@ -130,11 +131,11 @@ impl TcpReceiver {
                 return Err(TransportError::Cancelled);
             }
             if st.claimed > expected_bytes {
-                return Err(TransportError::TooManyBytes {
+                return Err(TransportError::Run(RunError::TooManyBytes {
                     expected: expected_bytes,
                     received: st.claimed,
                     rank: None,
-                });
+                }));
             }
             if st.handled == expected_bytes && st.claimed == st.handled && st.open.is_empty() {
                 return Ok(st.stats());
@@ -516,13 +517,13 @@ impl Conn<'_> {
             let result = deliver(&*self.shared.sink, self.rank, header.file, offset, data);
             if let Err(message) = result {
                 return Err(Stop::Failed {
-                    error: TransportError::Sink {
+                    error: TransportError::Run(RunError::Sink {
                         rank: self.rank,
                         file: header.file,
                         offset,
                         len: u64::from(len),
                         message,
-                    },
+                    }),
                     reply: true,
                 });
             }
@@ -544,11 +545,11 @@ impl Conn<'_> {
         if let Some(expected) = st.expected {
             if claimed > expected {
                 return Err(Stop::Failed {
-                    error: TransportError::TooManyBytes {
+                    error: TransportError::Run(RunError::TooManyBytes {
                         expected,
                         received: claimed,
                         rank: Some(self.rank),
-                    },
+                    }),
                     reply: true,
                 });
             }

@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 use super::net::{self, is_disconnect, is_timeout, poll_interval};
 use super::wire::{self, Hello, MAX_RUNS_PER_FRAME, PROTOCOL_VERSION, REPLY_HEADER_LEN, REPLY_OK};
 use super::{TcpOptions, TransportError};
+use crate::data_plane::error::RunError;
 use crate::net::{GaveUp, attempt_timeout, connect_with_backoff};
 
 /// Longest wait between connection attempts.
@@ -130,11 +131,11 @@ impl TcpSender {
         }
         if offset.checked_add(data.len() as u64).is_none() {
             // A caller's mistake, caught before anything is queued: the sender stays usable.
-            return Err(TransportError::InvalidRun {
+            return Err(TransportError::Run(RunError::InvalidRun {
                 file,
                 offset,
                 len: data.len(),
-            });
+            }));
         }
         let result = self.push_inner(file, offset, data);
         self.note(result)
