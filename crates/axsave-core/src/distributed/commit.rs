@@ -7,11 +7,11 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Instant;
 
-use super::catalog::{Bundle, marker_name};
+use super::catalog::Bundle;
 use super::join::Joined;
 use super::{DistReport, Progress, Rank, json, unjson};
 use crate::error::Result;
-use crate::output::{self, OutputFiles};
+use crate::output::{self, OutputFiles, marker_name};
 use crate::plan::Mode;
 use crate::report::{dtype_counts, output_files, sha256_file};
 use crate::save::{check_output, finalize};
