@@ -151,7 +151,7 @@ pub fn abandon(sig: i32) -> ! {
     };
     for r in &st.runs {
         crate::output::remove_run_temps(&r.dir, &r.tag);
-        let _ = std::fs::remove_file(r.dir.join(format!(".axsave-{}.shared", r.tag)));
+        let _ = std::fs::remove_file(r.dir.join(crate::output::marker_name(&r.tag)));
         // The output lock, when this process holds it (its record names this run).
         let lock = r.dir.join(crate::lock::LOCK_NAME);
         if std::fs::read_to_string(&lock).is_ok_and(|l| l.contains(&format!("tag={}\n", r.tag))) {

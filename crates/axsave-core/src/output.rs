@@ -14,6 +14,12 @@ pub fn temp_name(final_name: &str, tag: &str) -> String {
     format!(".{final_name}.axsave-{tag}.tmp")
 }
 
+/// The marker rank 0 of a sharded multi-rank save leaves in the output directory, so that the
+/// other writers can check they share it (`.axsave-1a2b3c.shared`).
+pub fn marker_name(tag: &str) -> String {
+    format!(".axsave-{tag}.shared")
+}
+
 /// Files in `dir` that make it look like it already holds a model with this stem:
 /// `{stem}.safetensors`, `{stem}-NNNNN-of-NNNNN.safetensors`, `{stem}.safetensors.index.json`.
 pub fn existing_model_files(dir: &Path, stem: &str) -> Result<Vec<String>> {

@@ -15,7 +15,7 @@ use super::{Rank, identity, json, unjson};
 use crate::error::{CoreError, Result};
 use crate::host::hostname;
 use crate::layout::{Layout, plan_layout};
-use crate::output;
+use crate::output::{self, marker_name};
 use crate::plan::{Mode, Plan, make_plan};
 use crate::save::check_output;
 
@@ -46,11 +46,6 @@ pub(super) fn root_of(source: &Path) -> PathBuf {
     } else {
         source.to_path_buf()
     }
-}
-
-/// The marker rank 0 leaves in the output directory for the sharded-mode check.
-pub(super) fn marker_name(tag: &str) -> String {
-    format!(".axsave-{tag}.shared")
 }
 
 impl Rank<'_> {

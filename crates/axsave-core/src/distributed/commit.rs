@@ -7,11 +7,11 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Instant;
 
-use super::catalog::{Bundle, marker_name};
+use super::catalog::Bundle;
 use super::join::Joined;
 use super::{DistReport, Progress, Rank, json, unjson};
 use crate::error::Result;
-use crate::output::{self, OutputFiles};
+use crate::output::{self, OutputFiles, marker_name};
 use crate::plan::Mode;
 use crate::report::{dtype_counts, output_files, sha256_file};
 use crate::save::{check_output, finalize};
@@ -176,6 +176,7 @@ impl Rank<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::path::Path;
 
     #[test]
     fn every_writer_s_digests_land_in_their_file_s_slot() {
@@ -200,6 +201,51 @@ mod tests {
             files: vec![(7, Some("x".into())), (0, Some("a".into()))],
         }];
         assert_eq!(collect_shas(1, dones), vec![Some("a".into())]);
+    }
+
+    #[test]
+    fn rank_0_commits_every_file_and_reports_them() {
+        let src = Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../../tests/fixtures/dcp/fsdp_w2/checkpoint");
+        let out = tempfile::tempdir().unwrap();
+        let results = super::super::tests::two_ranks(
+            ["fp", "fp"],
+            src.to_str().unwrap(),
+            out.path(),
+            |rank| {
+                let progress = Progress::default();
+                rank.run(Instant::now(), &progress, &super::super::Net::Tcp)
+            },
+        );
+        let report = results[0]
+            .as_ref()
+            .unwrap()
+            .as_ref()
+            .expect("rank 0 reports");
+        assert!(results[1].as_ref().unwrap().is_none());
+        assert_eq!(report.world_size, 2);
+        assert_eq!(report.transport, Transport::Tcp);
+        assert!(report.shared_source);
+        assert_eq!(
+            report.dtypes.iter().map(|(_, n)| n).sum::<usize>(),
+            report.tensors
+        );
+        // Every reported file is in place with its size, and nothing else is left behind.
+        let mut on_disk: Vec<String> = std::fs::read_dir(out.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        on_disk.sort();
+        let mut reported: Vec<String> = report
+            .files
+            .iter()
+            .map(|f| {
+                assert_eq!(std::fs::metadata(&f.path).unwrap().len(), f.size);
+                f.path.file_name().unwrap().to_string_lossy().into_owned()
+            })
+            .collect();
+        reported.sort();
+        assert_eq!(on_disk, reported);
     }
 
     #[test]

@@ -8,13 +8,13 @@ use std::sync::Arc;
 
 use axsave_dist::transport::TcpOptions;
 
-use super::catalog::{Bundle, marker_name};
+use super::catalog::Bundle;
 use super::remote::{Incoming, Net, RemoteSink};
 use super::{Rank, address};
 use crate::error::{CoreError, Result};
 use crate::execute::{self, CopyJob, ExecOptions, Sink};
 use crate::host::hostname;
-use crate::output::OutputFiles;
+use crate::output::{OutputFiles, marker_name};
 use crate::plan::Mode;
 use crate::save::LocalSink;
 use crate::sources::SourceFiles;
