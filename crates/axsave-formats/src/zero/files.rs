@@ -8,7 +8,7 @@ use crate::dtype::DType;
 use crate::error::{FormatError, Result};
 use crate::mapped::{self, Mapped};
 use crate::pickle::{Pickle, Value};
-use crate::torchsave::{TensorRef, TorchSave, TorchSaveError};
+use crate::torchsave::{TensorRef, TorchSave};
 use crate::zip::ZipEntry;
 
 use super::{LATEST, LATEST_LIMIT, OPTIM_SUFFIX};
@@ -144,19 +144,7 @@ pub(super) struct Archive {
 impl Archive {
     pub(super) fn open(path: PathBuf, name: String, file: usize) -> Result<Archive> {
         let map = mapped::map(&path)?;
-        let save = TorchSave::parse(&*map).map_err(|e| match e {
-            TorchSaveError::Zip(z) => FormatError::Zip {
-                path: path.clone(),
-                offset: z.offset,
-                msg: z.msg,
-            },
-            TorchSaveError::Pickle { base, source } => FormatError::Pickle {
-                path: path.clone(),
-                base,
-                source,
-            },
-            other => FormatError::invalid(&path, other.to_string()),
-        })?;
+        let save = TorchSave::parse(&*map).map_err(|e| e.into_format_error(&path, 0, None))?;
         Ok(Archive {
             path,
             name,
