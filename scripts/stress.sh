@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The randomized fault matrix: builds axsave in release (with the fault hook), then runs the
-# `stress_matrix` test of tests/faults.rs:
+# `stress_matrix` test of tests/faults/:
 #
 #   1. RUNS (default 24) SIGKILLs of one rank: random victims (every third run rank 0), random
 #      moments (a random delay within the save's measured duration, or the fault-hook points

@@ -5,7 +5,10 @@
 //! [`TensorRef`]: where its storage lies, its dtype, storage offset, shape and strides. No
 //! tensor data is copied.
 
+use std::path::Path;
+
 use crate::dtype::DType;
+use crate::error::FormatError;
 use crate::pickle::{self, Pickle, Value};
 use crate::zip::{ZipBytes, ZipEntry, ZipError, ZipIndex};
 
@@ -124,6 +127,53 @@ pub struct TorchSave {
     pub zip: ZipIndex,
     /// The unpickled `data.pkl`.
     pub pickle: Pickle,
+}
+
+impl TorchSaveError {
+    /// This error as a [`FormatError`] of the file at `path`, in which the archive starts at
+    /// byte `base`; `item` names the archive when it is one of several in the file (a DCP
+    /// item), `None` when it is the whole file.
+    pub(crate) fn into_format_error(
+        self,
+        path: &Path,
+        base: u64,
+        item: Option<&str>,
+    ) -> FormatError {
+        match self {
+            TorchSaveError::Zip(z) => FormatError::Zip {
+                path: path.to_path_buf(),
+                offset: base + z.offset,
+                msg: match item {
+                    Some(item) => format!("{item}: {}", z.msg),
+                    None => z.msg,
+                },
+            },
+            TorchSaveError::Pickle { base: b, source } => FormatError::Pickle {
+                path: path.to_path_buf(),
+                base: base + b,
+                source,
+            },
+            other => FormatError::invalid(
+                path,
+                match item {
+                    Some(item) => format!("{item} at byte {base}: {other}"),
+                    None => other.to_string(),
+                },
+            ),
+        }
+    }
+}
+
+/// A `torch.Size` (REDUCE(Size, (tuple,))), or a plain tuple/list of non-negative ints.
+pub(crate) fn size_of(p: &Pickle, v: &Value) -> Option<Vec<u64>> {
+    let items = match p.as_sequence(v) {
+        Some(items) => items,
+        None => p.as_sequence(p.call_args(v)?.first()?)?,
+    };
+    items
+        .iter()
+        .map(|x| p.as_int(x).and_then(|i| u64::try_from(i).ok()))
+        .collect()
 }
 
 impl TorchSave {

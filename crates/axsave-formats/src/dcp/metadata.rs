@@ -7,6 +7,7 @@ use std::path::Path;
 use crate::dtype::DType;
 use crate::error::{FormatError, Result};
 use crate::pickle::{self, Pickle, Value};
+use crate::torchsave::size_of;
 
 /// One tensor's description in `.metadata`.
 #[derive(Debug, Clone)]
@@ -237,18 +238,6 @@ pub(super) fn state_of<'a>(p: &'a Pickle, v: &Value) -> Option<&'a Value> {
 /// A field of a dataclass pickled with a dict state.
 pub(super) fn field<'a>(p: &'a Pickle, v: &Value, name: &str) -> Option<&'a Value> {
     p.dict_get(state_of(p, v)?, name)
-}
-
-/// A `torch.Size` (REDUCE(Size, (tuple,))) or a plain tuple of non-negative ints.
-pub(super) fn size_of(p: &Pickle, v: &Value) -> Option<Vec<u64>> {
-    let items = match p.as_sequence(v) {
-        Some(items) => items,
-        None => p.as_sequence(p.call_args(v)?.first()?)?,
-    };
-    items
-        .iter()
-        .map(|x| p.as_int(x).and_then(|i| u64::try_from(i).ok()))
-        .collect()
 }
 
 pub(super) fn tensor_meta(p: &Pickle, v: &Value) -> std::result::Result<TensorMeta, String> {

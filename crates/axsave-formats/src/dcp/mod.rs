@@ -366,22 +366,8 @@ fn read_item(
         });
     }
     let range = info.offset as usize..end as usize;
-    let zip_err = |e: TorchSaveError, base: u64| match e {
-        TorchSaveError::Zip(z) => FormatError::Zip {
-            path: path.to_path_buf(),
-            offset: base + z.offset,
-            msg: format!("item of tensor {name}: {}", z.msg),
-        },
-        TorchSaveError::Pickle { base: b, source } => FormatError::Pickle {
-            path: path.to_path_buf(),
-            base: base + b,
-            source,
-        },
-        other => FormatError::invalid(
-            path,
-            format!("item of tensor {name} at byte {base}: {other}"),
-        ),
-    };
+    let item = format!("item of tensor {name}");
+    let zip_err = |e: TorchSaveError, base: u64| e.into_format_error(path, base, Some(&item));
     let (save, encoding, base) = match info.transforms.as_slice() {
         [] => {
             let ends = data.head_tail(path, info.offset, info.length)?;

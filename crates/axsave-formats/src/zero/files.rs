@@ -8,10 +8,18 @@ use crate::dtype::DType;
 use crate::error::{FormatError, Result};
 use crate::mapped::{self, Mapped};
 use crate::pickle::{Pickle, Value};
-use crate::torchsave::{TensorRef, TorchSave, TorchSaveError};
+use crate::torchsave::{TensorRef, TorchSave};
 use crate::zip::ZipEntry;
 
-use super::{LATEST, LATEST_LIMIT, OPTIM_SUFFIX};
+/// The file naming the newest tag in a save directory.
+pub const LATEST: &str = "latest";
+/// Suffix of the model-state files (`mp_rank_00_model_states.pt`, `zero_pp_rank_0_mp_rank_00_model_states.pt`).
+pub const MODEL_SUFFIX: &str = "_model_states.pt";
+/// Suffix of the optimizer-state files, one per data-parallel rank.
+pub const OPTIM_SUFFIX: &str = "_optim_states.pt";
+
+/// Largest `latest` file accepted (it holds a short tag).
+pub(super) const LATEST_LIMIT: u64 = 4096;
 
 /// Reads the tag from `dir/latest` (surrounding whitespace removed, as zero_to_fp32 does).
 pub(super) fn read_latest(dir: &Path) -> Result<String> {
@@ -144,19 +152,7 @@ pub(super) struct Archive {
 impl Archive {
     pub(super) fn open(path: PathBuf, name: String, file: usize) -> Result<Archive> {
         let map = mapped::map(&path)?;
-        let save = TorchSave::parse(&*map).map_err(|e| match e {
-            TorchSaveError::Zip(z) => FormatError::Zip {
-                path: path.clone(),
-                offset: z.offset,
-                msg: z.msg,
-            },
-            TorchSaveError::Pickle { base, source } => FormatError::Pickle {
-                path: path.clone(),
-                base,
-                source,
-            },
-            other => FormatError::invalid(&path, other.to_string()),
-        })?;
+        let save = TorchSave::parse(&*map).map_err(|e| e.into_format_error(&path, 0, None))?;
         Ok(Archive {
             path,
             name,

@@ -39,18 +39,9 @@ mod files;
 mod stages;
 mod states;
 
+pub use files::{LATEST, MODEL_SUFFIX, OPTIM_SUFFIX};
 use files::{ckpt_files, only_tag, read_latest, safe_tag, tag_hint};
 use stages::read_in;
-
-/// The file naming the newest tag in a save directory.
-pub const LATEST: &str = "latest";
-/// Suffix of the model-state files (`mp_rank_00_model_states.pt`, `zero_pp_rank_0_mp_rank_00_model_states.pt`).
-pub const MODEL_SUFFIX: &str = "_model_states.pt";
-/// Suffix of the optimizer-state files, one per data-parallel rank.
-pub const OPTIM_SUFFIX: &str = "_optim_states.pt";
-
-/// Largest `latest` file accepted (it holds a short tag).
-const LATEST_LIMIT: u64 = 4096;
 
 /// Whether `dir` holds a ZeRO checkpoint: `*_optim_states.pt` and `*_model_states.pt` files in
 /// the tag directory that `latest` names, or in `dir` itself.

@@ -10,11 +10,12 @@ use crate::catalog::{
 use crate::dtype::DType;
 use crate::error::{FormatError, Result};
 
-use super::files::{Archive, FlatSrc, ckpt_files, output_dtype, rank_in_name};
+use super::files::{
+    Archive, FlatSrc, MODEL_SUFFIX, OPTIM_SUFFIX, ckpt_files, output_dtype, rank_in_name,
+};
 use super::states::{
     ModelStates, OptimStates, int_of, load_groups, model_states, numel_of, optim_states,
 };
-use super::{MODEL_SUFFIX, OPTIM_SUFFIX};
 
 /// Everything read from the rank files, and what the catalog is being built into.
 pub(super) struct Build {

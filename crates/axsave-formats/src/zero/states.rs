@@ -5,20 +5,9 @@ use std::collections::{HashMap, HashSet};
 
 use crate::error::Result;
 use crate::pickle::{Pickle, Value};
+use crate::torchsave::size_of;
 
 use super::files::{Archive, FlatSrc};
-
-/// A `torch.Size` (REDUCE(Size, (tuple,))), or a plain tuple/list of non-negative ints.
-pub(super) fn size_of(p: &Pickle, v: &Value) -> Option<Vec<u64>> {
-    let items = match p.as_sequence(v) {
-        Some(items) => items,
-        None => p.as_sequence(p.call_args(v)?.first()?)?,
-    };
-    items
-        .iter()
-        .map(|x| p.as_int(x).and_then(|i| u64::try_from(i).ok()))
-        .collect()
-}
 
 /// An int, or an int enum pickled as REDUCE(EnumClass, (int,)) (`ZeroStageEnum.gradients`).
 pub(super) fn int_of(p: &Pickle, v: &Value) -> Option<i64> {
