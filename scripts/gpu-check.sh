@@ -20,7 +20,7 @@
 #   4. prints host-to-device, device-to-host and conversion bandwidth on about 2 GB
 #      (`axsave gpu-bench`).
 #
-# Environment: AXSAVE_BIN (default target/release/axsave), CARGO_TARGET_DIR (default
+# Environment: CHECKS (which steps, default tests,fixtures,bench,side), AXSAVE_BIN (default target/release/axsave), CARGO_TARGET_DIR (default
 # ./target), AXSAVE_FIXTURES (default tests/fixtures), BENCH_BYTES (default 2GiB; 0 skips
 # the bandwidth table), NCCL_DEBUG and friends pass through to NCCL.
 set -euo pipefail
@@ -31,6 +31,8 @@ bin=${AXSAVE_BIN:-$target/release/axsave}
 fixtures=${AXSAVE_FIXTURES:-$root/tests/fixtures}
 bench_bytes=${BENCH_BYTES:-2GiB}
 work=$(mktemp -d)
+checks=",${CHECKS:-tests,fixtures,bench,side},"
+want() { [[ $checks == *",$1,"* ]]; }
 trap 'rm -rf "$work"' EXIT
 
 names=()
@@ -105,13 +107,13 @@ export AXSAVE_FIXTURES="$fixtures"
 [ -n "$bin" ] && export AXSAVE_BIN="$bin"
 
 # 2. The GPU tests (one thread: they share the GPU and print what they found).
-if [ -n "$core_tests" ]; then
+if want tests && [ -n "$core_tests" ]; then
   run "unit: GPU kernels, engine, NCCL" 900 env AXSAVE_REQUIRE_GPU=1 "$core_tests" gpu:: --test-threads=1 --nocapture
 fi
-if [ -n "$dist_tests" ]; then
+if want tests && [ -n "$dist_tests" ]; then
   run "unit: NCCL loader and communicator" 300 "$dist_tests" transport::nccl:: --test-threads=1 --nocapture
 fi
-if [ -n "$gpu_tests" ] && [ -n "$bin" ]; then
+if want tests && [ -n "$gpu_tests" ] && [ -n "$bin" ]; then
   run "end to end: tests/gpu.rs" 900 env AXSAVE_REQUIRE_GPU=1 "$gpu_tests" --test-threads=1 --nocapture
 fi
 
@@ -137,7 +139,7 @@ save_and_compare() { # name source reference [extra args]
 }
 export bin work
 export -f save_and_compare
-if [ -n "$bin" ]; then
+if want fixtures && [ -n "$bin" ]; then
   for f in fsdp_w1 fsdp_w2 fsdp_w3 fsdp_w4 fsdp_w8 hf_w2 zstd_w2 per_rank_meta_w2 torch24_w2 torch27_w2 torch215_w2 demo_w4; do
     if [ -f "$fixtures/dcp/$f/reference.safetensors" ]; then
       run "save $f --transport nccl" 120 \
@@ -152,7 +154,7 @@ if [ -n "$bin" ]; then
 fi
 
 # 4. Bandwidth.
-if [ -n "$bin" ] && [ "$bench_bytes" != "0" ]; then
+if want bench && [ -n "$bin" ] && [ "$bench_bytes" != "0" ]; then
   run "gpu-bench on $bench_bytes" 600 "$bin" gpu-bench --bytes "$bench_bytes"
   if [ "${verdicts[${#verdicts[@]}-1]}" = PASS ]; then
     echo
@@ -162,13 +164,13 @@ fi
 
 # 5. Side by side on a large generated checkpoint: which path is faster on this node? One
 # process and `launch -n 8`, with --transport auto, tcp and nccl, wall seconds and peak RSS of
-# the largest process (scripts/bench/measure.py), outputs compared by their SHA-256. Needs a
+# the largest process (scripts/bench/measure.py), outputs compared byte for byte (untimed). Needs a
 # python with torch (PYTHON, default python3) to write the checkpoint. SIDE_LAYERS (default 15:
 # 8.6 GB of bf16 with SIDE_HIDDEN 4096; 0 skips), SIDE_DIR (default under /tmp).
 side_layers=${SIDE_LAYERS:-15}
 side_hidden=${SIDE_HIDDEN:-4096}
 side_python=${PYTHON:-python3}
-if [ -n "$bin" ] && [ "$side_layers" != 0 ] && "$side_python" -c 'import torch' 2>/dev/null; then
+if want side && [ -n "$bin" ] && [ "$side_layers" != 0 ] && "$side_python" -c 'import torch' 2>/dev/null; then
   side=${SIDE_DIR:-$work/side}
   mkdir -p "$side"
   if [ ! -f "$side/ckpt/.metadata" ]; then # kept in SIDE_DIR for a rerun
@@ -182,23 +184,34 @@ if [ -n "$bin" ] && [ "$side_layers" != 0 ] && "$side_python" -c 'import torch' 
     side_row() { # label transport procs [extra args]
       local label=$1 transport=$2 procs=$3
       shift 3
-      local out="$side/out" cmd
+      local out="$side/out" cmd group="$*"
       rm -rf "$out"
       if [ "$procs" = 1 ]; then
-        cmd=("$bin" --source "$side/ckpt" --output "$out" --transport "$transport" --json "$@")
+        cmd=("$bin" --source "$side/ckpt" --output "$out" --transport "$transport" "$@")
       else
-        cmd=("$bin" launch -n "$procs" -- --source "$side/ckpt" --output "$out" --transport "$transport" --json "$@")
+        cmd=("$bin" launch -n "$procs" -- --source "$side/ckpt" --output "$out" --transport "$transport" "$@")
       fi
+      # Timed without --json (its SHA-256 of every file would be timed too); the output is compared
+      # with the group's first one afterwards, untimed.
       timeout --kill-after=10 300 "$side_python" "$root/scripts/bench/measure.py" "$label" -- "${cmd[@]}" \
         >"$work/side.json" 2>"$work/side.err" || true
-      local sha
-      sha=$(sed 's/^\[rank [0-9]*\] //' "$work/side.err" | grep -o '"sha256": "[0-9a-f]*"' | head -1 | cut -d'"' -f4 || true)
-      local path
-      path=$(grep -o '"transport": "[a-z]*"' "$work/side.err" | head -1 | cut -d'"' -f4 || true)
-      "$side_python" -c 'import json,sys; r=json.loads(open(sys.argv[1]).read().strip().splitlines()[-1]); r.update(sha=sys.argv[2], took=sys.argv[3], group=sys.argv[4]); print(json.dumps(r))' \
-        "$work/side.json" "${sha:-none}" "${path:-?}" "$procs $*" >>"$rows" 2>/dev/null ||
-        echo "{\"label\": \"$label\", \"exit\": -1, \"seconds\": 0, \"peak_rss_mib\": 0, \"sha\": \"none\", \"took\": \"?\", \"group\": \"$procs $*\"}" >>"$rows"
-      grep -E "ERROR|error:" "$work/side.err" | head -3 || true
+      local path=cpu same=none ref="$side/ref-${group//[^A-Za-z0-9]/_}"
+      if grep -qE "conversions on the GPU|transport nccl: " "$work/side.err"; then path=gpu; fi
+      # Every file of the output (a large model is written as shards + index).
+      if [ -f "$out/model.safetensors" ] || [ -f "$out/model.safetensors.index.json" ]; then
+        if [ ! -e "$ref" ]; then
+          mv "$out" "$ref"
+          same=first
+        elif diff -rq "$out" "$ref" >/dev/null; then
+          same=yes
+        else
+          same=DIFFERS
+        fi
+      fi
+      "$side_python" -c 'import json,sys; r=json.loads(open(sys.argv[1]).read().strip().splitlines()[-1]); r.update(same=sys.argv[2], took=sys.argv[3], group=sys.argv[4]); print(json.dumps(r))' \
+        "$work/side.json" "$same" "$path" "$procs $group" >>"$rows" 2>/dev/null ||
+        echo "{\"label\": \"$label\", \"exit\": -1, \"seconds\": 0, \"peak_rss_mib\": 0, \"same\": \"none\", \"took\": \"?\", \"group\": \"$procs $group\"}" >>"$rows"
+      sed 's/^\[rank [0-9]*\] //' "$work/side.err" | grep -E "ERROR" | head -2 || true
       rm -rf "$out"
     }
     for procs in 1 8; do
@@ -215,18 +228,18 @@ if [ -n "$bin" ] && [ "$side_layers" != 0 ] && "$side_python" -c 'import torch' 
     "$side_python" - "$rows" <<'PY'
 import json, sys
 rows = [json.loads(l) for l in open(sys.argv[1]) if l.strip()]
-print(f"| {'run':<28} | {'path':<5} | {'exit':>4} | {'s':>7} | {'MiB':>6} | sha256[:12]  |")
+print(f"| {'run':<28} | {'path':<4} | {'exit':>4} | {'s':>7} | {'MiB':>6} | same bytes |")
 groups = {}
 for r in rows:
-    print(f"| {r['label']:<28} | {r['took']:<5} | {r['exit']:>4} | {r['seconds']:7.2f} | {r['peak_rss_mib']:6.0f} | {r['sha'][:12]:<12} |")
+    print(f"| {r['label']:<28} | {r['took']:<4} | {r['exit']:>4} | {r['seconds']:7.2f} | {r['peak_rss_mib']:6.0f} | {r['same']:<10} |")
     groups.setdefault(r["group"], []).append(r)
 for g, rs in groups.items():
     ok = [r for r in rs if r["exit"] == 0]
-    shas = {r["sha"] for r in ok}
+    same = all(r["same"] in ("first", "yes") for r in ok)
     auto = [r for r in ok if ", auto," in r["label"]]
     if ok and auto:
         best = min(r["seconds"] for r in ok)
-        print(f"group '{g}': auto / best = {auto[0]['seconds'] / best:.2f}; outputs {'identical' if len(shas) == 1 else 'DIFFER'}")
+        print(f"group '{g}': auto / best = {auto[0]['seconds'] / best:.2f}; outputs {'identical' if same else 'DIFFER'}")
 PY
   fi
 fi

@@ -258,7 +258,7 @@ show_logs() { # show_logs NAME: the last lines of each rank's log, for a failure
   for f in "$RUN/$1".*.log; do
     [ -f "$f" ] || continue
     echo "    $(basename "$f"):"
-    tail -4 "$f" | sed 's/^/      /'
+    { grep -E "ERROR|WARN|panicked" "$f" | head -8; tail -4 "$f"; } | sed 's/^/      /'
   done
 }
 

@@ -20,8 +20,9 @@
 #
 # Ends with "wheel: N passed, N failed, N skipped"; exits 1 if anything failed.
 set -euo pipefail
+given=()
+for w in "$@"; do given+=("$(realpath "$w")"); done
 cd "$(dirname "$0")/.."
-root=$PWD
 
 version=$(sed -n '/^\[workspace.package\]/,/^\[/s/^version *= *"\(.*\)"/\1/p' Cargo.toml)
 fixture=tests/fixtures/dcp/fsdp_w2
@@ -41,7 +42,7 @@ check() {
 tmp=$(mktemp -d "${TMPDIR:-/tmp}/axsave-wheel.XXXXXX")
 trap 'rm -rf "$tmp"' EXIT
 
-wheels=("$@")
+wheels=(${given[@]+"${given[@]}"})
 if [ ${#wheels[@]} -eq 0 ]; then
   tools=$(scripts/wheel-tools.sh maturin)
   echo "==> maturin build --profile dev (this machine, $host_arch)"

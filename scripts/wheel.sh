@@ -42,7 +42,7 @@ for t in "${targets[@]}"; do
   echo "==> maturin build --release --zig --compatibility manylinux_${glibc//./_} --target $t"
   log=$(mktemp)
   start=$SECONDS
-  # The default features (`cuda`, opened at run time); no `mpi`.
+  # The default features (`cuda` and `pmix`, both opened at run time); no `mpi`.
   if ! maturin build --release --zig --compatibility "manylinux_${glibc//./_}" --target "$t" \
     --out "$out" >"$log" 2>&1; then
     tail -40 "$log" >&2

@@ -287,6 +287,8 @@ fn save_alone(
 /// (every rank reads the inputs; they and the output directory must be visible to all).
 pub fn merge_lora(a: &MergeLoraArgs) -> Result<()> {
     use axsave_core::merge_lora::{self as ml, MergeOptions};
+    // Signals cancel a merge as they cancel a save: temporaries removed, exit 128 + N.
+    handle_signals()?;
     let world = axsave_dist::detect_from_process_env()?;
     world.log_detected();
     let (base, adapter, output) = match &a.config {

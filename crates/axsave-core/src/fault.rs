@@ -8,8 +8,8 @@
 //!
 //! Points: `joined` (after the rendezvous), `copying` (at its first piece), `synced` (its
 //! files are on disk, success not yet reported), `committing` (rank 0, every rank reported,
-//! about to rename the files into place), `merging` (merge-lora across ranks: the output files
-//! exist, this rank has written nothing yet). A rank that dies after reporting success
+//! about to rename the files into place), `merging` (merge-lora, alone or across ranks: the
+//! output files exist, this rank has written nothing yet). A rank that dies after reporting success
 //! does not stop the commit: its part of the model is complete and durable by then.
 
 use std::sync::OnceLock;

@@ -16,7 +16,8 @@ pub mod ranks;
 pub mod write;
 
 use std::path::{Path, PathBuf};
-use std::sync::atomic::AtomicU64;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Instant;
 
 use axsave_formats::{Catalog, st_reader};
@@ -154,9 +155,19 @@ pub fn prepare(opts: &MergeOptions) -> Result<Prepared> {
 
 /// Merges in this process alone: checks everything, writes every file under a temporary name,
 /// fsyncs, and renames into place; on failure the temporaries are removed.
+///
+/// The same process safety as a save ([`crate::save::save_local`]): the run is registered for
+/// the signal backstop ([`crate::interrupt`]) and cancelled by a signal, the output lock
+/// ([`crate::lock`]) is held to the end of the commit, and the temporaries of dead earlier
+/// runs are removed (and reported) before anything is written.
 pub fn merge_local(p: &Prepared, opts: &MergeOptions, written: &AtomicU64) -> Result<MergeReport> {
     let start = Instant::now();
+    let guard = crate::interrupt::register_run(&opts.output, &opts.tag)?;
+    let _lock = crate::lock::OutputLock::acquire(&opts.output, &opts.tag)?;
     let existing = crate::save::check_output(&opts.output, "model", opts.force)?;
+    for m in output::sweep_stale_temps(&opts.output, &opts.tag).messages(&opts.output) {
+        tracing::warn!("{m}");
+    }
     let files = match OutputFiles::create(&opts.output, &p.layout, &opts.tag, |_| true) {
         Ok(f) => f,
         Err(e) => {
@@ -164,21 +175,37 @@ pub fn merge_local(p: &Prepared, opts: &MergeOptions, written: &AtomicU64) -> Re
             return Err(e);
         }
     };
-    let pool = rayon::ThreadPoolBuilder::new()
+    let cancel = Arc::new(AtomicBool::new(false));
+    crate::interrupt::watch(&cancel);
+    let check = || -> Result<()> {
+        if cancel.load(Ordering::SeqCst) {
+            return Err(CoreError::Cancelled);
+        }
+        Ok(())
+    };
+    let result = rayon::ThreadPoolBuilder::new()
         .num_threads(opts.workers.max(1))
         .build()
-        .map_err(|e| CoreError::Merge(format!("cannot start {} threads: {e}", opts.workers)))?;
-    let result = pool.install(|| {
-        let all: Vec<usize> = (0..p.layout.tensors.len()).collect();
-        write_tensors(p, opts, &all, &files, written, &|| Ok(()))?;
-        files.sync()
-    });
+        .map_err(|e| CoreError::Merge(format!("cannot start {} threads: {e}", opts.workers)))
+        .and_then(|pool| {
+            crate::fault::point("merging", 0);
+            pool.install(|| {
+                let all: Vec<usize> = (0..p.layout.tensors.len()).collect();
+                write_tensors(p, opts, &all, &files, written, &check)?;
+                files.sync()
+            })
+        });
     if let Err(e) = result {
         files.discard();
-        return Err(e);
+        return Err(match (e, crate::interrupt::received()) {
+            (CoreError::Cancelled, Some(signal)) => CoreError::Interrupted { signal },
+            (e, _) => e,
+        });
     }
     drop(files);
-    commit(p, opts, &existing, start)
+    guard
+        .commit(|| commit(p, opts, &existing, start))
+        .inspect_err(|_| output::remove_run_temps(&opts.output, &opts.tag))
 }
 
 /// Renders the files beside the weights and renames everything into place (the weights are

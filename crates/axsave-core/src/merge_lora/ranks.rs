@@ -8,10 +8,15 @@
 //! torchrun's agent), with the same failure flag and heartbeat watchdog: a rank that fails
 //! makes every rank exit non-zero, a silent one is given up after `timeout`, and no
 //! final-named file appears unless every rank succeeded.
+//!
+//! Process safety is a save's ([`crate::distributed`]): rank 0 holds the output lock from
+//! before it checks the directory to the end of the commit and removes the temporaries of dead
+//! earlier runs; a signal (SIGTERM, SIGINT, SIGHUP) cancels every rank's part like a failure,
+//! each rank removes the run's temporaries it can see, and the process exits 128 + the signal.
 
 use std::fs::{File, OpenOptions};
-use std::os::unix::fs::FileExt;
-use std::path::PathBuf;
+use std::os::unix::fs::{FileExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
@@ -23,6 +28,8 @@ use axsave_dist::{ClientOptions, ServerOptions, StoreClient, StoreServer, World}
 use super::{MergeOptions, MergeReport, Prepared, WriteAt, commit, prepare, write_tensors};
 use crate::distributed::watchdog::{Shared, Watchdog};
 use crate::error::{CoreError, Result};
+use crate::interrupt::RunGuard;
+use crate::lock::OutputLock;
 use crate::output::{self, OutputFiles, temp_name};
 
 /// Timeouts of a merge across ranks.
@@ -42,6 +49,42 @@ impl WriteAt for Opened {
         let (path, f) = &self.0[file];
         f.write_all_at(data, offset)
             .map_err(|e| CoreError::io(path, e))
+    }
+}
+
+/// What a failed rank must clean up, from the moment the run's tag is known.
+#[derive(Default)]
+struct RunState {
+    /// The run's tag (its temporaries' names), until the commit is done.
+    tag: Option<String>,
+    /// The run, registered for the signal backstop ([`crate::interrupt::abandon`]).
+    guard: Option<RunGuard>,
+    /// Rank 0: the output directory's lock, to the end of the commit.
+    lock: Option<OutputLock>,
+    /// Whether this rank reported its part written (`done/{rank}`).
+    reported: bool,
+}
+
+impl RunState {
+    /// After a failure: removes every temporary of the run this rank can see, as a failed save
+    /// does ([`crate::distributed`]). A rank other than 0 looks at rank 0's output lock first:
+    /// free, rank 0 is gone, so this rank removes what is left (the lock file included); held
+    /// after this rank reported its part, rank 0 may be committing those files, or removes them
+    /// itself when it fails, so they are left to it.
+    fn cleanup(&mut self, dir: &Path, rank: usize) {
+        if let Some(tag) = self.tag.take() {
+            let _free = match (rank, dir.is_dir()) {
+                (0, _) | (_, false) => None,
+                _ => match OutputLock::acquire(dir, &tag) {
+                    Ok(l) => Some(l),
+                    Err(_) if self.reported => return,
+                    Err(_) => None,
+                },
+            };
+            output::remove_run_temps(dir, &tag);
+        }
+        self.guard = None;
+        self.lock = None;
     }
 }
 
@@ -113,7 +156,9 @@ pub fn run(
     })?
     .with_namespace(&format!("{}/merge-lora", world.store_namespace()));
     let shared = Arc::new(Shared::default());
-    let mut tag: Option<String> = None;
+    // A signal cancels the run like a failure (see `crate::interrupt`).
+    crate::interrupt::watch(&shared.cancel);
+    let mut state = RunState::default();
     let result = rank_run(
         world,
         opts,
@@ -122,22 +167,32 @@ pub fn run(
         written,
         &mut client,
         &shared,
-        &mut tag,
+        &mut state,
     );
+    let interrupted = crate::interrupt::received().filter(|_| shared.failure().is_none());
     if let Err(e) = &result {
-        if !matches!(e, CoreError::Cancelled) && shared.failure().is_none() {
-            let _ = report_failure(&mut client, world.rank, &e.to_string());
+        // Tell everyone (unless it is someone else's failure we are echoing), then clean up.
+        let msg = match interrupted {
+            Some(signal) => CoreError::Interrupted { signal }.to_string(),
+            None => e.to_string(),
+        };
+        if interrupted.is_some()
+            || (!matches!(e, CoreError::Cancelled) && shared.failure().is_none())
+        {
+            let _ = report_failure(&mut client, world.rank, &msg);
         }
-        if let Some(tag) = &tag {
-            output::remove_run_temps(&opts.output, tag);
-        }
+        state.cleanup(&opts.output, world.rank);
     }
+    drop(state);
     drop(client);
     if let Some(s) = server {
         let _ = s.wait_for_disconnects(Instant::now() + Duration::from_secs(5).min(times.timeout));
         s.shutdown();
     }
     match result {
+        Err(_) if interrupted.is_some() => Err(CoreError::Interrupted {
+            signal: interrupted.unwrap_or_default(),
+        }),
         Err(CoreError::Cancelled) => Err(CoreError::Remote(
             shared.failure().unwrap_or_else(|| "cancelled".into()),
         )),
@@ -184,7 +239,7 @@ fn rank_run(
     written: &AtomicU64,
     client: &mut StoreClient,
     shared: &Arc<Shared>,
-    run_tag: &mut Option<String>,
+    state: &mut RunState,
 ) -> Result<Option<MergeReport>> {
     let (me, n) = (world.rank, world.world_size);
     let start = Instant::now();
@@ -226,8 +281,15 @@ fn rank_run(
     // Rank 0 creates the files; the others open them by name.
     let far = Instant::now() + Duration::from_secs(7 * 24 * 3600);
     let (tag, existing) = if me == 0 {
+        state.guard = Some(crate::interrupt::register_run(&opts.output, &opts.tag)?);
+        // Held to the end of the commit: a second merge or save into this directory fails
+        // at once, naming this process.
+        state.lock = Some(OutputLock::acquire(&opts.output, &opts.tag)?);
         let existing = crate::save::check_output(&opts.output, "model", opts.force)?;
-        *run_tag = Some(opts.tag.clone());
+        for m in output::sweep_stale_temps(&opts.output, &opts.tag).messages(&opts.output) {
+            tracing::warn!("{m}");
+        }
+        state.tag = Some(opts.tag.clone());
         let files = OutputFiles::create(&opts.output, &prepared.layout, &opts.tag, |_| true)?;
         drop(files);
         client.set("start", opts.tag.as_bytes()).map_err(remote)?;
@@ -235,13 +297,23 @@ fn rank_run(
     } else {
         wait_keys(client, shared, &["start"], far)?;
         let tag = get_string(client, "start")?;
-        *run_tag = Some(tag.clone());
+        if crate::runtag::RunTag::parse(&tag).is_none() {
+            return Err(CoreError::Remote(format!(
+                "rank 0 sent a malformed run tag {tag:?}"
+            )));
+        }
+        state.guard = Some(crate::interrupt::register_run(&opts.output, &tag)?);
+        state.tag = Some(tag.clone());
         (tag, Vec::new())
     };
     let mut files = Vec::with_capacity(prepared.layout.files.len());
     for f in &prepared.layout.files {
         let path = opts.output.join(temp_name(&f.name, &tag));
-        let file = OpenOptions::new().write(true).open(&path).map_err(|e| {
+        let file = OpenOptions::new()
+            .write(true)
+            .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+            .open(&path)
+            .map_err(|e| {
             CoreError::Remote(format!(
                 "rank {me} cannot open {} ({e}): merge-lora across ranks needs an output directory every rank shares",
                 path.display()
@@ -266,7 +338,9 @@ fn rank_run(
         f.sync_all().map_err(|e| CoreError::io(path, e))?;
     }
     drop(files);
+    check()?;
     client.set(&format!("done/{me}"), b"1").map_err(remote)?;
+    state.reported = true;
     if me == 0 {
         for r in 0..n {
             wait_keys(client, shared, &[&format!("done/{r}")], far)?;
@@ -275,8 +349,14 @@ fn rank_run(
             tag: tag.clone(),
             ..opts.clone()
         };
-        let report = commit(&prepared, &opts0, &existing, start)?;
+        let report = match &state.guard {
+            Some(g) => g.commit(|| commit(&prepared, &opts0, &existing, start))?,
+            None => commit(&prepared, &opts0, &existing, start)?,
+        };
+        state.tag = None;
+        state.guard = None;
         client.set("committed", b"1").map_err(remote)?;
+        state.lock = None;
         Ok(Some(report))
     } else {
         wait_keys(client, shared, &["committed"], far)?;
