@@ -144,21 +144,6 @@ pub struct SaveArgs {
     #[command(flatten)]
     pub flags: Flags,
 
-    /// Replace a model already in the output directory (files of an older save that the new
-    /// one does not have are removed once the new one is in place).
-    #[arg(long)]
-    pub force: bool,
-
-    /// Print what would be read and written (and what --cleanup would remove), and write
-    /// nothing.
-    #[arg(long)]
-    pub dry_run: bool,
-
-    /// The GPU this rank binds, as an index among the visible devices (default: the local rank
-    /// modulo the number of visible GPUs, so rank i of a node takes GPU i).
-    #[arg(long, value_name = "N")]
-    pub device: Option<usize>,
-
     /// Seconds to wait for every rank to join at the start.
     #[arg(long, value_name = "SECONDS", default_value_t = 300)]
     pub rendezvous_timeout: u64,

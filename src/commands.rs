@@ -107,7 +107,7 @@ pub fn save(a: &SaveArgs) -> Result<()> {
     // What --cleanup will remove, decided now: a conflict (the output inside the checkpoint,
     // a file as source) fails before anything is written, and --dry-run shows the same plan.
     let cleanup_plan = r.cleanup_plan(world.rank, world.local_rank, world.node_rank)?;
-    if a.dry_run {
+    if a.flags.dry_run {
         // A plan needs no other rank: rank 0 prints it, the others have nothing to do.
         return if world.rank == 0 {
             print_stdout(&summary::dry_run_text(&r, cleanup_plan.as_ref())?)
@@ -133,15 +133,15 @@ pub fn save(a: &SaveArgs) -> Result<()> {
         layout: r.layout.clone(),
         mode: r.mode,
         memory_budget: r.memory_budget,
-        force: a.force,
+        force: a.flags.force,
         workers,
         timeout: Duration::from_secs(r.timeout.max(1)),
         rendezvous_timeout: Duration::from_secs(a.rendezvous_timeout.max(1)),
         checksums: a.json,
-        fingerprint: r.fingerprint(a.force),
+        fingerprint: r.fingerprint(a.flags.force),
         extras: r.extras.clone(),
         transport: r.transport,
-        device: a.device,
+        device: a.flags.device,
         mpi_available: ready.net.is_mpi(),
         job_token: ready.job_token,
     };
@@ -233,7 +233,7 @@ fn save_alone(
     cleanup_plan: Option<&CleanupPlan>,
 ) -> Result<()> {
     let timeout = Duration::from_secs(r.timeout.max(1));
-    let gpu = single_process_gpu(r.transport, a.device, world.local_rank, timeout)?;
+    let gpu = single_process_gpu(r.transport, a.flags.device, world.local_rank, timeout)?;
     if let Some((_, desc)) = &gpu {
         tracing::info!("GPU {desc}: conversions on the GPU");
     }
@@ -242,7 +242,7 @@ fn save_alone(
         output: r.output.clone(),
         layout: r.layout.clone(),
         memory_budget: r.memory_budget,
-        force: a.force,
+        force: a.flags.force,
         workers,
         tag: run_tag(),
         extras: r.extras.clone(),

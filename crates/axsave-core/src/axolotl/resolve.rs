@@ -14,7 +14,8 @@ use crate::size::parse_size;
 use crate::transport::TransportRequest;
 
 /// What the command line asked for (`None`: not given), before the config is consulted. With
-/// the `clap` feature these are the save's flags themselves (`#[command(flatten)]`).
+/// the `clap` feature these are the save's flags themselves (`#[command(flatten)]`); `force`,
+/// `dry_run` and `device` are not the config's to set, and are here for `--help`'s order.
 #[derive(Debug, Clone, Default)]
 #[cfg_attr(feature = "clap", derive(clap::Args))]
 pub struct Flags {
@@ -77,6 +78,23 @@ pub struct Flags {
     #[cfg_attr(feature = "clap", arg(long, value_name = "SIZE"))]
     pub memory_budget: Option<String>,
 
+    /// Replace a model already in the output directory (files of an older save that the new
+    /// one does not have are removed once the new one is in place).
+    #[cfg_attr(feature = "clap", arg(long))]
+    pub force: bool,
+
+    /// After a successful save, remove the checkpoint directory it read (for DeepSpeed, the
+    /// tag directory and `latest`; for a symbolic link, what it points to and then the link),
+    /// and nothing else. Decided before anything is written: an output inside that directory,
+    /// or a file as --source, is refused at once; --dry-run prints the same list.
+    #[cfg_attr(feature = "clap", arg(long))]
+    pub cleanup: bool,
+
+    /// Print what would be read and written (and what --cleanup would remove), and write
+    /// nothing.
+    #[cfg_attr(feature = "clap", arg(long))]
+    pub dry_run: bool,
+
     /// How the ranks share the work when several processes run (torchrun, srun, mpirun,
     /// `axsave launch`): `gather` (default) has rank 0 write every file, receiving over the
     /// network only the pieces it cannot read itself; `sharded` splits the output into at least
@@ -94,17 +112,15 @@ pub struct Flags {
     #[cfg_attr(feature = "clap", arg(long, value_enum))]
     pub transport: Option<TransportRequest>,
 
+    /// The GPU this rank binds, as an index among the visible devices (default: the local rank
+    /// modulo the number of visible GPUs, so rank i of a node takes GPU i).
+    #[cfg_attr(feature = "clap", arg(long, value_name = "N"))]
+    pub device: Option<usize>,
+
     /// Seconds a rank may go unheard before the others give up (default 60): a killed or hung
     /// rank makes every rank exit non-zero within about this long.
     #[cfg_attr(feature = "clap", arg(long, value_name = "SECONDS"))]
     pub timeout: Option<u64>,
-
-    /// After a successful save, remove the checkpoint directory it read (for DeepSpeed, the
-    /// tag directory and `latest`; for a symbolic link, what it points to and then the link),
-    /// and nothing else. Decided before anything is written: an output inside that directory,
-    /// or a file as --source, is refused at once; --dry-run prints the same list.
-    #[cfg_attr(feature = "clap", arg(long))]
-    pub cleanup: bool,
 }
 
 /// Why a save could not be resolved.
