@@ -95,7 +95,7 @@ pub fn save(a: &SaveArgs) -> Result<()> {
     let mut world = axsave_dist::detect_from_process_env()?;
     world.log_detected();
     let started = std::time::Instant::now();
-    let r = resolve_save(&a.flags(), world.rank == 0)?;
+    let r = resolve_save(&a.flags, world.rank == 0)?;
     if world.rank == 0 {
         for n in &r.notes {
             tracing::info!("{n}");
@@ -106,12 +106,8 @@ pub fn save(a: &SaveArgs) -> Result<()> {
     }
     // What --cleanup will remove, decided now: a conflict (the output inside the checkpoint,
     // a file as source) fails before anything is written, and --dry-run shows the same plan.
-    let cleanup_plan = if r.cleanup {
-        Some(cleanup_plan(&r, &world)?)
-    } else {
-        None
-    };
-    if a.dry_run {
+    let cleanup_plan = r.cleanup_plan(world.rank, world.local_rank, world.node_rank)?;
+    if a.flags.dry_run {
         // A plan needs no other rank: rank 0 prints it, the others have nothing to do.
         return if world.rank == 0 {
             print_stdout(&summary::dry_run_text(&r, cleanup_plan.as_ref())?)
@@ -137,20 +133,17 @@ pub fn save(a: &SaveArgs) -> Result<()> {
         layout: r.layout.clone(),
         mode: r.mode,
         memory_budget: r.memory_budget,
-        force: a.force,
+        force: a.flags.force,
         workers,
         timeout: Duration::from_secs(r.timeout.max(1)),
         rendezvous_timeout: Duration::from_secs(a.rendezvous_timeout.max(1)),
         checksums: a.json,
-        fingerprint: r.fingerprint(a.force),
+        fingerprint: r.fingerprint(a.flags.force),
         extras: r.extras.clone(),
         transport: r.transport,
-        device: a.device,
+        device: a.flags.device,
         mpi_available: ready.net.is_mpi(),
-        job_token: match ready.job_token {
-            Some(t) => Some(t),
-            None => job_token_from_env()?,
-        },
+        job_token: ready.job_token,
     };
     if world.rank == 0 {
         tracing::info!(
@@ -179,15 +172,7 @@ pub fn save(a: &SaveArgs) -> Result<()> {
     for n in &report.notes {
         tracing::info!("{n}");
     }
-    if !report.left_out.is_empty() {
-        tracing::info!(
-            "{}",
-            axsave_core::naming::left_out_summary(&report.left_out)
-        );
-    }
-    for x in &report.replaced {
-        tracing::info!("removed {x} of the model this save replaced");
-    }
+    log_left_out_and_replaced(&report.left_out, &report.replaced);
     let data_files = report
         .files
         .iter()
@@ -211,48 +196,23 @@ pub fn save(a: &SaveArgs) -> Result<()> {
         cleanup(p)?;
     }
     if a.json {
-        print_json(&serde_json::json!({
-            "output": r.output,
-            "files": report.files,
-            "tensors": report.tensors,
-            "bytes": report.bytes,
-            "dtype": summary::dtype_json(&report.dtypes),
-            "format": report.format,
-            "seconds": report.seconds,
-            "network_bytes": report.network_bytes,
-            "transport": report.transport.as_str(),
-            "mode": report.mode.as_str(),
-            "world_size": report.world_size,
-            "launcher": world.launcher.to_string(),
-        }))?;
+        print_json(&summary::ranks_save_json(
+            &r.output,
+            &report,
+            world.launcher,
+        ))?;
     }
     Ok(())
 }
 
-/// `AXSAVE_JOB_TOKEN`, which `axsave launch` sets for its ranks: the secret every data
-/// connection of the job must present (64 hex digits).
-fn job_token_from_env() -> Result<Option<[u8; axsave_dist::transport::TOKEN_LEN]>> {
-    match std::env::var("AXSAVE_JOB_TOKEN") {
-        Err(_) => Ok(None),
-        Ok(v) => distributed::unhex(&v).map(Some).ok_or_else(|| {
-            UsageError(format!(
-                "AXSAVE_JOB_TOKEN must be {} hex digits (as `axsave launch` sets it)",
-                2 * axsave_dist::transport::TOKEN_LEN
-            ))
-            .into()
-        }),
+/// What the save left out of the model and removed of the one it replaced.
+fn log_left_out_and_replaced(left_out: &[String], replaced: &[String]) {
+    if !left_out.is_empty() {
+        tracing::info!("{}", axsave_core::naming::left_out_summary(left_out));
     }
-}
-
-/// What `--cleanup` will remove of this rank's view of the source.
-fn cleanup_plan(r: &Resolved, world: &axsave_dist::World) -> Result<CleanupPlan> {
-    let src = axsave_core::distributed::inventory::expand_source(
-        &r.source,
-        world.rank,
-        world.local_rank,
-        world.node_rank,
-    )?;
-    Ok(CleanupPlan::new(std::path::Path::new(&src), &r.output)?)
+    for x in replaced {
+        tracing::info!("removed {x} of the model this save replaced");
+    }
 }
 
 /// `--cleanup`, once the save is committed.
@@ -273,7 +233,7 @@ fn save_alone(
     cleanup_plan: Option<&CleanupPlan>,
 ) -> Result<()> {
     let timeout = Duration::from_secs(r.timeout.max(1));
-    let gpu = single_process_gpu(r.transport, a.device, world.local_rank, timeout)?;
+    let gpu = single_process_gpu(r.transport, a.flags.device, world.local_rank, timeout)?;
     if let Some((_, desc)) = &gpu {
         tracing::info!("GPU {desc}: conversions on the GPU");
     }
@@ -282,7 +242,7 @@ fn save_alone(
         output: r.output.clone(),
         layout: r.layout.clone(),
         memory_budget: r.memory_budget,
-        force: a.force,
+        force: a.flags.force,
         workers,
         tag: run_tag(),
         extras: r.extras.clone(),
@@ -299,15 +259,7 @@ fn save_alone(
     let result = save_local(&catalog, &opts, &counter);
     progress.finish();
     let (layout, report) = result?;
-    if !layout.left_out.is_empty() {
-        tracing::info!(
-            "{}",
-            axsave_core::naming::left_out_summary(&layout.left_out)
-        );
-    }
-    for x in &report.replaced {
-        tracing::info!("removed {x} of the model this save replaced");
-    }
+    log_left_out_and_replaced(&layout.left_out, &report.replaced);
     let files = layout.files.len();
     let line = summary::wrote_line(
         report.tensors,
@@ -321,22 +273,12 @@ fn save_alone(
         cleanup(p)?;
     }
     if a.json {
-        let dtypes = summary::dtype_counts(layout.tensors.iter().map(|t| t.dtype));
-        print_json(&serde_json::json!({
-            "output": r.output,
-            "files": summary::files_json(&report.files)?,
-            "tensors": report.tensors,
-            "bytes": report.bytes,
-            "dtype": summary::dtype_json(&dtypes),
-            "format": catalog.format.to_string(),
-            "seconds": started.elapsed().as_secs_f64(),
-            "network_bytes": 0,
-            "transport": "none",
-            "gpu": gpu_name,
-            "mode": "gather",
-            "world_size": 1,
-            "launcher": world.launcher.to_string(),
-        }))?;
+        let (format, seconds) = (&catalog.format, started.elapsed().as_secs_f64());
+        let (layout, launcher) = (&layout, world.launcher);
+        let v = summary::local_save_json(
+            &r.output, &report, layout, format, seconds, gpu_name, launcher,
+        );
+        print_json(&v?)?;
     }
     Ok(())
 }
@@ -489,18 +431,7 @@ pub fn verify(a: &VerifyArgs) -> Result<()> {
             )
         },
     )?;
-    tracing::info!(
-        "ok: {} tensors in {} file{} match the source ({}{})",
-        r.tensors,
-        r.files,
-        if r.files == 1 { "" } else { "s" },
-        human(r.bytes),
-        if r.converted > 0 {
-            format!(", {} converted before comparing", r.converted)
-        } else {
-            String::new()
-        }
-    );
+    tracing::info!("{}", summary::verified_line(&r));
     Ok(())
 }
 

@@ -32,6 +32,10 @@ fn main() -> ExitCode {
                 || matches!(
                     e.downcast_ref::<axsave_core::axolotl::resolve::ResolveError>(),
                     Some(axsave_core::axolotl::resolve::ResolveError::Usage(_))
+                )
+                || matches!(
+                    e.downcast_ref::<axsave_core::bootstrap::BootstrapError>(),
+                    Some(axsave_core::bootstrap::BootstrapError::BadJobToken)
                 );
             tracing::error!("{}", error_text(&e));
             // A save cancelled by SIGTERM/SIGINT/SIGHUP (its temporaries removed): 128 + N, as

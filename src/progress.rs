@@ -17,59 +17,33 @@ pub struct Progress {
 impl Progress {
     /// Starts showing `counter` against `total` bytes.
     pub fn start(counter: Arc<AtomicU64>, total: u64, quiet: bool) -> Progress {
-        let stop = Arc::new(AtomicBool::new(false));
-        if quiet {
-            return Progress { stop, thread: None };
-        }
-        let s = stop.clone();
-        let thread = std::thread::spawn(move || {
-            if std::io::stderr().is_terminal() {
-                bar(&counter, total, &s)
-            } else {
-                lines(&counter, total, &s)
-            }
-        });
-        Progress {
-            stop,
-            thread: Some(thread),
-        }
+        Self::spawn(quiet, move |stop| show(&counter, total, stop))
     }
 
     /// Shows a multi-rank run's progress: the total is known once the plan is.
     pub fn start_dist(p: Arc<axsave_core::distributed::Progress>, quiet: bool) -> Progress {
-        let stop = Arc::new(AtomicBool::new(false));
-        if quiet {
-            return Progress { stop, thread: None };
-        }
-        let s = stop.clone();
-        let thread = std::thread::spawn(move || {
+        Self::spawn(quiet, move |stop| {
             // Wait for the plan.
             while p.total.load(Ordering::Relaxed) == 0 {
-                if s.load(Ordering::Relaxed) {
+                if stop.load(Ordering::Relaxed) {
                     return;
                 }
                 std::thread::sleep(Duration::from_millis(50));
             }
-            let total = p.total.load(Ordering::Relaxed);
-            if std::io::stderr().is_terminal() {
-                bar(&p.done, total, &s)
-            } else {
-                lines(&p.done, total, &s)
-            }
-        });
-        Progress {
-            stop,
-            thread: Some(thread),
-        }
+            show(&p.done, p.total.load(Ordering::Relaxed), stop)
+        })
     }
 
-    /// Stops the display.
-    pub fn finish(mut self) {
-        self.stop.store(true, Ordering::Relaxed);
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
+    /// Runs `display` on a thread until [`Progress::finish`] (nothing with `quiet`).
+    fn spawn(quiet: bool, display: impl FnOnce(&AtomicBool) + Send + 'static) -> Progress {
+        let stop = Arc::new(AtomicBool::new(false));
+        let s = stop.clone();
+        let thread = (!quiet).then(|| std::thread::spawn(move || display(&s)));
+        Progress { stop, thread }
     }
+
+    /// Stops the display (as dropping it does).
+    pub fn finish(self) {}
 }
 
 impl Drop for Progress {
@@ -78,6 +52,15 @@ impl Drop for Progress {
         if let Some(t) = self.thread.take() {
             let _ = t.join();
         }
+    }
+}
+
+/// A bar on a terminal, log lines otherwise.
+fn show(counter: &AtomicU64, total: u64, stop: &AtomicBool) {
+    if std::io::stderr().is_terminal() {
+        bar(counter, total, stop)
+    } else {
+        lines(counter, total, stop)
     }
 }
 

@@ -58,6 +58,9 @@ pub enum BootstrapError {
     /// No port could be reserved for the store.
     #[error("cannot find a free port for the store: {0}")]
     Port(#[source] std::io::Error),
+    /// `AXSAVE_JOB_TOKEN` is not a token (a usage error: exit code 2).
+    #[error("AXSAVE_JOB_TOKEN must be {} hex digits (as `axsave launch` sets it)", 2 * axsave_dist::transport::TOKEN_LEN)]
+    BadJobToken,
     /// Rank 0 has no host name to publish.
     #[error("this host has no name to tell the other ranks")]
     NoHostName,
@@ -82,6 +85,19 @@ pub enum BootstrapError {
 }
 
 type Result<T, E = BootstrapError> = std::result::Result<T, E>;
+
+/// `AXSAVE_JOB_TOKEN`, which `axsave launch` sets for its ranks: the secret every data
+/// connection of the job must present (64 hex digits).
+pub fn job_token_from_env(
+    env: &dyn Fn(&str) -> Option<String>,
+) -> Result<Option<[u8; axsave_dist::transport::TOKEN_LEN]>> {
+    match env("AXSAVE_JOB_TOKEN") {
+        None => Ok(None),
+        Some(v) => crate::distributed::unhex(&v)
+            .map(Some)
+            .ok_or(BootstrapError::BadJobToken),
+    }
+}
 
 /// A free port on every local address right now (rank 0's store binds it soon after).
 #[cfg(any(feature = "mpi", feature = "pmix"))]
@@ -134,7 +150,8 @@ pub fn wants_mpi(request: TransportRequest, launcher: Launcher) -> bool {
 pub struct Ready {
     /// The data plane for the coordinator.
     pub net: Net,
-    /// Under MPI: the job token rank 0 minted and broadcast (a private channel).
+    /// Under MPI: the job token rank 0 minted and broadcast (a private channel); else the one
+    /// `AXSAVE_JOB_TOKEN` gives.
     pub job_token: Option<[u8; axsave_dist::transport::TOKEN_LEN]>,
     /// Keeps MPI alive (and aborts the job on failure, see [`Ready::fail`]).
     #[cfg(feature = "mpi")]
@@ -174,7 +191,7 @@ pub fn setup(
     let _ = (use_mpi, &world, timeout, join_timeout);
     Ok(Ready {
         net: Net::Tcp,
-        job_token: None,
+        job_token: job_token_from_env(&|k| std::env::var(k).ok())?,
         #[cfg(feature = "mpi")]
         mpi: None,
     })
@@ -364,6 +381,20 @@ mod tests {
         world.launcher = Launcher::OpenMpi;
         world.world_size = 1;
         assert!(!wants_pmix(&world, &pmix));
+    }
+
+    #[test]
+    fn job_token_from_the_environment() {
+        assert_eq!(job_token_from_env(&|_: &str| None).unwrap(), None);
+        let hex = |v: &'static str| move |k: &str| (k == "AXSAVE_JOB_TOKEN").then(|| v.to_string());
+        let t = job_token_from_env(&hex("0f".repeat(32).leak())).unwrap();
+        assert_eq!(t, Some([0x0f; axsave_dist::transport::TOKEN_LEN]));
+        let e = job_token_from_env(&hex("abc")).unwrap_err();
+        assert!(matches!(e, BootstrapError::BadJobToken));
+        assert_eq!(
+            e.to_string(),
+            "AXSAVE_JOB_TOKEN must be 64 hex digits (as `axsave launch` sets it)"
+        );
     }
 
     #[test]

@@ -196,6 +196,70 @@ pub fn merge_json(output: &Path, report: &crate::merge_lora::MergeReport) -> Res
     }))
 }
 
+/// `--json` of a save by several ranks (on rank 0).
+pub fn ranks_save_json(
+    output: &Path,
+    report: &crate::distributed::DistReport,
+    launcher: axsave_dist::Launcher,
+) -> Value {
+    json!({
+        "output": output,
+        "files": report.files,
+        "tensors": report.tensors,
+        "bytes": report.bytes,
+        "dtype": dtype_json(&report.dtypes),
+        "format": report.format,
+        "seconds": report.seconds,
+        "network_bytes": report.network_bytes,
+        "transport": report.transport.as_str(),
+        "mode": report.mode.as_str(),
+        "world_size": report.world_size,
+        "launcher": launcher.to_string(),
+    })
+}
+
+/// `--json` of a save by one process (`gpu`: the GPU that converted, if one did; `seconds`:
+/// the whole command's).
+pub fn local_save_json(
+    output: &Path,
+    report: &crate::save::SaveReport,
+    layout: &crate::layout::Layout,
+    format: &axsave_formats::Format,
+    seconds: f64,
+    gpu: Option<String>,
+    launcher: axsave_dist::Launcher,
+) -> Result<Value> {
+    let dtypes = dtype_counts(layout.tensors.iter().map(|t| t.dtype));
+    Ok(json!({
+        "output": output,
+        "files": files_json(&report.files)?,
+        "tensors": report.tensors,
+        "bytes": report.bytes,
+        "dtype": dtype_json(&dtypes),
+        "format": format.to_string(),
+        "seconds": seconds,
+        "network_bytes": 0,
+        "transport": "none",
+        "gpu": gpu,
+        "mode": "gather",
+        "world_size": 1,
+        "launcher": launcher.to_string(),
+    }))
+}
+
+/// `axsave verify`'s line: "ok: N tensors in F files match the source (SIZE)".
+pub fn verified_line(r: &crate::verify::VerifyReport) -> String {
+    let converted = match r.converted {
+        0 => String::new(),
+        n => format!(", {n} converted before comparing"),
+    };
+    let (t, f, size) = (r.tensors, r.files, human(r.bytes));
+    format!(
+        "ok: {t} tensors in {f} file{} match the source ({size}{converted})",
+        plural(f)
+    )
+}
+
 /// The log line that ends a save: "wrote N tensors, SIZE in F files to DIR in Ss (RATE/s)".
 pub fn wrote_line(tensors: usize, bytes: u64, files: usize, output: &Path, seconds: f64) -> String {
     format!(

@@ -12,7 +12,7 @@
 //! Each child's stdout and stderr are pipes read by one thread each; every line is written to
 //! the launcher's stdout / stderr with a `[rank r] ` prefix, as one write under the stream's
 //! lock, so lines of different ranks never mix. Bytes are passed through as they are (non-UTF-8
-//! included); a last line without a newline gets one; a line longer than [`MAX_LINE`] is cut
+//! included); a last line without a newline gets one; a line longer than 64 KiB is cut
 //! into several prefixed lines rather than buffered without bound.
 //!
 //! # Stopping

@@ -6,40 +6,121 @@ use std::path::{Path, PathBuf};
 
 use crate::axolotl::config::{AxolotlConfig, resolve};
 use crate::axolotl::extras::{self, Extra};
-use crate::axolotl::{Extras, peft, select};
+use crate::axolotl::{CleanupPlan, Extras, peft, select};
 use crate::error::CoreError;
 use crate::layout::{DtypeChoice, LayoutOptions};
 use crate::plan::Mode;
 use crate::size::parse_size;
 use crate::transport::TransportRequest;
 
-/// What the command line asked for (`None`: not given), before the config is consulted.
+/// What the command line asked for (`None`: not given), before the config is consulted. With
+/// the `clap` feature these are the save's flags themselves (`#[command(flatten)]`); `force`,
+/// `dry_run` and `device` are not the config's to set, and are here for `--help`'s order.
 #[derive(Debug, Clone, Default)]
+#[cfg_attr(feature = "clap", derive(clap::Args))]
 pub struct Flags {
-    /// `--config`: the Axolotl config.
+    /// The Axolotl config the training ran with (`cfg.yml`). axsave then finds the checkpoint in
+    /// `output_dir` (the final FSDP save, else the newest complete `checkpoint-N`, or DeepSpeed's
+    /// `latest`), writes into `output_dir`, picks the dtype from `bf16`/`fp16`, writes only the
+    /// adapter for `adapter: lora|qlora`, and copies the tokenizer and config files. Its
+    /// `axsave:` section may set source, output, mode, dtype, max_shard_size, transport,
+    /// memory_budget, timeout and cleanup; flags given here override it.
+    #[cfg_attr(feature = "clap", arg(long, value_name = "FILE"))]
     pub config: Option<PathBuf>,
-    /// `--source`.
+
+    /// Checkpoint directory: DCP (`.metadata` + `*.distcp`, e.g. `pytorch_model_fsdp_0`), DCP
+    /// Hugging Face shards (`shard-*-model-*.safetensors`), or a safetensors model (a
+    /// directory, a `.safetensors` file or an index). `{rank}`, `{local_rank}` and
+    /// `{node_rank}` are replaced per rank, for node-local disks.
+    #[cfg_attr(
+        feature = "clap",
+        arg(long, value_name = "DIR", required_unless_present = "config")
+    )]
     pub source: Option<PathBuf>,
-    /// `--output`.
+
+    /// Directory to write the model into (created if missing).
+    #[cfg_attr(
+        feature = "clap",
+        arg(long, value_name = "DIR", required_unless_present = "config")
+    )]
     pub output: Option<PathBuf>,
-    /// `--dtype`.
+
+    /// Dtype of floating tensors in the output (default: keep, or what the config implies);
+    /// integer and bool tensors always keep theirs. `bf16`/`fp16` round to nearest even exactly
+    /// as torch's `.to()` does. Quantized weights are never converted: float8 and packed fp4
+    /// (`float4_e2m1fn_x2`, written as safetensors `F4`) tensors keep their dtype, and so do
+    /// their scales: a tensor named `<module>.weight_scale_inv`, `.weight_scale`,
+    /// `.weight_scale_2` or `.input_scale` whose `<module>.weight` is float8 or fp4.
+    #[cfg_attr(feature = "clap", arg(long, value_enum))]
     pub dtype: Option<DtypeChoice>,
-    /// `--include` globs.
+
+    /// Write only tensors whose output name matches one of these globs (`*`, `?`, `[..]`;
+    /// repeatable), e.g. `--include 'model.layers.*'`. Applied after axsave's own choice of
+    /// what is the model: under a top-level `model` entry (Accelerate, Lightning) only that;
+    /// else everything except torchtitan's, Lightning's and the usual optimizer, lr_scheduler,
+    /// dataloader and train_state entries.
+    #[cfg_attr(feature = "clap", arg(long, value_name = "GLOB"))]
     pub include: Option<Vec<String>>,
-    /// `--exclude` globs.
+
+    /// Leave out tensors whose output name matches one of these globs (repeatable), e.g.
+    /// `--exclude 'ema.*' --exclude '*.rotary_emb.inv_freq'`.
+    #[cfg_attr(feature = "clap", arg(long, value_name = "GLOB"))]
     pub exclude: Option<Vec<String>>,
-    /// `--max-shard-size`, as typed.
+
+    /// Largest output file before the model is split into shards plus an index (default 5GB).
+    /// Decimal units as transformers reads them (KB, MB, GB = powers of 1000; KiB, MiB, GiB =
+    /// powers of 1024).
+    #[cfg_attr(feature = "clap", arg(long, value_name = "SIZE"))]
     pub max_shard_size: Option<String>,
-    /// `--memory-budget`, as typed.
+
+    /// Memory the copy buffers may use (default 256MiB); peak memory stays near this whatever
+    /// the model size.
+    #[cfg_attr(feature = "clap", arg(long, value_name = "SIZE"))]
     pub memory_budget: Option<String>,
-    /// `--mode`.
-    pub mode: Option<Mode>,
-    /// `--transport`.
-    pub transport: Option<TransportRequest>,
-    /// `--timeout` in seconds.
-    pub timeout: Option<u64>,
-    /// `--cleanup`.
+
+    /// Replace a model already in the output directory (files of an older save that the new
+    /// one does not have are removed once the new one is in place).
+    #[cfg_attr(feature = "clap", arg(long))]
+    pub force: bool,
+
+    /// After a successful save, remove the checkpoint directory it read (for DeepSpeed, the
+    /// tag directory and `latest`; for a symbolic link, what it points to and then the link),
+    /// and nothing else. Decided before anything is written: an output inside that directory,
+    /// or a file as --source, is refused at once; --dry-run prints the same list.
+    #[cfg_attr(feature = "clap", arg(long))]
     pub cleanup: bool,
+
+    /// Print what would be read and written (and what --cleanup would remove), and write
+    /// nothing.
+    #[cfg_attr(feature = "clap", arg(long))]
+    pub dry_run: bool,
+
+    /// How the ranks share the work when several processes run (torchrun, srun, mpirun,
+    /// `axsave launch`): `gather` (default) has rank 0 write every file, receiving over the
+    /// network only the pieces it cannot read itself; `sharded` splits the output into at least
+    /// one file per rank, each written by one rank in parallel into a directory every rank
+    /// shares.
+    #[cfg_attr(feature = "clap", arg(long, value_enum))]
+    pub mode: Option<Mode>,
+
+    /// How pieces travel between ranks (default auto). `nccl`: between the ranks' GPUs, with
+    /// dtype conversions on the GPU (each rank binds its local rank's GPU, or --device); `mpi`:
+    /// MPI messages (builds with MPI, under mpirun); `tcp`: direct connections, no GPU used.
+    /// `auto` takes nccl when every rank has a GPU and NCCL, else mpi when available, else
+    /// tcp. The rendezvous goes through PyTorch's TCPStore protocol at
+    /// MASTER_ADDR:MASTER_PORT in every case.
+    #[cfg_attr(feature = "clap", arg(long, value_enum))]
+    pub transport: Option<TransportRequest>,
+
+    /// The GPU this rank binds, as an index among the visible devices (default: the local rank
+    /// modulo the number of visible GPUs, so rank i of a node takes GPU i).
+    #[cfg_attr(feature = "clap", arg(long, value_name = "N"))]
+    pub device: Option<usize>,
+
+    /// Seconds a rank may go unheard before the others give up (default 60): a killed or hung
+    /// rank makes every rank exit non-zero within about this long.
+    #[cfg_attr(feature = "clap", arg(long, value_name = "SECONDS"))]
+    pub timeout: Option<u64>,
 }
 
 /// Why a save could not be resolved.
@@ -87,6 +168,27 @@ pub struct Resolved {
 }
 
 impl Resolved {
+    /// What `--cleanup` will remove of this rank's view of the source (`None` without
+    /// `--cleanup`): decided before anything is written, so that a conflict (the output inside
+    /// the checkpoint, a file as source) fails at once.
+    pub fn cleanup_plan(
+        &self,
+        rank: usize,
+        local_rank: usize,
+        node_rank: Option<usize>,
+    ) -> Result<Option<CleanupPlan>> {
+        if !self.cleanup {
+            return Ok(None);
+        }
+        let src = crate::distributed::inventory::expand_source(
+            &self.source,
+            rank,
+            local_rank,
+            node_rank,
+        )?;
+        Ok(Some(CleanupPlan::new(Path::new(&src), &self.output)?))
+    }
+
     /// A digest of what every rank must agree on: what and where to save, and how (`force`:
     /// `--force`).
     pub fn fingerprint(&self, force: bool) -> String {
