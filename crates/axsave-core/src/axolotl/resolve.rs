@@ -24,7 +24,7 @@ pub struct Flags {
     /// `latest`), writes into `output_dir`, picks the dtype from `bf16`/`fp16`, writes only the
     /// adapter for `adapter: lora|qlora`, and copies the tokenizer and config files. Its
     /// `axsave:` section may set source, output, mode, dtype, max_shard_size, transport,
-    /// memory_budget, timeout and cleanup; flags given here override it.
+    /// memory_budget, timeout, cleanup, include and exclude; flags given here override it.
     #[cfg_attr(feature = "clap", arg(long, value_name = "FILE"))]
     pub config: Option<PathBuf>,
 
