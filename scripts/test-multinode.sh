@@ -29,7 +29,8 @@
 #
 # Environment:
 #   AXSAVE_BIN          the axsave binary, built without the `mpi` feature (an MPI build would
-#                       bootstrap through MPI, not PMIx); default: `cargo build`, target/debug/axsave
+#                       bootstrap through MPI, not PMIx) with the `fault-injection` feature; default:
+#                       `cargo build --features fault-injection`, target/debug/axsave
 #   AXSAVE_MPI_BIN      an axsave built with `--features mpi`, for mpirun runs over MPI (skipped
 #                       without it)
 #   AXSAVE_TEST_PYTHON  a python with torch, for the torchrun runs (skipped without it)
@@ -52,8 +53,10 @@ ip netns add "$pfx-probe" 2>/dev/null || skip "\`ip netns add\` fails here (no C
 ip netns del "$pfx-probe"
 
 if [ -z "${AXSAVE_BIN:-}" ]; then
-  echo "==> cargo build"
-  cargo build --quiet || exit 1
+  # The link-down rows stall a rank at a fault hook (AXSAVE_FAULT), which exists only in builds
+  # with the `fault-injection` feature (cargo test turns it on; a plain or release build has none).
+  echo "==> cargo build --features fault-injection"
+  cargo build --quiet --features fault-injection || exit 1
   AXSAVE_BIN=$repo/target/debug/axsave
 fi
 AXSAVE_BIN=$(realpath "$AXSAVE_BIN")
