@@ -52,6 +52,37 @@ fn finish(c: Child, limit: Duration) -> (Option<i32>, String) {
     (code, text)
 }
 
+/// Two env ranks saving the fixture into `dir/out` in sharded mode, rank 1 stalled at its first
+/// piece (its pid written to `dir/hit` when it gets there); returns the output and hit paths.
+fn sharded_pair_stalling_rank_1(
+    dir: &Path,
+) -> (std::path::PathBuf, std::path::PathBuf, Vec<Child>) {
+    let out = dir.join("out");
+    let hit = dir.join("hit");
+    let (o, h) = (out.clone(), hit.clone());
+    let children = spawn_ranks(
+        2,
+        &[
+            "--source",
+            s(&fixture(FIXTURE)),
+            "--output",
+            s(&o),
+            "--mode",
+            "sharded",
+            "--quiet",
+            "--timeout",
+            "20",
+        ],
+        &move |_| {
+            vec![
+                ("AXSAVE_FAULT".into(), "copying@1".into()),
+                ("AXSAVE_FAULT_FILE".into(), s(&h).into()),
+            ]
+        },
+    );
+    (out, hit, children)
+}
+
 /// One process saving `source` into `out`, stalled at `point` of rank 0.
 fn stalled_save(source: &Path, out: &Path, hit: &Path, point: &str) -> Child {
     let mut c = Command::new(bin());
@@ -108,29 +139,7 @@ fn a_signal_cancels_a_single_process_save_and_removes_its_temporaries() {
 #[test]
 fn sigterm_to_every_rank_of_a_sharded_save_leaves_nothing() {
     let t = tempfile::tempdir().unwrap();
-    let out = t.path().join("out");
-    let hit = t.path().join("hit");
-    let (o, h) = (out.clone(), hit.clone());
-    let mut children = spawn_ranks(
-        2,
-        &[
-            "--source",
-            s(&fixture(FIXTURE)),
-            "--output",
-            s(&o),
-            "--mode",
-            "sharded",
-            "--quiet",
-            "--timeout",
-            "20",
-        ],
-        &move |_| {
-            vec![
-                ("AXSAVE_FAULT".into(), "copying@1".into()),
-                ("AXSAVE_FAULT_FILE".into(), s(&h).into()),
-            ]
-        },
-    );
+    let (out, hit, mut children) = sharded_pair_stalling_rank_1(t.path());
     wait_hit(&hit, &mut children);
     let before = listing(&out);
     assert!(
@@ -152,29 +161,7 @@ fn sigterm_to_every_rank_of_a_sharded_save_leaves_nothing() {
 #[test]
 fn sigint_to_one_rank_stops_the_run() {
     let t = tempfile::tempdir().unwrap();
-    let out = t.path().join("out");
-    let hit = t.path().join("hit");
-    let (o, h) = (out.clone(), hit.clone());
-    let mut children = spawn_ranks(
-        2,
-        &[
-            "--source",
-            s(&fixture(FIXTURE)),
-            "--output",
-            s(&o),
-            "--mode",
-            "sharded",
-            "--quiet",
-            "--timeout",
-            "20",
-        ],
-        &move |_| {
-            vec![
-                ("AXSAVE_FAULT".into(), "copying@1".into()),
-                ("AXSAVE_FAULT_FILE".into(), s(&h).into()),
-            ]
-        },
-    );
+    let (out, hit, mut children) = sharded_pair_stalling_rank_1(t.path());
     let pid = wait_hit(&hit, &mut children);
     assert_eq!(pid, children[1].id());
     signal(pid, libc::SIGINT);
