@@ -464,16 +464,20 @@ impl Conn<'_> {
                         reply: true,
                     });
                 }
+                // Acknowledge first, then count the connection finished: once `wait` sees it
+                // finished, the owner may shut the receiver down, which would cut off an
+                // acknowledgement not yet written (the sender then failed with "closed the
+                // connection while waiting for the acknowledgement"). Every byte is with the
+                // sink already; if the sender is gone it finds out by itself (its finish fails)
+                // and reports for its own rank.
+                if let Err(e) = self.write_reply(Ok(())) {
+                    tracing::debug!(peer = %self.peer, rank = self.rank, error = %e, "transport acknowledgement failed");
+                }
                 let mut st = self.shared.state();
                 st.open.remove(&self.id);
                 st.finished += 1;
                 drop(st);
                 self.shared.changed.notify_all();
-                // Every byte is with the sink already; if the sender is gone it finds out by
-                // itself (its finish fails) and reports for its own rank.
-                if let Err(e) = self.write_reply(Ok(())) {
-                    tracing::debug!(peer = %self.peer, rank = self.rank, error = %e, "transport acknowledgement failed");
-                }
                 return Ok(());
             } else {
                 return Err(self.malformed(format!(
