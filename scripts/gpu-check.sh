@@ -94,7 +94,7 @@ find_test_bin() {
 }
 core_tests=$(find_test_bin axsave_core 'gpu::cuda::tests::kernels_match_torch_on_the_device') || core_tests=""
 gpu_tests=$(find_test_bin gpu 'ranks_over_nccl_write_the_reference') || gpu_tests=""
-dist_tests=$(find_test_bin axsave_dist 'transport::nccl::') || dist_tests=""
+dist_tests=$(find_test_bin axsave_dist 'data_plane::nccl::') || dist_tests=""
 for pair in "axsave-core unit tests:$core_tests" "tests/gpu.rs:$gpu_tests" "axsave-dist unit tests:$dist_tests"; do
   if [ -z "${pair#*:}" ]; then
     record "find ${pair%%:*}" FAIL "(not in $target/{debug,release}/deps: run \`cargo test --workspace --no-run\` with default features)"
@@ -111,7 +111,7 @@ if want tests && [ -n "$core_tests" ]; then
   run "unit: GPU kernels, engine, NCCL" 900 env AXSAVE_REQUIRE_GPU=1 "$core_tests" gpu:: --test-threads=1 --nocapture
 fi
 if want tests && [ -n "$dist_tests" ]; then
-  run "unit: NCCL loader and communicator" 300 "$dist_tests" transport::nccl:: --test-threads=1 --nocapture
+  run "unit: NCCL loader and communicator" 300 "$dist_tests" data_plane::nccl:: --test-threads=1 --nocapture
 fi
 if want tests && [ -n "$gpu_tests" ] && [ -n "$bin" ]; then
   run "end to end: tests/gpu.rs" 900 env AXSAVE_REQUIRE_GPU=1 "$gpu_tests" --test-threads=1 --nocapture
