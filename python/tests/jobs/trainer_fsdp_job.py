@@ -20,33 +20,12 @@ def main():
     patch()
     import torch
     from axsave.integrations.transformers import AxsaveCallback
-    from transformers import LlamaConfig, LlamaForCausalLM, Trainer, TrainingArguments
+    from tiny_trainer import tiny_run
+    from transformers import Trainer
 
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=64,
-        hidden_size=16,
-        intermediate_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        max_position_embeddings=32,
-        tie_word_embeddings=False,
-    )
-    model = LlamaForCausalLM(config)
-    gen = torch.Generator().manual_seed(1)
-    data = [{"input_ids": ids, "labels": ids} for ids in torch.randint(0, 64, (20, 8), generator=gen)]
-    out = os.path.join(work, "run")
-    args = TrainingArguments(
-        output_dir=out,
-        max_steps=5,
-        save_steps=2,
-        per_device_train_batch_size=2,
-        report_to=[],
-        use_cpu=True,
-        logging_steps=1,
+    model, data, args = tiny_run(
+        work,
         save_only_model=False,
-        learning_rate=1e-2,
         fsdp="full_shard",
         fsdp_config={
             "fsdp_version": 2,
@@ -55,6 +34,7 @@ def main():
             "reshard_after_forward": True,
         },
     )
+    out = args.output_dir
     callback = AxsaveCallback(timeout=30)
     trainer = Trainer(model=model, args=args, train_dataset=data, callbacks=[callback])
     trainer.train()
