@@ -75,7 +75,7 @@ impl OutputLock {
             }
             let record = format!(
                 "host={} pid={} tag={tag}\n",
-                crate::distributed::hostname(),
+                crate::host::hostname(),
                 std::process::id()
             );
             file.set_len(0)

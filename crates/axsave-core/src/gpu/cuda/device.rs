@@ -93,7 +93,7 @@ pub(crate) fn open_device(
         let total_mem = ctx.total_mem().unwrap_or(0);
         let uuid = match ctx.uuid() {
             Ok(u) => uuid_text(&u.bytes.map(|c| c as u8)),
-            Err(_) => format!("{}:ordinal-{ordinal}", hostname()),
+            Err(_) => format!("{}:ordinal-{ordinal}", crate::host::hostname()),
         };
         Ok(Device {
             ctx,
@@ -124,10 +124,4 @@ pub(super) fn uuid_text(b: &[u8; 16]) -> String {
         h[8..10].concat(),
         h[10..16].concat()
     )
-}
-
-pub(super) fn hostname() -> String {
-    std::fs::read_to_string("/proc/sys/kernel/hostname")
-        .map(|s| s.trim().to_string())
-        .unwrap_or_else(|_| "?".into())
 }
