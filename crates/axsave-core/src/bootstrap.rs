@@ -18,7 +18,7 @@ pub enum BootstrapError {
         what: &'static str,
         /// What MPI said.
         #[source]
-        source: axsave_dist::transport::mpi::MpiError,
+        source: axsave_dist::data_plane::mpi::MpiError,
     },
     /// MPI's idea of this rank differs from the environment's.
     #[error("MPI says rank {mpi_rank} of {mpi_size}, the environment says rank {rank} of {size}")]
@@ -59,7 +59,7 @@ pub enum BootstrapError {
     #[error("cannot find a free port for the store: {0}")]
     Port(#[source] std::io::Error),
     /// `AXSAVE_JOB_TOKEN` is not a token (a usage error: exit code 2).
-    #[error("AXSAVE_JOB_TOKEN must be {} hex digits (as `axsave launch` sets it)", 2 * axsave_dist::transport::TOKEN_LEN)]
+    #[error("AXSAVE_JOB_TOKEN must be {} hex digits (as `axsave launch` sets it)", 2 * axsave_dist::data_plane::TOKEN_LEN)]
     BadJobToken,
     /// Rank 0 has no host name to publish.
     #[error("this host has no name to tell the other ranks")]
@@ -90,7 +90,7 @@ type Result<T, E = BootstrapError> = std::result::Result<T, E>;
 /// connection of the job must present (64 hex digits).
 pub fn job_token_from_env(
     env: &dyn Fn(&str) -> Option<String>,
-) -> Result<Option<[u8; axsave_dist::transport::TOKEN_LEN]>> {
+) -> Result<Option<[u8; axsave_dist::data_plane::TOKEN_LEN]>> {
     match env("AXSAVE_JOB_TOKEN") {
         None => Ok(None),
         Some(v) => crate::distributed::unhex(&v)
@@ -152,10 +152,10 @@ pub struct Ready {
     pub net: Net,
     /// Under MPI: the job token rank 0 minted and broadcast (a private channel); else the one
     /// `AXSAVE_JOB_TOKEN` gives.
-    pub job_token: Option<[u8; axsave_dist::transport::TOKEN_LEN]>,
+    pub job_token: Option<[u8; axsave_dist::data_plane::TOKEN_LEN]>,
     /// Keeps MPI alive (and aborts the job on failure, see [`Ready::fail`]).
     #[cfg(feature = "mpi")]
-    pub mpi: Option<axsave_dist::transport::mpi::MpiContext>,
+    pub mpi: Option<axsave_dist::data_plane::mpi::MpiContext>,
 }
 
 impl Ready {
@@ -216,11 +216,7 @@ fn pmix_bootstrap(world: &mut World, join_timeout: std::time::Duration) -> Resul
         // Every rank on this node: the loopback default (the world's); else the host name.
         let host = match &world.master_addr {
             Some(local) => local.clone(),
-            None => std::fs::read_to_string("/proc/sys/kernel/hostname")
-                .map(|s| s.trim().to_string())
-                .ok()
-                .filter(|h| !h.is_empty())
-                .ok_or(BootstrapError::NoHostName)?,
+            None => crate::host::known_hostname().ok_or(BootstrapError::NoHostName)?,
         };
         let port = if std::env::var_os("MASTER_PORT").is_some() {
             world.master_port
@@ -262,7 +258,7 @@ fn pmix_bootstrap(world: &mut World, join_timeout: std::time::Duration) -> Resul
 
 #[cfg(feature = "mpi")]
 fn mpi_setup(world: &mut World, timeout: std::time::Duration) -> Result<Ready> {
-    use axsave_dist::transport::mpi::MpiContext;
+    use axsave_dist::data_plane::mpi::MpiContext;
     let ctx = MpiContext::init().map_err(|source| BootstrapError::Mpi {
         what: "MPI initialisation failed",
         source,
@@ -286,9 +282,9 @@ fn mpi_setup(world: &mut World, timeout: std::time::Duration) -> Result<Ready> {
 /// share, unlike the store.
 #[cfg(feature = "mpi")]
 fn job_token(
-    ctx: &axsave_dist::transport::mpi::MpiContext,
+    ctx: &axsave_dist::data_plane::mpi::MpiContext,
     world: &World,
-) -> Result<[u8; axsave_dist::transport::TOKEN_LEN]> {
+) -> Result<[u8; axsave_dist::data_plane::TOKEN_LEN]> {
     let mine = (world.rank == 0).then(crate::distributed::random_token);
     let got = ctx
         .broadcast(0, mine.as_ref().map(|t| t.as_slice()))
@@ -307,11 +303,11 @@ fn job_token(
 /// Rank 0 tells every rank where its store will listen; then the MPI data plane.
 #[cfg(feature = "mpi")]
 fn bootstrap(
-    ctx: &axsave_dist::transport::mpi::MpiContext,
+    ctx: &axsave_dist::data_plane::mpi::MpiContext,
     world: &mut World,
     timeout: std::time::Duration,
-) -> Result<axsave_dist::transport::mpi::MpiTransport> {
-    use axsave_dist::transport::mpi::MpiOptions;
+) -> Result<axsave_dist::data_plane::mpi::MpiTransport> {
+    use axsave_dist::data_plane::mpi::MpiOptions;
     if ctx.size() != world.world_size || ctx.rank() != world.rank {
         return Err(BootstrapError::RankMismatch {
             mpi_rank: ctx.rank(),
@@ -388,7 +384,7 @@ mod tests {
         assert_eq!(job_token_from_env(&|_: &str| None).unwrap(), None);
         let hex = |v: &'static str| move |k: &str| (k == "AXSAVE_JOB_TOKEN").then(|| v.to_string());
         let t = job_token_from_env(&hex("0f".repeat(32).leak())).unwrap();
-        assert_eq!(t, Some([0x0f; axsave_dist::transport::TOKEN_LEN]));
+        assert_eq!(t, Some([0x0f; axsave_dist::data_plane::TOKEN_LEN]));
         let e = job_token_from_env(&hex("abc")).unwrap_err();
         assert!(matches!(e, BootstrapError::BadJobToken));
         assert_eq!(

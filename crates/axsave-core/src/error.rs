@@ -100,7 +100,7 @@ pub enum CoreError {
     /// The MPI data plane failed.
     #[cfg(feature = "mpi")]
     #[error(transparent)]
-    Mpi(#[from] axsave_dist::transport::mpi::MpiError),
+    Mpi(#[from] axsave_dist::data_plane::mpi::MpiError),
     /// `source`, with what was being done when it happened (the peer, the address).
     #[error("{context}: {source}")]
     Context {

@@ -156,7 +156,7 @@ pub fn select(request: TransportRequest, caps: &[Caps], mpi: bool) -> Result<Cho
             transport: Transport::Mpi,
             why: "--transport mpi".into(),
         }),
-        TransportRequest::Mpi => Err(if axsave_dist::transport::MPI_BUILT {
+        TransportRequest::Mpi => Err(if axsave_dist::data_plane::MPI_BUILT {
             "--transport mpi needs an MPI launcher (mpirun, mpiexec, srun --mpi)".into()
         } else {
             "--transport mpi: this axsave was built without MPI (cargo feature `mpi`)".into()
@@ -207,7 +207,7 @@ pub fn launched_by_mpi(launcher: Launcher) -> bool {
 /// Whether the MPI transport can be used here: built with feature `mpi`, and started by an MPI
 /// launcher.
 pub fn mpi_available(world: &World) -> bool {
-    axsave_dist::transport::MPI_BUILT && launched_by_mpi(world.launcher)
+    axsave_dist::data_plane::MPI_BUILT && launched_by_mpi(world.launcher)
 }
 
 #[cfg(test)]

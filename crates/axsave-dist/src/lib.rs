@@ -38,9 +38,6 @@ pub mod pmix;
 pub mod store;
 pub mod world;
 
-/// The data plane's former path, kept while callers move to [`data_plane`].
-#[doc(hidden)]
-pub use data_plane as transport;
 pub use data_plane::{
     DataPlane, DataPlaneError, PlaneReceiver, PlaneSender, ReceiveStats, SharedSink, Sink,
     SinkError, TcpOptions, TcpReceiver, TcpSender, TransportError,

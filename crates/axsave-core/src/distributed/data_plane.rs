@@ -6,7 +6,7 @@
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 
-use axsave_dist::transport::TcpOptions;
+use axsave_dist::data_plane::TcpOptions;
 
 use super::catalog::Bundle;
 use super::remote::{Incoming, Net, RemoteSink};
@@ -75,7 +75,7 @@ impl Rank<'_> {
         bundle: &Bundle,
         files: Option<&Arc<OutputFiles>>,
         tag: &str,
-        token: [u8; axsave_dist::transport::TOKEN_LEN],
+        token: [u8; axsave_dist::data_plane::TOKEN_LEN],
     ) -> Result<()> {
         let sources = SourceFiles::new(&bundle.catalog, &bundle.catalog.root);
         if transport == Transport::Nccl {
@@ -102,7 +102,7 @@ impl Rank<'_> {
             let files = files
                 .cloned()
                 .ok_or_else(|| CoreError::Internal("a receiver without files".into()))?;
-            let sink = axsave_dist::transport::sink_fn(move |_from, file, offset, data| {
+            let sink = axsave_dist::data_plane::sink_fn(move |_from, file, offset, data| {
                 files
                     .write_at(file as usize, offset, data)
                     .map_err(|e| e.to_string().into())

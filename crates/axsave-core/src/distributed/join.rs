@@ -6,8 +6,8 @@
 use std::net::{IpAddr, SocketAddr};
 use std::time::{Duration, Instant};
 
+use axsave_dist::data_plane::TOKEN_LEN;
 use axsave_dist::store::rendezvous::{broadcast_bytes, check_failure};
-use axsave_dist::transport::TOKEN_LEN;
 use axsave_dist::{ClientOptions, ServerOptions, StoreClient, StoreServer, World};
 
 use super::token::{hex, random_token, token_digest, unhex};

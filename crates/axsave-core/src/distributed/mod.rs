@@ -88,7 +88,7 @@ pub struct DistOptions {
     /// bootstrap). Without one, rank 0 mints a token and hands it out through the store, which
     /// still keeps out connections of other runs but proves nothing against whoever can read
     /// the store.
-    pub job_token: Option<[u8; axsave_dist::transport::TOKEN_LEN]>,
+    pub job_token: Option<[u8; axsave_dist::data_plane::TOKEN_LEN]>,
 }
 
 /// What rank 0 reports after a successful save.

@@ -6,7 +6,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::AtomicBool;
 
-use axsave_dist::transport::{SharedSink, TcpOptions, TcpReceiver, TcpSender};
+use axsave_dist::data_plane::{SharedSink, TcpOptions, TcpReceiver, TcpSender};
 
 use crate::error::{CoreError, Result, ResultExt};
 use crate::execute::Sink;
@@ -18,7 +18,7 @@ pub enum Net {
     Tcp,
     /// MPI point-to-point messages.
     #[cfg(feature = "mpi")]
-    Mpi(axsave_dist::transport::mpi::MpiTransport),
+    Mpi(axsave_dist::data_plane::mpi::MpiTransport),
 }
 
 impl Net {
@@ -43,7 +43,7 @@ pub enum RemoteSink {
     Tcp(Option<TcpSender>, usize),
     /// An MPI stream.
     #[cfg(feature = "mpi")]
-    Mpi(Option<axsave_dist::transport::mpi::MpiSender>, usize),
+    Mpi(Option<axsave_dist::data_plane::mpi::MpiSender>, usize),
 }
 
 impl RemoteSink {
@@ -57,7 +57,7 @@ impl RemoteSink {
     /// Opens an MPI stream to writer `peer`.
     #[cfg(feature = "mpi")]
     pub fn mpi(
-        t: &axsave_dist::transport::mpi::MpiTransport,
+        t: &axsave_dist::data_plane::mpi::MpiTransport,
         peer: usize,
         cancel: Arc<AtomicBool>,
     ) -> Result<Self> {
@@ -117,13 +117,13 @@ pub enum Incoming {
     Tcp(TcpReceiver, Arc<AtomicBool>),
     /// MPI messages from readers.
     #[cfg(feature = "mpi")]
-    Mpi(axsave_dist::transport::mpi::MpiReceiver, Arc<AtomicBool>),
+    Mpi(axsave_dist::data_plane::mpi::MpiReceiver, Arc<AtomicBool>),
 }
 
 impl Incoming {
     /// Starts receiving over MPI into `sink`.
     #[cfg(feature = "mpi")]
-    pub fn mpi(t: &axsave_dist::transport::mpi::MpiTransport, sink: SharedSink) -> Result<Self> {
+    pub fn mpi(t: &axsave_dist::data_plane::mpi::MpiTransport, sink: SharedSink) -> Result<Self> {
         let cancel = Arc::new(AtomicBool::new(false));
         let r = t
             .start_receiver(sink, cancel.clone())

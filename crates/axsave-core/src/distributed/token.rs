@@ -1,14 +1,14 @@
 //! The job token: a random secret every data connection of a run presents (see
-//! [`super::DistOptions::job_token`] and `axsave_dist::transport::TcpOptions::token`), and how
+//! [`super::DistOptions::job_token`] and `axsave_dist::data_plane::TcpOptions::token`), and how
 //! it is carried (hex in `AXSAVE_JOB_TOKEN`) and compared at the join (a digest).
 
 /// A fresh random job token.
-pub fn random_token() -> [u8; axsave_dist::transport::TOKEN_LEN] {
-    let mut t = [0u8; axsave_dist::transport::TOKEN_LEN];
+pub fn random_token() -> [u8; axsave_dist::data_plane::TOKEN_LEN] {
+    let mut t = [0u8; axsave_dist::data_plane::TOKEN_LEN];
     if getrandom::fill(&mut t).is_err() {
         // No random source (never seen on Linux): the run tag's randomness is the best left.
         let tag = crate::runtag::RunTag::new().to_string();
-        t.copy_from_slice(&sha256(tag.as_bytes())[..axsave_dist::transport::TOKEN_LEN]);
+        t.copy_from_slice(&sha256(tag.as_bytes())[..axsave_dist::data_plane::TOKEN_LEN]);
     }
     t
 }
@@ -18,14 +18,14 @@ pub fn hex(b: &[u8]) -> String {
     b.iter().map(|b| format!("{b:02x}")).collect()
 }
 
-/// A token from the hex of [`hex`]: exactly [`TOKEN_LEN`](axsave_dist::transport::TOKEN_LEN)
+/// A token from the hex of [`hex`]: exactly [`TOKEN_LEN`](axsave_dist::data_plane::TOKEN_LEN)
 /// bytes.
-pub fn unhex(s: &str) -> Option<[u8; axsave_dist::transport::TOKEN_LEN]> {
+pub fn unhex(s: &str) -> Option<[u8; axsave_dist::data_plane::TOKEN_LEN]> {
     let s = s.trim();
-    if s.len() != 2 * axsave_dist::transport::TOKEN_LEN || !s.is_ascii() {
+    if s.len() != 2 * axsave_dist::data_plane::TOKEN_LEN || !s.is_ascii() {
         return None;
     }
-    let mut t = [0u8; axsave_dist::transport::TOKEN_LEN];
+    let mut t = [0u8; axsave_dist::data_plane::TOKEN_LEN];
     for (i, b) in t.iter_mut().enumerate() {
         *b = u8::from_str_radix(&s[2 * i..2 * i + 2], 16).ok()?;
     }

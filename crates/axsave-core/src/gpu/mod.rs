@@ -96,7 +96,7 @@ pub fn local_caps(request: TransportRequest, device: Option<usize>, local_rank: 
         let dev = cuda::device(device, local_rank);
         let gpu = dev.as_ref().map(|d| d.describe()).map_err(Clone::clone);
         let nccl = match &gpu {
-            Ok(_) => axsave_dist::transport::nccl::Comm::library()
+            Ok(_) => axsave_dist::data_plane::nccl::Comm::library()
                 .map(|(path, v)| format!("{} ({path})", nccl_version(v)))
                 .map_err(|e| e.to_string()),
             Err(e) => Err(e.clone()),

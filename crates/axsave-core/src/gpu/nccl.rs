@@ -5,7 +5,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use axsave_dist::transport::nccl::{Comm, CommOptions, UniqueId};
+use axsave_dist::data_plane::nccl::{Comm, CommOptions, UniqueId};
 
 use super::cuda::{self, CudaEngine};
 use super::schedule::Sizing;

@@ -4,7 +4,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-use axsave_dist::transport::nccl::{Comm, NcclError, P2p};
+use axsave_dist::data_plane::nccl::{Comm, NcclError, P2p};
 use cudarc::driver::{CudaEvent, CudaStream, DriverError, result as dr};
 
 use crate::error::{CoreError, Result};

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64};
 use std::time::Duration;
 
-use axsave_dist::transport::nccl::{Comm, CommOptions, NcclError, P2p, UniqueId};
+use axsave_dist::data_plane::nccl::{Comm, CommOptions, NcclError, P2p, UniqueId};
 use axsave_formats::convert;
 use cudarc::driver::{result as dr, sys as ds};
 
