@@ -222,6 +222,14 @@ check_store() { # check_store RANK0_LOG MASTER
   return 1
 }
 
+# How rank 0 says the bytes went: the two nodes' ranks send across nodes by $2 (tcp or mpi;
+# no GPU here), and the log names the class, the way and why.
+check_route() { # check_route RANK0_LOG PATH
+  grep -qE "cross_node [0-9.]+ [KMGT]?B by $2 \(" "$1" && return 0
+  why="rank 0 does not say cross-node bytes went by $2: $(grep -ho '[a-z_]*_node .* by .*' "$1" | head -2 | xargs)"
+  return 1
+}
+
 port=29600
 next_port() { port=$((port + 1)); }
 
@@ -273,7 +281,7 @@ for master in axmn-node0 10.77.0.1; do
     ok=0
     why="exit codes $rcs"
     if all_zero && check_output "$RUN/out-$name" "$mode" && check_published "$RUN/$name".*.log &&
-      check_store "$RUN/$name.0.log" "$master"; then ok=1; why=""; fi
+      check_store "$RUN/$name.0.log" "$master" && check_route "$RUN/$name.0.log" tcp; then ok=1; why=""; fi
     record "env (MASTER_ADDR=$master)" "$mode" none "$ok" "${why:-${secs}s}"
     [ "$ok" = 1 ] || show_logs "$name"
   done
@@ -507,7 +515,7 @@ if command -v mpirun >/dev/null; then
       ok=0
       why="exit code $rc"
       if [ "$rc" = 0 ] && check_output "$RUN/out-$name" "$mode"; then
-        if grep -q "transport mpi: .*using mpi" "$RUN/$name.0.log"; then ok=1; why=""; else why="the log does not say MPI carried the pieces"; fi
+        if check_route "$RUN/$name.0.log" mpi; then ok=1; why=""; fi
       fi
       record "mpirun, MPI build (no MASTER_ADDR)" "$mode" none "$ok" "${why:-${secs}s}"
       [ "$ok" = 1 ] || show_logs "$name"

@@ -14,6 +14,15 @@ pub fn known_hostname() -> Option<String> {
         .filter(|h| !h.is_empty())
 }
 
+/// Which machine this is, as the ranks compare it to tell whether bytes cross nodes: the host
+/// name and the kernel's boot id. Ranks in one operating system but separate network and UTS
+/// namespaces (containers, the multi-node tests) have different names, so they count as
+/// different nodes, as their network makes them.
+pub fn node_id() -> String {
+    let boot = std::fs::read_to_string("/proc/sys/kernel/random/boot_id").unwrap_or_default();
+    format!("{}/{}", hostname(), boot.trim())
+}
+
 #[cfg(test)]
 mod tests {
     #[test]
@@ -22,5 +31,13 @@ mod tests {
         assert!(!h.is_empty());
         assert_eq!(h, h.trim());
         assert!(!h.contains('\n'));
+    }
+
+    #[test]
+    fn the_node_id_is_stable_and_names_the_host() {
+        let n = super::node_id();
+        assert_eq!(n, super::node_id());
+        assert!(n.starts_with(&format!("{}/", super::hostname())), "{n}");
+        assert!(!n.contains('\n'));
     }
 }

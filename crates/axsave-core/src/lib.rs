@@ -21,6 +21,7 @@ pub mod naming;
 pub mod output;
 pub mod plan;
 pub mod report;
+pub mod route;
 pub mod runtag;
 pub mod save;
 pub mod scales;

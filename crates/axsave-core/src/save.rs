@@ -120,6 +120,7 @@ pub fn save_local(
                 crate::plan::make_plan(catalog, &layout, &readers, 1, crate::plan::Mode::Gather)?;
             let work = crate::gpu::RankWork {
                 catalog,
+                local_on_gpu: true,
                 layout: &layout,
                 plan: &plan,
                 sources: &sources,

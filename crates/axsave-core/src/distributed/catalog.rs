@@ -27,6 +27,9 @@ pub(super) struct Bundle {
     pub(super) layout: Layout,
     pub(super) plan: Plan,
     pub(super) shared_source: bool,
+    /// Each rank's node (from the inventories every rank has), to class the bytes.
+    #[serde(skip)]
+    pub(super) nodes: Vec<String>,
 }
 
 /// Whether every rank sees the same files of a checkpoint rank 0 recognizes (a shared
@@ -128,6 +131,7 @@ impl Rank<'_> {
             }
         };
         bundle.catalog.root = root_of(&source);
+        bundle.nodes = invs.into_iter().map(|i| i.node).collect();
         Ok(bundle)
     }
 
@@ -167,6 +171,7 @@ impl Rank<'_> {
             layout,
             plan,
             shared_source,
+            nodes: Vec::new(),
         };
         broadcast_bytes(self.client, "bundle", &json(&bundle)?)?;
         Ok(bundle)
@@ -191,6 +196,7 @@ mod tests {
             detected,
             metadata: Vec::new(),
             identity: Default::default(),
+            node: String::new(),
         }
     }
 

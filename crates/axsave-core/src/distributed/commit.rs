@@ -15,7 +15,6 @@ use crate::output::{self, OutputFiles, marker_name};
 use crate::plan::Mode;
 use crate::report::{dtype_counts, output_files, sha256_file};
 use crate::save::{check_output, finalize};
-use crate::transport::Transport;
 
 /// What a rank reports once its files are durable: for each file it wrote, its index and
 /// (with `--checksums`) its SHA-256.
@@ -44,7 +43,7 @@ pub(super) fn collect_shas(
 /// What the commit needs besides the bundle: when the run started and how it moves data.
 pub(super) struct CommitInfo {
     pub(super) start: Instant,
-    pub(super) transport: Transport,
+    pub(super) route: crate::route::Route,
 }
 
 impl Rank<'_> {
@@ -144,7 +143,8 @@ impl Rank<'_> {
             dtypes: dtype_counts(&layout),
             notes: catalog.notes.clone(),
             shared_source,
-            transport: info.transport,
+            transport: info.route.transport(),
+            route: info.route.legs.to_vec(),
         }))
     }
 
@@ -176,6 +176,7 @@ impl Rank<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::transport::Transport;
     use std::path::Path;
 
     #[test]
@@ -226,6 +227,21 @@ mod tests {
         assert_eq!(report.world_size, 2);
         assert_eq!(report.transport, Transport::Tcp);
         assert!(report.shared_source);
+        // Both ranks are on this node; rank 0 writes everything in gather mode: what rank 1
+        // reads crosses between ranks of one node, by TCP as asked.
+        use crate::route::{Class, Path as Way};
+        let classes: Vec<(Class, Way)> = report.route.iter().map(|l| (l.class, l.path)).collect();
+        assert_eq!(
+            classes,
+            [
+                (Class::Local, Way::Cpu),
+                (Class::SameNode, Way::Tcp),
+                (Class::CrossNode, Way::Tcp)
+            ]
+        );
+        assert_eq!(report.route[2].bytes, 0);
+        assert_eq!(report.route[0].bytes + report.route[1].bytes, report.bytes);
+        assert_eq!(report.route[1].bytes, report.network_bytes);
         assert_eq!(
             report.dtypes.iter().map(|(_, n)| n).sum::<usize>(),
             report.tensors

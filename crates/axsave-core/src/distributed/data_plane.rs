@@ -15,7 +15,8 @@ use crate::error::{CoreError, Result};
 use crate::execute::{self, CopyJob, ExecOptions, Sink};
 use crate::host::hostname;
 use crate::output::{OutputFiles, marker_name};
-use crate::plan::Mode;
+use crate::plan::{Mode, Plan};
+use crate::route::{Class, Route, restrict};
 use crate::save::LocalSink;
 use crate::sources::SourceFiles;
 use crate::transport::Transport;
@@ -67,10 +68,14 @@ impl Rank<'_> {
     }
 
     /// Phase 3: moves every piece this rank reads to its writer and waits for every piece this
-    /// rank writes. The copy's failure comes first, then the receiver's.
+    /// rank writes, each class of bytes by its [`Route`]: all through the GPU executor under
+    /// `--transport nccl`; under `auto` with bytes crossing nodes over NCCL, the host moves the
+    /// rest first (local pieces, same-node ones over TCP or MPI), then every rank meets and
+    /// NCCL moves the cross-node pieces; otherwise the host moves everything.
+    #[allow(clippy::too_many_arguments)]
     pub(super) fn move_data(
         &mut self,
-        transport: Transport,
+        route: &Route,
         net: &Net,
         bundle: &Bundle,
         files: Option<&Arc<OutputFiles>>,
@@ -78,9 +83,61 @@ impl Rank<'_> {
         token: [u8; axsave_dist::data_plane::TOKEN_LEN],
     ) -> Result<()> {
         let sources = SourceFiles::new(&bundle.catalog, &bundle.catalog.root);
-        if transport == Transport::Nccl {
-            return self.execute_nccl(bundle, files.map(|f| f.as_ref()), &sources);
+        let Some(host) = route.host_transport() else {
+            return self.execute_nccl(
+                bundle,
+                &bundle.plan,
+                true,
+                files.map(|f| f.as_ref()),
+                &sources,
+            );
+        };
+        if !route.split() {
+            return self.move_by_host(host, net, bundle, &bundle.plan, &sources, files, tag, token);
         }
+        let nodes = &bundle.nodes;
+        let cross = |a: &crate::plan::Assignment| Class::of(a, nodes) == Class::CrossNode;
+        let on_host = restrict(&bundle.plan, |a| !cross(a));
+        self.move_by_host(host, net, bundle, &on_host, &sources, files, tag, token)?;
+        // NCCL's communicator forms only when every rank is there: after the host part.
+        self.barrier("hostpart")?;
+        let over_nccl = restrict(&bundle.plan, cross);
+        self.execute_nccl(
+            bundle,
+            &over_nccl,
+            false,
+            files.map(|f| f.as_ref()),
+            &sources,
+        )
+    }
+
+    /// Every rank sets `{name}/{rank}` and waits for the others' (the watchdog cancels the
+    /// wait when a rank dies).
+    fn barrier(&mut self, name: &str) -> Result<()> {
+        let me = self.world.rank;
+        self.client.set(&format!("{name}/{me}"), b"1")?;
+        let keys: Vec<String> = (0..self.world.world_size)
+            .map(|r| format!("{name}/{r}"))
+            .collect();
+        let keys: Vec<&str> = keys.iter().map(|k| k.as_str()).collect();
+        let d = self.far();
+        self.wait_keys(&keys, d)
+    }
+
+    /// Moves the pieces of `plan` (the whole plan, or the part the host carries) over `transport`
+    /// (TCP or MPI): every rank copies what it reads into its own files or to the writer.
+    #[allow(clippy::too_many_arguments)]
+    fn move_by_host(
+        &mut self,
+        transport: Transport,
+        net: &Net,
+        bundle: &Bundle,
+        plan: &Plan,
+        sources: &SourceFiles,
+        files: Option<&Arc<OutputFiles>>,
+        tag: &str,
+        token: [u8; axsave_dist::data_plane::TOKEN_LEN],
+    ) -> Result<()> {
         // MPI carries the pieces only when it was chosen; otherwise TCP does.
         let tcp_net = Net::Tcp;
         let net = match transport {
@@ -89,7 +146,7 @@ impl Rank<'_> {
         };
         let (me, n) = (self.world.rank, self.world.world_size);
         let opts = self.opts;
-        let (catalog, layout, plan) = (&bundle.catalog, &bundle.layout, &bundle.plan);
+        let (catalog, layout) = (&bundle.catalog, &bundle.layout);
         let expected = plan.bytes_received_by(me);
         let tcp = TcpOptions {
             session: session_of(tag),
@@ -143,7 +200,7 @@ impl Rank<'_> {
         let job = CopyJob {
             catalog,
             layout,
-            sources: &sources,
+            sources,
             tasks: &tasks,
             opts: ExecOptions::for_budget(opts.memory_budget, opts.workers),
         };

@@ -11,43 +11,51 @@ use crate::error::{CoreError, Result};
 use crate::execute::ExecOptions;
 use crate::host::hostname;
 use crate::output::OutputFiles;
+use crate::plan::Plan;
+use crate::route::{Route, classify, needs_caps, route};
 use crate::sources::SourceFiles;
-use crate::transport::{Choice, TransportRequest, select};
+use crate::transport::TransportRequest;
 
 impl Rank<'_> {
-    /// Every rank reports what it can do (its GPU and NCCL, when the request may use them) and
-    /// all pick the same transport from the same reports. `--transport nccl` on a rank without
-    /// a GPU or NCCL fails here, at once; the failure flag then stops the others.
-    pub(super) fn agree_transport(&mut self) -> Result<Choice> {
+    /// Every rank routes each class of bytes the same way ([`crate::route`]) from the same
+    /// plan and, when the rule needs them, the same reports of every rank's GPU and NCCL. A save
+    /// in which nothing crosses nodes asks for none (`auto`): no rank initialises CUDA.
+    /// `--transport nccl` on a rank without a GPU or NCCL fails here, at once; the failure
+    /// flag then stops the others.
+    pub(super) fn agree_route(&mut self, bundle: &Bundle) -> Result<Route> {
         let (me, n) = (self.world.rank, self.world.world_size);
         let o = self.opts;
-        if !o.transport.wants_gpu() {
-            return select(o.transport, &[], o.mpi_available).map_err(CoreError::Remote);
-        }
-        let caps = crate::gpu::local_caps(o.transport, o.device, self.world.local_rank);
-        if o.transport == TransportRequest::Nccl
-            && let Some(why) = caps.nccl_missing()
-        {
-            return Err(CoreError::Gpu(format!(
-                "--transport nccl, but rank {me} (on {}) cannot use NCCL: {why}",
-                hostname()
-            )));
-        }
-        broadcast_bytes(self.client, &format!("caps/{me}"), &json(&caps)?)?;
-        let mut all = Vec::with_capacity(n);
-        for r in 0..n {
-            let d = self.deadline();
-            all.push(unjson(
-                &self.receive(&format!("caps/{r}"), d)?,
-                "capabilities",
-            )?);
-        }
-        let choice = select(o.transport, &all, o.mpi_available).map_err(CoreError::Remote)?;
+        let bytes = classify(&bundle.plan, &bundle.nodes);
+        let route = if !needs_caps(o.transport, &bytes) {
+            route(o.transport, bytes, &[], o.mpi_available).map_err(CoreError::Remote)?
+        } else {
+            let caps = crate::gpu::local_caps(o.transport, o.device, self.world.local_rank);
+            if o.transport == TransportRequest::Nccl
+                && let Some(why) = caps.nccl_missing()
+            {
+                return Err(CoreError::Gpu(format!(
+                    "--transport nccl, but rank {me} (on {}) cannot use NCCL: {why}",
+                    hostname()
+                )));
+            }
+            tracing::debug!(rank = me, "GPU: {:?}, NCCL: {:?}", caps.gpu, caps.nccl);
+            broadcast_bytes(self.client, &format!("caps/{me}"), &json(&caps)?)?;
+            let mut all = Vec::with_capacity(n);
+            for r in 0..n {
+                let d = self.deadline();
+                all.push(unjson(
+                    &self.receive(&format!("caps/{r}"), d)?,
+                    "capabilities",
+                )?);
+            }
+            route(o.transport, bytes, &all, o.mpi_available).map_err(CoreError::Remote)?
+        };
         if me == 0 {
-            tracing::info!("transport {}: {}", choice.transport.as_str(), choice.why);
+            for line in route.lines() {
+                tracing::info!("{line}");
+            }
         }
-        tracing::debug!(rank = me, "GPU: {:?}, NCCL: {:?}", caps.gpu, caps.nccl);
-        Ok(choice)
+        Ok(route)
     }
 
     /// The data plane over NCCL: the GPU executor.
@@ -55,6 +63,8 @@ impl Rank<'_> {
     pub(super) fn execute_nccl(
         &mut self,
         bundle: &Bundle,
+        plan: &Plan,
+        local_on_gpu: bool,
         files: Option<&OutputFiles>,
         sources: &SourceFiles,
     ) -> Result<()> {
@@ -71,7 +81,8 @@ impl Rank<'_> {
         let work = crate::gpu::RankWork {
             catalog: &bundle.catalog,
             layout: &bundle.layout,
-            plan: &bundle.plan,
+            plan,
+            local_on_gpu,
             sources,
             files,
             me: self.world.rank,
@@ -88,6 +99,8 @@ impl Rank<'_> {
     pub(super) fn execute_nccl(
         &mut self,
         _: &Bundle,
+        _: &Plan,
+        _: bool,
         _: Option<&OutputFiles>,
         _: &SourceFiles,
     ) -> Result<()> {

@@ -31,6 +31,10 @@ pub struct Inventory {
     /// Which checkpoint this rank's view is ([`super::identity`]).
     #[serde(default)]
     pub identity: super::identity::Identity,
+    /// The node this rank runs on ([`crate::host::node_id`]): bytes between ranks of one node
+    /// stay on the host.
+    #[serde(default)]
+    pub node: String,
 }
 
 /// Lists the regular files of `source` (a directory; a single file for safetensors inputs).
@@ -77,6 +81,7 @@ pub fn take(source: &Path) -> Result<Inventory> {
         detected: detect::detect(source).ok(),
         metadata,
         identity: super::identity::Identity::of(source)?,
+        node: crate::host::node_id(),
     })
 }
 

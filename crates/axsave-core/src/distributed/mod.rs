@@ -120,8 +120,10 @@ pub struct DistReport {
     pub notes: Vec<String>,
     /// Whether rank 0 read the whole catalog itself (shared filesystem) or merged parts.
     pub shared_source: bool,
-    /// The transport the ranks agreed on.
+    /// The transport between ranks (the cross-node one when bytes crossed nodes).
     pub transport: Transport,
+    /// The way each class of bytes took, and why ([`crate::route`]).
+    pub route: Vec<crate::route::Leg>,
 }
 
 /// Progress of the whole run as this rank sees it (rank 0 sees all ranks).
@@ -228,14 +230,14 @@ impl Rank<'_> {
         net: &Net,
     ) -> Result<Option<DistReport>> {
         let joined = self.join()?;
-        let choice = self.agree_transport()?;
         let bundle = self.catalog(&joined.tag)?;
+        let route = self.agree_route(&bundle)?;
         progress
             .total
             .store(bundle.layout.total_size, Ordering::Relaxed);
         let files = self.create_files(&bundle, &joined.tag)?;
         self.move_data(
-            choice.transport,
+            &route,
             net,
             &bundle,
             files.as_ref(),
@@ -243,10 +245,7 @@ impl Rank<'_> {
             joined.token,
         )?;
         self.check_cancel()?;
-        let info = commit::CommitInfo {
-            start,
-            transport: choice.transport,
-        };
+        let info = commit::CommitInfo { start, route };
         self.commit(bundle, files, joined, info, progress)
     }
 

@@ -11,16 +11,18 @@ use crate::transport::{Transport, TransportRequest, select};
 #[error("{0}")]
 pub struct GpuUnavailable(pub String);
 
-/// Whether one process converts on a GPU: with `--transport nccl` it must (no GPU fails at
-/// once), with `auto` it does when it can (NCCL itself is not needed without peers), with
-/// `tcp`/`mpi` it does not. Returns the GPU and its description.
+/// Whether one process converts on a GPU: only with `--transport nccl`, where it must (no GPU
+/// fails at once). `auto` never does: a process's own pieces go from disk to disk, where the
+/// CPU converts faster than the disk writes and a GPU only adds two PCIe copies, a CUDA
+/// context and pinned buffers (see [`crate::route`]); no CUDA is initialised. Returns the GPU
+/// and its description.
 pub fn single_process_gpu(
     request: TransportRequest,
     device: Option<usize>,
     local_rank: usize,
     timeout: Duration,
 ) -> Result<Option<(LocalGpu, String)>, GpuUnavailable> {
-    if !request.wants_gpu() {
+    if request != TransportRequest::Nccl {
         return Ok(None);
     }
     let mut caps = local_caps(request, device, local_rank);
@@ -30,11 +32,26 @@ pub fn single_process_gpu(
     let choice = select(request, std::slice::from_ref(&caps), false).map_err(GpuUnavailable)?;
     match (choice.transport, caps.gpu) {
         (Transport::Nccl, Ok(desc)) => Ok(Some((LocalGpu { device, timeout }, desc))),
-        (_, gpu) => {
-            if let Err(why) = gpu {
-                tracing::debug!("no GPU ({why}): converting on the CPU");
-            }
-            Ok(None)
+        (_, gpu) => Err(GpuUnavailable(format!(
+            "--transport nccl needs a GPU: {}",
+            gpu.err().unwrap_or_default()
+        ))),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn auto_and_host_transports_never_look_for_a_gpu() {
+        for r in [
+            TransportRequest::Auto,
+            TransportRequest::Tcp,
+            TransportRequest::Mpi,
+        ] {
+            let got = single_process_gpu(r, Some(999), 0, Duration::from_secs(1)).unwrap();
+            assert!(got.is_none(), "{r:?}");
         }
     }
 }

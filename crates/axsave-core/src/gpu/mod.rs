@@ -154,8 +154,11 @@ pub struct RankWork<'a> {
     pub catalog: &'a Catalog,
     /// The output.
     pub layout: &'a Layout,
-    /// The plan, identical on every rank.
+    /// The plan, identical on every rank (or the part of it this executor carries).
     pub plan: &'a Plan,
+    /// Whether this rank's own pieces that need a conversion go through the GPU (`--transport
+    /// nccl`); else the CPU copies them (under `auto` a rank's own pieces never touch the GPU).
+    pub local_on_gpu: bool,
     /// The source files as this rank sees them.
     pub sources: &'a SourceFiles,
     /// The output files this rank writes (when it writes any).
@@ -243,7 +246,7 @@ pub fn plan_rank(w: &RankWork<'_>, device_converts: bool, gpu_local: bool) -> Ra
 pub fn run_rank<E: Engine>(engine: Option<&mut E>, w: RankWork<'_>) -> Result<()> {
     crate::fault::point("copying", w.me);
     let converts = engine.as_ref().is_some_and(|e| e.converts());
-    let p = plan_rank(&w, converts, engine.is_some());
+    let p = plan_rank(&w, converts, engine.is_some() && w.local_on_gpu);
     let cpu_job = CopyJob {
         catalog: w.catalog,
         layout: w.layout,
@@ -467,6 +470,7 @@ pub(crate) mod tests {
                         let written = AtomicU64::new(0);
                         let w = RankWork {
                             catalog,
+                            local_on_gpu: true,
                             layout,
                             plan,
                             sources: &sources,
@@ -687,6 +691,7 @@ pub(crate) mod tests {
         let written = AtomicU64::new(0);
         let w = RankWork {
             catalog: &catalog,
+            local_on_gpu: true,
             layout: &layout,
             plan: &plan,
             sources: &sources,

@@ -161,6 +161,7 @@ fn the_engine_converts_locally_like_the_cpu() {
             .unwrap();
             let work = RankWork {
                 catalog: &catalog,
+                local_on_gpu: true,
                 layout: &layout,
                 plan: &plan,
                 sources: &sources,
@@ -351,6 +352,7 @@ fn two_gpus_exchange_rounds_over_nccl() {
                         Some(&mut engine),
                         RankWork {
                             catalog,
+                            local_on_gpu: true,
                             layout,
                             plan,
                             sources: &sources,
