@@ -28,6 +28,7 @@
 //! a reason ([`local_caps`]) that makes `auto` pick another transport.
 
 pub mod alone;
+pub mod kernel_cache;
 pub mod kernels;
 pub mod pipeline;
 pub mod schedule;

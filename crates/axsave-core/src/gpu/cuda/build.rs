@@ -1,5 +1,6 @@
-//! The conversion kernels: compiled by NVRTC for the bound device, loaded, and checked
-//! against the CPU conversion before any is used.
+//! The conversion kernels: compiled by NVRTC for the bound device (or taken from the
+//! [`kernel_cache`] of an earlier run), loaded, and checked against the CPU conversion before
+//! any is used.
 
 use std::sync::OnceLock;
 
@@ -7,7 +8,9 @@ use axsave_formats::{DType, convert};
 use cudarc::driver::{CudaFunction, CudaStream, LaunchConfig, PushKernelArg, result as dr};
 
 use crate::error::{CoreError, Result};
+use crate::gpu::kernel_cache::{self, KernelKey};
 use crate::gpu::kernels::{self, NVRTC_OPTIONS, PAIRS, SOURCE};
+use cudarc::nvrtc::Ptx;
 
 use super::device::{Device, gpu_err, panic_text};
 use super::memory::DeviceBuffer;
@@ -79,25 +82,50 @@ pub(crate) fn build_kernels(dev: &Device) -> std::result::Result<Kernels, String
     if !unsafe { cudarc::nvrtc::sys::is_culib_present() } {
         return Err("NVRTC not found (libnvrtc.so or libnvrtc.so.12 on the library path)".into());
     }
-    let compiled = std::panic::catch_unwind(|| {
-        cudarc::nvrtc::compile_ptx_with_opts(
-            SOURCE,
-            cudarc::nvrtc::CompileOptions {
-                options: NVRTC_OPTIONS.iter().map(|s| s.to_string()).collect(),
-                name: Some("axsave_convert.cu".into()),
-                ..Default::default()
-            },
-        )
+    let versions = versions();
+    let key = versions.map(|(nvrtc, driver)| KernelKey {
+        source: SOURCE,
+        options: NVRTC_OPTIONS,
+        nvrtc,
+        driver,
+        cc: dev.cc,
     });
-    let ptx = match compiled {
-        Ok(Ok(ptx)) => ptx,
-        Ok(Err(e)) => return Err(format!("NVRTC could not compile the kernels: {e}")),
-        Err(p) => return Err(format!("NVRTC is not usable here: {}", panic_text(p))),
-    };
+    let dir = kernel_cache::cache_dir(&|k| std::env::var(k).ok());
     dev.ctx.bind_to_thread().map_err(|e| e.to_string())?;
-    let module = dev.ctx.load_module(ptx).map_err(|e| {
-        format!("the driver cannot load the kernels (an NVRTC newer than the driver?): {e}")
-    })?;
+    // A cached build when there is one the driver takes; else NVRTC, and the result kept.
+    let cached = match (&dir, &key) {
+        (Some(dir), Some(key)) => kernel_cache::load(dir, key).and_then(|ptx| {
+            match dev.ctx.load_module(Ptx::from_src(ptx)) {
+                Ok(m) => {
+                    tracing::debug!(
+                        "conversion kernels from {}",
+                        dir.join(key.file_name()).display()
+                    );
+                    Some(m)
+                }
+                Err(e) => {
+                    tracing::debug!("cached kernels not loaded ({e}): compiling");
+                    None
+                }
+            }
+        }),
+        _ => None,
+    };
+    let module = match cached {
+        Some(m) => m,
+        None => {
+            let ptx = compile()?;
+            if let (Some(dir), Some(key)) = (&dir, &key) {
+                match kernel_cache::store(dir, key, &ptx.to_src()) {
+                    Ok(p) => tracing::debug!("conversion kernels kept in {}", p.display()),
+                    Err(e) => tracing::debug!("cannot keep the kernels in {}: {e}", dir.display()),
+                }
+            }
+            dev.ctx.load_module(ptx).map_err(|e| {
+                format!("the driver cannot load the kernels (an NVRTC newer than the driver?): {e}")
+            })?
+        }
+    };
     let mut funcs = Vec::new();
     for (from, to) in PAIRS {
         let name = kernels::kernel_name(from, to).ok_or("kernel table out of step")?;
@@ -109,6 +137,39 @@ pub(crate) fn build_kernels(dev: &Device) -> std::result::Result<Kernels, String
     let k = Kernels { funcs };
     self_test(dev, &k)?;
     Ok(k)
+}
+
+/// NVRTC compiles [`SOURCE`] (a few hundred milliseconds; see [`kernel_cache`]).
+fn compile() -> std::result::Result<Ptx, String> {
+    let compiled = std::panic::catch_unwind(|| {
+        cudarc::nvrtc::compile_ptx_with_opts(
+            SOURCE,
+            cudarc::nvrtc::CompileOptions {
+                options: NVRTC_OPTIONS.iter().map(|s| s.to_string()).collect(),
+                name: Some("axsave_convert.cu".into()),
+                ..Default::default()
+            },
+        )
+    });
+    match compiled {
+        Ok(Ok(ptx)) => Ok(ptx),
+        Ok(Err(e)) => Err(format!("NVRTC could not compile the kernels: {e}")),
+        Err(p) => Err(format!("NVRTC is not usable here: {}", panic_text(p))),
+    }
+}
+
+/// NVRTC's and the driver's versions (part of the cache key), when both say.
+fn versions() -> Option<((i32, i32), i32)> {
+    let (mut major, mut minor, mut driver) = (0, 0, 0);
+    // SAFETY: NVRTC was found loadable above (is_culib_present); nvrtcVersion writes two ints
+    // through the pointers, which point at live locals.
+    let nvrtc = unsafe { cudarc::nvrtc::sys::nvrtcVersion(&mut major, &mut minor) };
+    // SAFETY: the driver is loaded (a device is bound); cuDriverGetVersion writes one int
+    // through the pointer, which points at a live local.
+    let drv = unsafe { cudarc::driver::sys::cuDriverGetVersion(&mut driver) };
+    (nvrtc == cudarc::nvrtc::sys::nvrtcResult::NVRTC_SUCCESS
+        && drv == cudarc::driver::sys::cudaError_enum::CUDA_SUCCESS)
+        .then_some(((major, minor), driver))
 }
 
 /// Runs every kernel on [`kernels::self_test_inputs`] and compares with the CPU conversion:
