@@ -1,6 +1,7 @@
 //! Which transport moves the bytes between ranks, and why: a pure rule over what every rank
 //! reported ([`Caps`]), so all ranks reach the same answer from the same reports.
 //!
+//! The capabilities half of [`crate::route`]: `select` answers for the bytes that cross nodes.
 //! `--transport auto` takes NCCL when every rank bound a GPU and loaded NCCL; otherwise MPI
 //! when this build has it and `mpirun` (or another MPI launcher) started the job; otherwise
 //! TCP. An explicit `nccl` or `mpi` that cannot be had is an error, never a silent fallback.
@@ -12,7 +13,8 @@ use axsave_dist::{Launcher, World};
 #[serde(rename_all = "lowercase")]
 #[cfg_attr(feature = "clap", derive(clap::ValueEnum))]
 pub enum TransportRequest {
-    /// NCCL when every rank has a GPU and NCCL, else MPI when available, else TCP.
+    /// By where bytes go ([`crate::route`]): a rank's own pieces on the CPU, same-node ones by
+    /// the host, cross-node ones over NCCL when every rank has a GPU and NCCL, else MPI or TCP.
     Auto,
     /// NCCL between GPUs; fails at once where a rank has no GPU or no NCCL.
     Nccl,

@@ -103,11 +103,14 @@ pub struct Flags {
     #[cfg_attr(feature = "clap", arg(long, value_enum))]
     pub mode: Option<Mode>,
 
-    /// How pieces travel between ranks (default auto). `nccl`: between the ranks' GPUs, with
-    /// dtype conversions on the GPU (each rank binds its local rank's GPU, or --device); `mpi`:
-    /// MPI messages (builds with MPI, under mpirun); `tcp`: direct connections, no GPU used.
-    /// `auto` takes nccl when every rank has a GPU and NCCL, else mpi when available, else
-    /// tcp. The rendezvous goes through PyTorch's TCPStore protocol at
+    /// How pieces travel (default auto). `auto`: by where the bytes go: a rank's own pieces on
+    /// the CPU, pieces between ranks of one node by the host (mpi when available, else tcp),
+    /// pieces between nodes over NCCL when every rank has a GPU and NCCL, else by the host; a
+    /// save in which nothing crosses nodes (and any save by one process) uses no GPU. `nccl`:
+    /// everything through the GPUs, with dtype conversions there (each rank binds its local
+    /// rank's GPU, or --device); `mpi`: MPI messages (builds with MPI, under mpirun); `tcp`:
+    /// direct connections, no GPU used. The log and --json say which way each class of bytes
+    /// went and why. The rendezvous goes through PyTorch's TCPStore protocol at
     /// MASTER_ADDR:MASTER_PORT in every case.
     #[cfg_attr(feature = "clap", arg(long, value_enum))]
     pub transport: Option<TransportRequest>,
