@@ -196,7 +196,9 @@ if want side && [ -n "$bin" ] && [ "$side_layers" != 0 ] && "$side_python" -c 'i
       timeout --kill-after=10 300 "$side_python" "$root/scripts/bench/measure.py" "$label" -- "${cmd[@]}" \
         >"$work/side.json" 2>"$work/side.err" || true
       local path=cpu same=none ref="$side/ref-${group//[^A-Za-z0-9]/_}"
-      if grep -qE "conversions on the GPU|transport nccl: " "$work/side.err"; then path=gpu; fi
+      # Rank 0 logs each class of bytes with its way ("cross_node 1.2 GB by nccl (...)"); one
+      # process under --transport nccl says "conversions on the GPU".
+      if grep -qE "conversions on the GPU| by (nccl|gpu) \(" "$work/side.err"; then path=gpu; fi
       # Every file of the output (a large model is written as shards + index).
       if [ -f "$out/model.safetensors" ] || [ -f "$out/model.safetensors.index.json" ]; then
         if [ ! -e "$ref" ]; then
@@ -233,6 +235,9 @@ groups = {}
 for r in rows:
     print(f"| {r['label']:<28} | {r['took']:<4} | {r['exit']:>4} | {r['seconds']:7.2f} | {r['peak_rss_mib']:6.0f} | {r['same']:<10} |")
     groups.setdefault(r["group"], []).append(r)
+# On one node nothing crosses nodes: auto must stay off the GPU (issue: the GPU path was slower).
+bad = [r["label"] for r in rows if ", auto," in r["label"] and r["took"] != "cpu"]
+open(sys.argv[1] + ".auto", "w").write("; ".join(bad))
 for g, rs in groups.items():
     ok = [r for r in rs if r["exit"] == 0]
     same = all(r["same"] in ("first", "yes") for r in ok)
@@ -241,6 +246,11 @@ for g, rs in groups.items():
         best = min(r["seconds"] for r in ok)
         print(f"group '{g}': auto / best = {auto[0]['seconds'] / best:.2f}; outputs {'identical' if same else 'DIFFER'}")
 PY
+    if [ -s "$rows.auto" ]; then
+      record "auto stays off the GPU on one node" FAIL "took the GPU: $(cat "$rows.auto")"
+    elif [ -f "$rows.auto" ]; then
+      record "auto stays off the GPU on one node" PASS "every auto row on the CPU/host path"
+    fi
   fi
 fi
 
