@@ -153,6 +153,57 @@ fn node_local_sources_cross_tcp() {
     }
 }
 
+/// Ranks of one node with a directory each (`--source .../rank{rank}`): each rank can open the
+/// files the others listed (the same device and inode), so the writers read every piece
+/// themselves and nothing is sent; the bytes are the reference's.
+#[test]
+fn ranks_of_one_node_read_each_others_files_themselves() {
+    let (_t, template) = node_local_copy("fsdp_w4", 4);
+    let reference = fixture("dcp/fsdp_w4/reference.safetensors");
+    let env = |_: usize| {
+        vec![
+            ("AXSAVE_TEST_OWN_FILES_ONLY".to_string(), "0".to_string()),
+            ("RUST_LOG".to_string(), "info".to_string()),
+        ]
+    };
+    for mode in ["gather", "sharded"] {
+        let out = tempfile::tempdir().unwrap();
+        let args = [
+            "--source",
+            &template,
+            "--output",
+            s(out.path()),
+            "--mode",
+            mode,
+            "--json",
+        ];
+        let res = wait_ranks(spawn_ranks(4, &args, &env), LIMIT);
+        for (r, (code, text, _)) in res.iter().enumerate() {
+            assert_eq!(*code, Some(0), "{mode}: rank {r} failed:\n{text}");
+        }
+        let log = &res[0].1;
+        assert!(
+            log.contains("through another rank's path (same device and inode)"),
+            "{mode}: {log}"
+        );
+        let v: serde_json::Value =
+            serde_json::from_str(&log[log.find("{\n").expect("no JSON summary")..]).unwrap();
+        assert_eq!(v["network_bytes"], 0, "{mode}: {v}");
+        let route = v["route"].as_array().unwrap();
+        assert_eq!(route[0]["class"], "local");
+        assert_eq!(route[0]["bytes"], v["bytes"], "{mode}: {v}");
+        assert_eq!(route[1]["bytes"], 0);
+        assert_same_tensors(out.path(), &reference);
+        if mode == "gather" {
+            assert!(
+                std::fs::read(out.path().join("model.safetensors")).unwrap()
+                    == std::fs::read(&reference).unwrap()
+            );
+        }
+        assert_clean(out.path());
+    }
+}
+
 #[test]
 fn node_local_hugging_face_shards() {
     let t = tempfile::tempdir().unwrap();

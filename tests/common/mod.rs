@@ -197,9 +197,13 @@ pub fn spawn_ranks_args(
         .collect()
 }
 
-/// Removes launcher variables inherited from whoever runs the tests.
+/// Removes launcher variables inherited from whoever runs the tests, and keeps every rank to the
+/// files of its own view (`AXSAVE_TEST_OWN_FILES_ONLY=1`, a test hook): ranks of one machine
+/// would otherwise open each other's node-local directories and no byte would cross between
+/// them. The tests of that reading set it to 0.
 pub fn clean_env(c: &mut Command) {
     c.env_remove("RUST_LOG");
+    c.env("AXSAVE_TEST_OWN_FILES_ONLY", "1");
     for (k, _) in std::env::vars() {
         if k.starts_with("SLURM_")
             || k.starts_with("OMPI_")

@@ -62,3 +62,18 @@ pub fn point(name: &str, rank: usize) {
 #[cfg(not(feature = "fault-injection"))]
 #[inline(always)]
 pub fn point(_name: &str, _rank: usize) {}
+
+/// Whether ranks read only the files of their own view (`AXSAVE_TEST_OWN_FILES_ONLY=1`), as if
+/// no rank of the same node could open another's paths: the tests that need bytes to cross
+/// between ranks of one machine set it. Always `false` without the `fault-injection` feature.
+#[cfg(feature = "fault-injection")]
+pub fn own_files_only() -> bool {
+    std::env::var_os("AXSAVE_TEST_OWN_FILES_ONLY").is_some_and(|v| v == "1")
+}
+
+/// Always `false`: this build has no test hooks.
+#[cfg(not(feature = "fault-injection"))]
+#[inline(always)]
+pub fn own_files_only() -> bool {
+    false
+}

@@ -49,15 +49,27 @@ impl SourceFiles {
     /// this rank's view of it), noting each visible file's identity now, just after the catalog
     /// was read.
     pub fn new(catalog: &Catalog, root: &Path) -> Self {
+        Self::with_paths(catalog, root, &[])
+    }
+
+    /// Like [`SourceFiles::new`], with some files found elsewhere: `(catalog path, where to open
+    /// it)` (a file another rank of this node listed, see `distributed::borrow`).
+    pub fn with_paths(catalog: &Catalog, root: &Path, elsewhere: &[(String, PathBuf)]) -> Self {
+        let path_of = |p: &Path| -> PathBuf {
+            elsewhere
+                .iter()
+                .find(|(name, _)| Path::new(name) == p)
+                .map_or_else(|| p.to_path_buf(), |(_, at)| at.clone())
+        };
         SourceFiles {
             root: root.to_path_buf(),
-            paths: catalog.files.iter().map(|f| f.path.clone()).collect(),
+            paths: catalog.files.iter().map(|f| path_of(&f.path)).collect(),
             sizes: catalog.files.iter().map(|f| f.size).collect(),
             at_start: catalog
                 .files
                 .iter()
                 .map(|f| {
-                    std::fs::metadata(root.join(&f.path))
+                    std::fs::metadata(root.join(path_of(&f.path)))
                         .ok()
                         .map(|m| Identity::of(&m))
                 })

@@ -10,6 +10,7 @@ use axsave_dist::store::rendezvous::broadcast_bytes;
 use axsave_formats::Catalog;
 use axsave_formats::detect::{self, Detected};
 
+use super::borrow;
 use super::inventory::{self, Inventory};
 use super::{Rank, identity, json, unjson};
 use crate::error::{CoreError, Result};
@@ -30,6 +31,10 @@ pub(super) struct Bundle {
     /// Each rank's node (from the inventories every rank has), to class the bytes.
     #[serde(skip)]
     pub(super) nodes: Vec<String>,
+    /// The files this rank reads through another rank's path on this node ([`borrow`]):
+    /// (name in the catalog, path).
+    #[serde(skip)]
+    pub(super) borrowed: Vec<(String, PathBuf)>,
 }
 
 /// Whether every rank sees the same files of a checkpoint rank 0 recognizes (a shared
@@ -75,6 +80,7 @@ impl Rank<'_> {
         let ids: Vec<identity::Identity> = invs.iter().map(|i| i.identity.clone()).collect();
         identity::check_same(&ids)?;
 
+        let mut borrowed = Vec::new();
         let mut bundle: Bundle = if is_shared_source(&invs) {
             if me == 0 {
                 let catalog = detect::open(&source)?;
@@ -112,6 +118,22 @@ impl Rank<'_> {
             };
             let part = detect::open_partial(&source, format, &metadata)?;
             broadcast_bytes(self.client, &format!("part/{me}"), &json(&part)?)?;
+            // What this rank can read by another rank's path on this node; rank 0 adds it to
+            // the readers, so the plan lets the writer read such a piece itself.
+            borrowed = if crate::fault::own_files_only() {
+                Vec::new()
+            } else {
+                borrow::borrowable(me, &invs, &borrow::stat)
+            };
+            let names: Vec<&String> = borrowed.iter().map(|(n, _)| n).collect();
+            broadcast_bytes(self.client, &format!("borrow/{me}"), &json(&names)?)?;
+            if !borrowed.is_empty() {
+                tracing::debug!(
+                    rank = me,
+                    "reads {} file(s) other ranks of this node listed, through their paths (same device and inode)",
+                    borrowed.len()
+                );
+            }
             if me == 0 {
                 let mut parts = Vec::with_capacity(n);
                 for r in 0..n {
@@ -121,9 +143,28 @@ impl Rank<'_> {
                         unjson::<Catalog>(&self.receive(&format!("part/{r}"), d)?, "catalog part")?,
                     ));
                 }
-                let merged = Catalog::merge(parts).map_err(|e| {
+                let mut merged = Catalog::merge(parts).map_err(|e| {
                     CoreError::Format(axsave_formats::FormatError::invalid(&opts.source, e))
                 })?;
+                let mut taken = Vec::with_capacity(n);
+                for r in 0..n {
+                    let d = self.deadline();
+                    let b = self.receive(&format!("borrow/{r}"), d)?;
+                    taken.push(unjson::<Vec<String>>(&b, "borrowed files")?);
+                }
+                let names: Vec<String> = merged
+                    .catalog
+                    .files
+                    .iter()
+                    .map(|f| f.path.to_string_lossy().into_owned())
+                    .collect();
+                borrow::add_readers(&mut merged.readers, &names, &taken);
+                let k: usize = taken.iter().map(Vec::len).sum();
+                if k > 0 {
+                    tracing::info!(
+                        "{k} file(s) read by ranks of the same node through another rank's path (same device and inode): their pieces need not be sent"
+                    );
+                }
                 self.plan_and_send(merged.catalog, merged.readers, false, tag)?
             } else {
                 let d = self.far();
@@ -132,6 +173,7 @@ impl Rank<'_> {
         };
         bundle.catalog.root = root_of(&source);
         bundle.nodes = invs.into_iter().map(|i| i.node).collect();
+        bundle.borrowed = borrowed;
         Ok(bundle)
     }
 
@@ -172,6 +214,7 @@ impl Rank<'_> {
             plan,
             shared_source,
             nodes: Vec::new(),
+            borrowed: Vec::new(),
         };
         broadcast_bytes(self.client, "bundle", &json(&bundle)?)?;
         Ok(bundle)
@@ -194,9 +237,11 @@ mod tests {
                 })
                 .collect(),
             detected,
+            ids: Vec::new(),
             metadata: Vec::new(),
             identity: Default::default(),
             node: String::new(),
+            root: String::new(),
         }
     }
 
@@ -302,9 +347,10 @@ mod tests {
         let (names1, readers1, _, root1) = r[1].as_ref().unwrap();
         assert!(!shared0);
         assert_eq!(names0, names1);
-        // Rank 0's merged catalog names the one rank that holds each file.
-        assert!(readers0.iter().all(|r| r.len() == 1), "{readers0:?}");
-        assert!(readers0.contains(&vec![0]) && readers0.contains(&vec![1]));
+        // Both ranks run on this node and each can open the other's file by the path it
+        // listed (the same device and inode): rank 0's merged catalog names both as readers of
+        // every file (borrow.rs; the pure rule is tested there).
+        assert!(readers0.iter().all(|r| r == &vec![0, 1]), "{readers0:?}");
         assert_eq!(readers0, readers1);
         // Each rank reads from its own view.
         assert_eq!(root0, &views.path().join("r0"));

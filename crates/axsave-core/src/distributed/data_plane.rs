@@ -82,7 +82,8 @@ impl Rank<'_> {
         tag: &str,
         token: [u8; axsave_dist::data_plane::TOKEN_LEN],
     ) -> Result<()> {
-        let sources = SourceFiles::new(&bundle.catalog, &bundle.catalog.root);
+        let sources =
+            SourceFiles::with_paths(&bundle.catalog, &bundle.catalog.root, &bundle.borrowed);
         let Some(host) = route.host_transport() else {
             return self.execute_nccl(
                 bundle,

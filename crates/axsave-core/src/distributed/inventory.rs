@@ -23,6 +23,11 @@ pub struct FileId {
 pub struct Inventory {
     /// The files, sorted by name.
     pub files: Vec<FileId>,
+    /// Device and inode of each of `files` (kept apart from them: on a network file system the
+    /// device number differs between machines that see the same file, and `files` must stay
+    /// equal there).
+    #[serde(default)]
+    pub ids: Vec<(u64, u64)>,
     /// The format this rank detects on its own (none when, say, it holds only `.distcp` files
     /// and another rank holds the metadata).
     pub detected: Option<Detected>,
@@ -35,10 +40,15 @@ pub struct Inventory {
     /// stay on the host.
     #[serde(default)]
     pub node: String,
+    /// The absolute directory this rank lists (empty when it sees none), where a rank of the
+    /// same node may open the files ([`super::borrow`]).
+    #[serde(default)]
+    pub root: String,
 }
 
 /// Lists the regular files of `source` (a directory; a single file for safetensors inputs).
 pub fn take(source: &Path) -> Result<Inventory> {
+    use std::os::unix::fs::MetadataExt;
     let mut files = Vec::new();
     let (dir, only): (&Path, Option<&std::ffi::OsStr>) = if source.is_file() {
         (
@@ -59,18 +69,29 @@ pub fn take(source: &Path) -> Result<Inventory> {
                     Ok(m) if m.is_file() => m,
                     _ => continue,
                 };
-                files.push(FileId {
-                    name: e.file_name().to_string_lossy().into_owned(),
-                    size: meta.len(),
-                    mtime_ns: mtime_ns(&meta),
-                });
+                files.push((
+                    FileId {
+                        name: e.file_name().to_string_lossy().into_owned(),
+                        size: meta.len(),
+                        mtime_ns: mtime_ns(&meta),
+                    },
+                    (meta.dev(), meta.ino()),
+                ));
             }
         }
         // A rank that sees no source at all still takes part (it may write or relay nothing).
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
         Err(e) => return Err(CoreError::io(dir, e)),
     }
-    files.sort_by(|a, b| a.name.cmp(&b.name));
+    files.sort_by(|a, b| a.0.name.cmp(&b.0.name));
+    let (files, ids): (Vec<FileId>, Vec<(u64, u64)>) = files.into_iter().unzip();
+    let root = if files.is_empty() {
+        String::new()
+    } else {
+        std::fs::canonicalize(dir)
+            .map(|p| p.to_string_lossy().into_owned())
+            .unwrap_or_default()
+    };
     let metadata = files
         .iter()
         .filter(|f| axsave_formats::dcp::is_metadata_name(&f.name))
@@ -78,6 +99,8 @@ pub fn take(source: &Path) -> Result<Inventory> {
         .collect();
     Ok(Inventory {
         files,
+        ids,
+        root,
         detected: detect::detect(source).ok(),
         metadata,
         identity: super::identity::Identity::of(source)?,

@@ -18,6 +18,7 @@
 //! can see and exits non-zero. No final-named file appears unless every rank succeeded.
 
 pub mod address;
+mod borrow;
 mod catalog;
 mod commit;
 mod data_plane;
