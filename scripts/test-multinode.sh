@@ -287,8 +287,10 @@ for master in axmn-node0 10.77.0.1; do
   done
 done
 
-# MASTER_ADDR=127.0.0.1, two ranks on node 0 that each see half the shards (so pieces cross):
-# the store and the data listener stay on loopback.
+# MASTER_ADDR=127.0.0.1, two ranks on node 0 that each see half the shards: the store and the
+# data listener stay on loopback. Ranks of one node would open each other's directories and send
+# nothing; the test hook AXSAVE_TEST_OWN_FILES_ONLY (this fault-injection build) keeps each to its
+# own, so pieces cross.
 name=env-loopback
 mkdir -p "$RUN/out-$name" "$RUN/loop/rank0" "$RUN/loop/rank1"
 cp "$fixture/checkpoint/.metadata" "$fixture/checkpoint/__0_0.distcp" "$fixture/checkpoint/__2_0.distcp" "$RUN/loop/rank0/"
@@ -298,7 +300,7 @@ pids=()
 for r in 0 1; do
   (
     node 0 env RANK=$r WORLD_SIZE=2 LOCAL_RANK=$r LOCAL_WORLD_SIZE=2 MASTER_ADDR=127.0.0.1 \
-      MASTER_PORT=$port RUST_LOG=info,axsave_core=debug timeout -k 5 120 "$AXSAVE_BIN" \
+      AXSAVE_TEST_OWN_FILES_ONLY=1 MASTER_PORT=$port RUST_LOG=info,axsave_core=debug timeout -k 5 120 "$AXSAVE_BIN" \
       --source "$RUN/loop/rank{rank}" --output "$RUN/out-$name" --mode gather --transport tcp \
       --timeout 5 >"$RUN/$name.$r.log" 2>&1
     echo $? >"$RUN/$name.$r.rc"
