@@ -154,7 +154,7 @@ pub fn save(a: &SaveArgs) -> Result<()> {
         );
     }
     let progress = Arc::new(DistProgress::default());
-    let display = (world.rank == 0).then(|| Progress::start_dist(progress.clone(), a.quiet));
+    let display = (world.rank == 0).then(|| Progress::start(progress.clone(), a.quiet));
     let result = distributed::run(&world, &opts, progress, ready.net.clone());
     if let Some(d) = display {
         d.finish();
@@ -254,9 +254,10 @@ fn save_alone(
     for n in &catalog.notes {
         tracing::info!("{n}");
     }
-    let counter = Arc::new(AtomicU64::new(0));
-    let progress = Progress::start(counter.clone(), catalog.total_bytes(), a.quiet);
-    let result = save_local(&catalog, &opts, &counter);
+    // Counted in output bytes against the layout's output bytes (not the source's size).
+    let counts = Arc::new(DistProgress::default());
+    let progress = Progress::start(counts.clone(), a.quiet);
+    let result = save_local(&catalog, &opts, &counts);
     progress.finish();
     let (layout, report) = result?;
     log_left_out_and_replaced(&layout.left_out, &report.replaced);

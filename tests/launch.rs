@@ -3,7 +3,11 @@
 //! The ranks are `/bin/sh -c SCRIPT` started through the hidden `--exe` option rather than axsave
 //! itself: a shell script controls exactly what each rank prints, how it exits and how it reacts
 //! to signals, while the launcher runs the very code it runs for axsave ranks (only the program
-//! path differs). One test launches axsave itself (`-- --version`) for the default path.
+//! path differs). Two tests launch axsave itself: `-- --version` for the default path, and a
+//! save with `--json` whose summary must reach stdout as plain JSON.
+//!
+//! Tests that tell the ranks' stdout lines apart by their `[rank r] ` prefix ask for it with
+//! `--tag-output` (without it, only stderr lines are prefixed).
 
 use std::io::{BufRead, BufReader, Read};
 use std::process::{Child, Command, Output, Stdio};
@@ -89,7 +93,7 @@ const PRINT_ENV: &str = "echo \"RANK=$RANK WORLD_SIZE=$WORLD_SIZE LOCAL_RANK=$LO
 /// anything else does.
 #[test]
 fn every_rank_gets_its_environment() {
-    let mut cmd = sh_launch(&["-n", "4"], PRINT_ENV);
+    let mut cmd = sh_launch(&["-n", "4", "--tag-output"], PRINT_ENV);
     cmd.envs([
         ("SLURM_STEP_ID", "0"),
         ("SLURM_PROCID", "3"),
@@ -139,7 +143,7 @@ fn every_rank_gets_its_environment() {
     assert!(run_ids.iter().all(|r| *r == run_ids[0]), "{run_ids:?}");
 
     // Another launch is another run.
-    let (again, _) = run(&mut sh_launch(&["-n", "1"], PRINT_ENV));
+    let (again, _) = run(&mut sh_launch(&["-n", "1", "--tag-output"], PRINT_ENV));
     let f = fields(&rank_lines(&again.stdout, 0)[0]);
     assert_ne!(f["RUN"], run_ids[0]);
 }
@@ -154,6 +158,7 @@ fn master_addr_and_port_options() {
             "23456",
             "--master-addr",
             "10.1.2.3",
+            "--tag-output",
         ],
         PRINT_ENV,
     ));
@@ -165,32 +170,81 @@ fn master_addr_and_port_options() {
     }
 }
 
-/// stdout lines go to stdout and stderr lines to stderr, each prefixed, in the rank's order,
-/// with a last line that has no newline and bytes that are not UTF-8.
-#[test]
-fn output_lines_are_prefixed() {
-    let script =
-        r#"printf 'out one\nout two\n\377\376 raw\nno newline'; printf 'err one\nerr partial' >&2"#;
-    let (out, _) = run(&mut sh_launch(&["-n", "3"], script));
+/// The lines a rank prints with `printf` in [`output_lines`]: stdout lines carry the rank in
+/// their text, since without `--tag-output` nothing else tells them apart.
+const OUTPUT_SCRIPT: &str = r#"printf "out one $RANK\nout two $RANK\n\377\376 raw $RANK\nno newline $RANK"
+    printf 'err one\nerr partial' >&2"#;
+
+/// The launcher's stdout and stderr for [`OUTPUT_SCRIPT`] run by 3 ranks.
+fn output_lines(launch_args: &[&str]) -> Output {
+    let args = [&["-n", "3"], launch_args].concat();
+    let (out, _) = run(&mut sh_launch(&args, OUTPUT_SCRIPT));
     assert!(out.status.success(), "{}", text(&out.stderr));
+    out
+}
+
+/// The lines rank `rank` wrote to stdout with [`OUTPUT_SCRIPT`], newline included, after `p`.
+fn expected_stdout(p: &str, rank: u32) -> Vec<Vec<u8>> {
+    vec![
+        format!("{p}out one {rank}\n").into_bytes(),
+        format!("{p}out two {rank}\n").into_bytes(),
+        [
+            p.as_bytes(),
+            b"\xff\xfe raw ",
+            format!("{rank}\n").as_bytes(),
+        ]
+        .concat(),
+        format!("{p}no newline {rank}\n").into_bytes(),
+    ]
+}
+
+/// stderr lines (the ranks' logs) go to stderr with the `[rank r] ` prefix; stdout lines go to
+/// stdout as they are (a rank's results, like the summary of `--json`), whole and in the rank's
+/// order, with a last line that has no newline and bytes that are not UTF-8 passed through.
+#[test]
+fn stdout_lines_are_passed_on_as_they_are_and_stderr_lines_prefixed() {
+    let out = output_lines(&[]);
+    for rank in 0..3u32 {
+        let tail = format!(" {rank}\n");
+        let got: Vec<&[u8]> = out
+            .stdout
+            .split_inclusive(|&b| b == b'\n')
+            .filter(|l| l.ends_with(tail.as_bytes()))
+            .collect();
+        let expected = expected_stdout("", rank);
+        assert_eq!(got, expected.iter().map(Vec::as_slice).collect::<Vec<_>>());
+
+        let p = format!("[rank {rank}] ");
+        let err = text(&out.stderr);
+        let err_lines: Vec<&str> = err.lines().filter(|l| l.starts_with(&p)).collect();
+        assert_eq!(
+            err_lines,
+            [format!("{p}err one"), format!("{p}err partial")]
+        );
+    }
+    // Those 12 lines and nothing else: no prefix, nothing of the launcher's own.
+    assert_eq!(
+        out.stdout.split_inclusive(|&b| b == b'\n').count(),
+        12,
+        "{}",
+        text(&out.stdout)
+    );
+    assert!(out.stdout.ends_with(b"\n"));
+}
+
+/// With `--tag-output`, stdout lines get the `[rank r] ` prefix too.
+#[test]
+fn tag_output_prefixes_stdout_lines() {
+    let out = output_lines(&["--tag-output"]);
     for rank in 0..3u32 {
         let p = format!("[rank {rank}] ");
-        let expected_out = [
-            format!("{p}out one\n").into_bytes(),
-            format!("{p}out two\n").into_bytes(),
-            [p.as_bytes(), b"\xff\xfe raw\n"].concat(),
-            format!("{p}no newline\n").into_bytes(),
-        ];
         let got: Vec<&[u8]> = out
             .stdout
             .split_inclusive(|&b| b == b'\n')
             .filter(|l| l.starts_with(p.as_bytes()))
             .collect();
-        assert_eq!(
-            got,
-            expected_out.iter().map(Vec::as_slice).collect::<Vec<_>>()
-        );
-
+        let expected = expected_stdout(&p, rank);
+        assert_eq!(got, expected.iter().map(Vec::as_slice).collect::<Vec<_>>());
         let err = text(&out.stderr);
         let err_lines: Vec<&str> = err.lines().filter(|l| l.starts_with(&p)).collect();
         assert_eq!(
@@ -220,20 +274,33 @@ fn lines_of_different_ranks_never_mix() {
     cmd.env("DIR", dir.path());
     let (out, _) = run(&mut cmd);
     assert!(out.status.success(), "{}", text(&out.stderr));
-    for (name, stream) in [("stdout", &out.stdout), ("stderr", &out.stderr)] {
+    // stderr lines are prefixed, stdout lines are not: each line must be one rank's 1000 digits.
+    for (name, stream, prefixed) in [
+        ("stdout", &out.stdout, false),
+        ("stderr", &out.stderr, true),
+    ] {
         let s = text(stream);
         let mut counts = [0; 4];
         for line in s
             .lines()
             .filter(|l| !l.contains(" INFO ") && !l.starts_with("INFO"))
         {
-            let body = line.strip_prefix("[rank ").and_then(|l| l.get(3..));
-            let rank = line.get(6..7).and_then(|r| r.parse::<usize>().ok());
-            let (Some(rank), Some(body)) = (rank, body) else {
-                panic!("{name}: a line without a prefix: {:.60}", line);
+            let (prefix_rank, body) = if prefixed {
+                let body = line.strip_prefix("[rank ").and_then(|l| l.get(3..));
+                let rank = line.get(6..7).and_then(|r| r.parse::<usize>().ok());
+                let (Some(rank), Some(body)) = (rank, body) else {
+                    panic!("{name}: a line without a prefix: {:.60}", line);
+                };
+                (Some(rank), body)
+            } else {
+                (None, line)
+            };
+            let rank = body.get(..1).and_then(|r| r.parse::<usize>().ok());
+            let Some(rank) = rank.filter(|&r| r < 4) else {
+                panic!("{name}: not a rank's line: {:.60}", line);
             };
             assert!(
-                rank < 4 && body == rank.to_string().repeat(1000),
+                body == rank.to_string().repeat(1000) && prefix_rank.is_none_or(|p| p == rank),
                 "{name}: a mixed line for rank {rank}: {:.60}…",
                 line
             );
@@ -396,7 +463,7 @@ fn forwards(sig: &str, code: i32) {
         r#"trap 'echo "got {sig}"; exit 0' {sig}; echo ready
         i=0; while [ $i -lt 400 ]; do sleep 0.05; i=$((i+1)); done; echo "no {sig}""#
     );
-    let run = Running::start(sh_launch(&["-n", "3"], &script));
+    let run = Running::start(sh_launch(&["-n", "3", "--tag-output"], &script));
     let ready = run.next_lines(3);
     assert!(ready.iter().all(|l| l.ends_with("] ready")), "{ready:?}");
     run.signal(sig);
@@ -484,7 +551,7 @@ fn stopping_a_rank_stops_what_it_started() {
             while [ ! -e "$DIR/ready" ]; do sleep 0.05; done; exit 4
         fi
         sleep 60 & echo $!; touch "$DIR/ready"; wait"#;
-    let mut cmd = sh_launch(&["-n", "2"], script);
+    let mut cmd = sh_launch(&["-n", "2", "--tag-output"], script);
     cmd.env("DIR", dir.path());
     let (out, took) = run(&mut cmd);
     let err = text(&out.stderr);
@@ -505,7 +572,10 @@ fn stopping_a_rank_stops_what_it_started() {
 /// waiting once every rank has exited.
 #[test]
 fn a_leftover_background_process_does_not_hold_the_launcher() {
-    let (out, took) = run(&mut sh_launch(&["-n", "2"], "sleep 20 & echo done"));
+    let (out, took) = run(&mut sh_launch(
+        &["-n", "2", "--tag-output"],
+        "sleep 20 & echo done",
+    ));
     assert!(out.status.success(), "{}", text(&out.stderr));
     assert!(took < Duration::from_secs(15), "took {took:?}");
     assert_eq!(rank_lines(&out.stdout, 0), ["done"]);
@@ -519,10 +589,56 @@ fn launches_axsave_itself_by_default() {
     clean(&mut cmd);
     let (out, _) = run(&mut cmd);
     assert!(out.status.success(), "{}", text(&out.stderr));
-    let version = format!("axsave {}", env!("CARGO_PKG_VERSION"));
-    for rank in 0..2 {
-        assert_eq!(rank_lines(&out.stdout, rank), [version.as_str()]);
+    let version = format!("axsave {}\n", env!("CARGO_PKG_VERSION"));
+    assert_eq!(text(&out.stdout), version.repeat(2));
+}
+
+/// `axsave launch -n 2 -- … --json`: rank 0's summary is on stdout as plain JSON (`| jq` works),
+/// nothing else is, and rank 0's log is on stderr with its prefix.
+#[test]
+fn a_save_with_json_prints_plain_json() {
+    let dir = tempfile::tempdir().unwrap();
+    let fixtures = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures");
+    let source = fixtures.join("dcp/fsdp_w2/checkpoint");
+    let output = dir.path().join("out");
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_axsave"));
+    cmd.args(["launch", "-n", "2", "--"])
+        .arg("--source")
+        .arg(&source)
+        .arg("--output")
+        .arg(&output)
+        .args(["--json", "--transport", "tcp"]);
+    clean(&mut cmd);
+    let (out, _) = run(&mut cmd);
+    let err = text(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|e| panic!("stdout is not JSON ({e}): {}", text(&out.stdout)));
+    let expected: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(fixtures.join("dcp/fsdp_w2/expected.json")).unwrap())
+            .unwrap();
+    assert_eq!(v["world_size"], 2, "{v}");
+    assert_eq!(v["launcher"], "env", "{v}");
+    assert_eq!(v["output"], output.to_str().unwrap(), "{v}");
+    assert_eq!(
+        v["tensors"].as_u64(),
+        Some(expected["tensors"].as_object().unwrap().len() as u64),
+        "{v}"
+    );
+    let files = v["files"].as_array().expect("files");
+    assert!(!files.is_empty(), "{v}");
+    for f in files {
+        let path = std::path::Path::new(f["path"].as_str().expect("a path"));
+        assert_eq!(path.parent(), Some(output.as_path()), "{f}");
+        assert_eq!(f["sha256"].as_str().map(str::len), Some(64), "{f}");
+        assert_eq!(
+            f["size"].as_u64(),
+            Some(std::fs::metadata(path).unwrap().len()),
+            "{f}"
+        );
     }
+    assert!(output.join("model.safetensors").exists());
+    assert!(err.contains("[rank 0]  INFO"), "{err}");
 }
 
 #[test]

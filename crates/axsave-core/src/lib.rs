@@ -20,6 +20,7 @@ pub mod merge_lora;
 pub mod naming;
 pub mod output;
 pub mod plan;
+pub mod progress;
 pub mod report;
 pub mod route;
 pub mod runtag;

@@ -1,7 +1,7 @@
 //! A save in one process: catalog → layout → copy every piece → fsync → rename.
 
 use std::path::{Path, PathBuf};
-use std::sync::atomic::AtomicU64;
+use std::sync::atomic::Ordering;
 use std::time::Instant;
 
 use axsave_formats::Catalog;
@@ -11,6 +11,7 @@ use crate::error::{CoreError, Result};
 use crate::execute::{self, CopyJob, ExecOptions, Task};
 use crate::layout::{Layout, LayoutOptions, plan_layout};
 use crate::output::{self, OutputFiles};
+use crate::progress::{Phase, Progress};
 
 // Re-exported where the distributed save has always found them.
 pub use crate::finalize::finalize;
@@ -80,10 +81,14 @@ pub fn check_output(dir: &Path, stem: &str, force: bool) -> Result<Vec<String>> 
 pub fn save_local(
     catalog: &Catalog,
     opts: &SaveOptions,
-    written: &AtomicU64,
+    progress: &Progress,
 ) -> Result<(Layout, SaveReport)> {
     let start = Instant::now();
     let layout = plan_layout(catalog, &opts.layout)?;
+    progress
+        .total
+        .store(crate::progress::total_bytes(&layout), Ordering::Relaxed);
+    let written = &progress.done;
     let guard = crate::interrupt::register_run(&opts.output, &opts.tag)?;
     // Held until the end of the commit: a second save into this directory fails at once.
     let _lock = crate::lock::OutputLock::acquire(&opts.output, &opts.tag)?;
@@ -148,6 +153,9 @@ pub fn save_local(
             )?;
         }
         let sync_start = Instant::now();
+        progress.set_phase(Phase::Syncing {
+            files: files.temp_paths().len() as u64,
+        });
         files.sync()?;
         tracing::debug!(
             copy_s = (sync_start - copy_start).as_secs_f64(),
@@ -173,6 +181,7 @@ pub fn save_local(
         }
     };
     drop(files);
+    progress.set_phase(Phase::Committing);
     let replaced = guard
         .commit(|| finalize(&opts.output, &layout, &opts.tag, &extras, &existing))
         .inspect_err(|_| output::remove_run_temps(&opts.output, &opts.tag))?;

@@ -10,10 +10,13 @@
 //! # Output
 //!
 //! Each child's stdout and stderr are pipes read by one thread each; every line is written to
-//! the launcher's stdout / stderr with a `[rank r] ` prefix, as one write under the stream's
-//! lock, so lines of different ranks never mix. Bytes are passed through as they are (non-UTF-8
-//! included); a last line without a newline gets one; a line longer than 64 KiB is cut
-//! into several prefixed lines rather than buffered without bound.
+//! the launcher's stdout / stderr as one write under the stream's lock, so lines of different
+//! ranks never mix. stderr lines (the ranks' logs) get a `[rank r] ` prefix; stdout lines (the
+//! ranks' results, such as the `--json` summary rank 0 prints) are passed on as they are, so
+//! that `axsave launch … --json | jq` works, unless `--tag-output` asks for the prefix there
+//! too (as torchrun leaves stdout alone and mpirun tags it only with `--tag-output`). Bytes are
+//! passed through as they are (non-UTF-8 included); a last line without a newline gets one; a
+//! line longer than 64 KiB is cut into several lines rather than buffered without bound.
 //!
 //! # Stopping
 //!
@@ -58,15 +61,18 @@ use supervisor::{Cause, Rank, Supervisor, describe, exit_code_for, signal_name, 
 /// MPI_LOCALNRANKS, NODE_RANK) are removed from the ranks' environment, so that `axsave launch`
 /// run inside an sbatch script or an MPI job does not make the ranks believe they belong to it.
 ///
-/// Each line a rank prints is shown with a `[rank r] ` prefix, stdout on stdout and stderr on
-/// stderr. When a rank fails, the others get SIGTERM, then SIGKILL after --grace-period, and the
+/// Each line a rank prints on stderr (its log) is shown on stderr with a `[rank r] ` prefix; its
+/// stdout lines (results, such as the summary of --json, which only rank 0 prints) go to stdout
+/// unchanged, whole lines at a time, so that `axsave launch -n 4 -- … --json | jq` reads
+/// plain JSON; --tag-output prefixes them too. When a rank fails, the others get SIGTERM, then SIGKILL after --grace-period, and the
 /// launcher exits with the failed rank's exit code (1 if it was killed or its code is above 125).
 /// Ctrl-C (SIGINT), SIGTERM and SIGHUP are passed on to the ranks; a second one kills them at
 /// once; the launcher then exits 128 + the signal number.
 #[derive(Args, Debug, Clone)]
 #[command(after_help = "Examples:\n  \
         axsave launch -n 4 -- --source ckpt --output out\n  \
-        axsave launch -n 8 --master-port 29600 -- --source ckpt --output out --dtype bf16\n\n\
+        axsave launch -n 8 --master-port 29600 -- --source ckpt --output out --dtype bf16\n  \
+        axsave launch -n 4 -- --source ckpt --output out --json | jq .files\n\n\
         Exit codes: 0 every rank succeeded; the failed rank's code (1 when it was killed by a \
         signal or its code is above 125); 128 + N when the launcher got signal N; 2 bad usage.")]
 pub struct LaunchArgs {
@@ -91,6 +97,12 @@ pub struct LaunchArgs {
     /// Seconds the other ranks get to exit after SIGTERM before they are sent SIGKILL.
     #[arg(long, value_name = "SECONDS", default_value = "5", value_parser = parse_seconds)]
     pub grace_period: Duration,
+
+    /// Prefix the ranks' stdout lines with `[rank r] ` too, as their stderr lines always are
+    /// (like mpirun's --tag-output). Off by default, so that what the ranks print as results
+    /// (the JSON summary of --json) stays machine-readable.
+    #[arg(long)]
+    pub tag_output: bool,
 
     /// Program to start instead of this axsave (for tests and debugging: any program can be
     /// launched with the ranks' environment, e.g. `--exe /bin/sh -- -c 'echo $RANK'`).
@@ -236,7 +248,7 @@ pub fn run(args: &LaunchArgs) -> Result<ExitCode, LaunchError> {
     let (done_tx, done_rx) = mpsc::channel::<()>();
     let mut ranks: Vec<Rank> = Vec::with_capacity(job.world_size as usize);
     for rank in 0..job.world_size {
-        match spawn_rank(&exe, &args.args, &job, rank, &done_tx) {
+        match spawn_rank(&exe, &args.args, &job, rank, args.tag_output, &done_tx) {
             Ok(r) => ranks.push(r),
             Err(e) => {
                 let mut sup = Supervisor::new(ranks, args.grace_period);

@@ -1,12 +1,13 @@
-//! The ranks' output: each line a rank prints goes to the launcher's stdout or stderr with a
-//! `[rank r] ` prefix, as one write under the stream's lock.
+//! The ranks' output: each line a rank prints goes to the launcher's stdout or stderr, with a
+//! prefix where one is asked for (`[rank r] `; see the crate's doc), as one write under the
+//! stream's lock.
 
 use std::io::{self, BufRead, BufReader, Read, Write};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 /// Longest line forwarded in one piece; a longer one (a progress bar redrawn with `\r`, binary
-/// output) is cut into several prefixed lines so a reader thread's memory stays bounded.
+/// output) is cut into several lines so a reader thread's memory stays bounded.
 pub(crate) const MAX_LINE: usize = 64 * 1024;
 
 /// Which of the launcher's streams a child's stream goes to.
@@ -24,7 +25,7 @@ impl Stream {
         }
     }
 
-    /// Writes one whole line (already prefixed, newline included) while holding the stream's
+    /// Writes one whole line (prefix and newline included) while holding the stream's
     /// lock, so lines from other threads cannot land inside it.
     fn write_line(self, line: &[u8]) -> io::Result<()> {
         match self {
@@ -39,7 +40,7 @@ impl Stream {
     }
 }
 
-/// Forwards `src` to `sink` line by line with `prefix`, until `src` ends. If the launcher's
+/// Forwards `src` to `sink` line by line, each after `prefix` (which may be empty), until `src` ends. If the launcher's
 /// stream is closed (`axsave launch … | head`), the rest is read and dropped, so that a rank
 /// does not fail on a full pipe over something that only concerns what is displayed.
 pub(crate) fn forward(src: impl Read, prefix: &[u8], sink: Stream) {

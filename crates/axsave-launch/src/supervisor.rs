@@ -77,12 +77,14 @@ pub(crate) struct Rank {
     status: Option<ExitStatus>,
 }
 
-/// Starts rank `rank` and the two threads that forward its output.
+/// Starts rank `rank` and the two threads that forward its output: stderr lines with the
+/// `[rank r] ` prefix, stdout lines with it only when `tag_stdout`.
 pub(crate) fn spawn_rank(
     exe: &std::path::Path,
     args: &[OsString],
     job: &Job,
     rank: u32,
+    tag_stdout: bool,
     done: &mpsc::Sender<()>,
 ) -> io::Result<Rank> {
     let mut cmd = Command::new(exe);
@@ -122,7 +124,10 @@ pub(crate) fn spawn_rank(
     ];
     for (stream, sink) in streams {
         let Some(stream) = stream else { continue };
-        let prefix = prefix.clone();
+        let prefix = match sink {
+            Stream::Stdout if !tag_stdout => Vec::new(),
+            _ => prefix.clone(),
+        };
         let done = done.clone();
         let spawned = thread::Builder::new()
             .name(format!("rank{rank}-{}", sink.name()))

@@ -69,7 +69,16 @@ impl Rank<'_> {
         } = bundle;
         let total = layout.total_size;
         let mut done = Done::default();
+        if plan.file_writers.iter().all(|&w| w == me) {
+            // This rank writes every file and has received every piece (the data plane
+            // waits for them): the whole job's bytes are written, whatever the watchdog's
+            // count (up to a tick behind) says yet.
+            progress.done.fetch_max(total, Ordering::Relaxed);
+        }
         if let Some(f) = &files {
+            progress.set_phase(crate::progress::Phase::Syncing {
+                files: f.temp_paths().len() as u64,
+            });
             f.sync()?;
             for (i, w) in plan.file_writers.iter().enumerate() {
                 if *w == me {
@@ -88,7 +97,6 @@ impl Rank<'_> {
         }
         crate::fault::point("synced", me);
         self.client.set(&format!("ok/{me}"), &json(&done)?)?;
-        progress.done.store(total, Ordering::Relaxed);
         if me != 0 {
             // From now on rank 0 may be renaming this run's files: a failure here must not
             // remove them under it (see `cleanup`), nor may the signal backstop.
@@ -109,6 +117,10 @@ impl Rank<'_> {
             let b = self.client.get(&key, d)?;
             dones.push(unjson::<Done>(&b, "report")?);
         }
+        // Every rank has written and synced its part: the whole job's bytes are on disk (the
+        // watchdog's count lags by up to a tick; in sharded mode rank 0 may finish first).
+        progress.done.store(total, Ordering::Relaxed);
+        progress.set_phase(crate::progress::Phase::Committing);
         let shas = collect_shas(layout.files.len(), dones);
         self.check_cancel()?;
         let existing = check_output(&opts.output, &opts.layout.stem, opts.force)?;

@@ -128,13 +128,7 @@ pub struct DistReport {
 }
 
 /// Progress of the whole run as this rank sees it (rank 0 sees all ranks).
-#[derive(Default)]
-pub struct Progress {
-    /// Total bytes to write (0 until the plan is known).
-    pub total: std::sync::atomic::AtomicU64,
-    /// Bytes written so far.
-    pub done: std::sync::atomic::AtomicU64,
-}
+pub use crate::progress::Progress;
 
 /// A value for the store. Our own types always serialize; a failure is a bug.
 fn json<T: serde::Serialize>(v: &T) -> Result<Vec<u8>> {
@@ -233,9 +227,10 @@ impl Rank<'_> {
         let joined = self.join()?;
         let bundle = self.catalog(&joined.tag)?;
         let route = self.agree_route(&bundle)?;
-        progress
-            .total
-            .store(bundle.layout.total_size, Ordering::Relaxed);
+        progress.total.store(
+            crate::progress::total_bytes(&bundle.layout),
+            Ordering::Relaxed,
+        );
         let files = self.create_files(&bundle, &joined.tag)?;
         self.move_data(
             &route,

@@ -69,10 +69,12 @@ impl Watchdog {
                     let local = shared.local_written.load(Ordering::Relaxed);
                     let total = client.add("progress", (local - reported) as i64)?;
                     reported = local;
+                    // Never backwards: the commit sets the whole total once every rank is done,
+                    // before the last counts reach the store.
                     shared
                         .progress
                         .done
-                        .store(total.max(0) as u64, Ordering::Relaxed);
+                        .fetch_max(total.max(0) as u64, Ordering::Relaxed);
                     if let Some(f) = check_failure(&mut client)?
                         && f.rank != rank
                     {

@@ -393,7 +393,8 @@ pub(crate) mod tests {
             extras: Default::default(),
             gpu: None,
         };
-        let (layout, _) = save_local(catalog, &opts, &AtomicU64::new(0)).unwrap();
+        let (layout, _) =
+            save_local(catalog, &opts, &crate::progress::Progress::default()).unwrap();
         layout
             .files
             .iter()
