@@ -142,6 +142,18 @@ impl CoreError {
     }
 }
 
+/// The data plane's error keeps its transport's variant.
+impl From<axsave_dist::data_plane::DataPlaneError> for CoreError {
+    fn from(e: axsave_dist::data_plane::DataPlaneError) -> Self {
+        use axsave_dist::data_plane::DataPlaneError;
+        match e {
+            DataPlaneError::Tcp(e) => CoreError::Transport(e),
+            #[cfg(feature = "mpi")]
+            DataPlaneError::Mpi(e) => CoreError::Mpi(e),
+        }
+    }
+}
+
 /// Adds what was being done to an error ([`CoreError::Context`]).
 pub trait ResultExt<T> {
     /// Wraps the error, if any, with `context()` (called only on failure).

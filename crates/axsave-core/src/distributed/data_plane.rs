@@ -9,9 +9,9 @@ use std::sync::Arc;
 use axsave_dist::data_plane::TcpOptions;
 
 use super::catalog::Bundle;
-use super::remote::{Incoming, Net, RemoteSink};
+use super::remote::{Net, PeerSink};
 use super::{Rank, address};
-use crate::error::{CoreError, Result};
+use crate::error::{CoreError, Result, ResultExt};
 use crate::execute::{self, CopyJob, ExecOptions, Sink};
 use crate::host::hostname;
 use crate::output::{OutputFiles, marker_name};
@@ -139,12 +139,6 @@ impl Rank<'_> {
         tag: &str,
         token: [u8; axsave_dist::data_plane::TOKEN_LEN],
     ) -> Result<()> {
-        // MPI carries the pieces only when it was chosen; otherwise TCP does.
-        let tcp_net = Net::Tcp;
-        let net = match transport {
-            Transport::Mpi => net,
-            _ => &tcp_net,
-        };
         let (me, n) = (self.world.rank, self.world.world_size);
         let opts = self.opts;
         let (catalog, layout) = (&bundle.catalog, &bundle.layout);
@@ -155,33 +149,48 @@ impl Rank<'_> {
             frame_bytes: frame_bytes(opts.memory_budget, n, opts.workers),
             io_timeout: opts.timeout,
         };
+        // MPI carries the pieces only when it was chosen; otherwise TCP does.
+        let plane = match transport {
+            Transport::Mpi => net.plane(tcp),
+            _ => Net::Tcp.plane(tcp),
+        };
         let mut receiver = None;
         if expected > 0 {
-            let files = files
+            let files: Arc<OutputFiles> = files
                 .cloned()
                 .ok_or_else(|| CoreError::Internal("a receiver without files".into()))?;
-            let sink = axsave_dist::data_plane::sink_fn(move |_from, file, offset, data| {
-                files
-                    .write_at(file as usize, offset, data)
-                    .map_err(|e| e.to_string().into())
-            });
-            match net {
-                Net::Tcp => {
-                    let ip = self.publish_ip()?;
-                    let (r, port) = Incoming::tcp(&tcp, sink, ip)?;
-                    let addr = SocketAddr::new(ip, port);
-                    tracing::debug!(rank = me, "peers reach this rank at {addr}");
-                    self.client
-                        .set(&format!("addr/{me}"), addr.to_string().as_bytes())?;
-                    receiver = Some(r);
-                }
-                #[cfg(feature = "mpi")]
-                Net::Mpi(t) => receiver = Some(Incoming::mpi(t, sink)?),
+            if plane.is_mpi() {
+                let (r, _) = plane
+                    .receive(files, IpAddr::from([0, 0, 0, 0]))
+                    .context(|| "cannot receive over MPI".into())?;
+                receiver = Some(r);
+            } else {
+                // Listen on the address this rank publishes; on every interface when it is
+                // not one of this host's, as an `AXSAVE_ADDR` behind NAT may be.
+                let ip = self.publish_ip()?;
+                let bind = if address::is_local(ip) {
+                    ip
+                } else if ip.is_ipv4() {
+                    IpAddr::from([0, 0, 0, 0])
+                } else {
+                    IpAddr::from([0u16; 8])
+                };
+                let (r, at) = plane
+                    .receive(files, bind)
+                    .context(|| format!("cannot listen for peers on {bind}"))?;
+                let port = at.map(|a| a.port()).ok_or_else(|| {
+                    CoreError::Internal("a TCP receiver without an address".into())
+                })?;
+                let addr = SocketAddr::new(ip, port);
+                tracing::debug!(rank = me, "peers reach this rank at {addr}");
+                self.client
+                    .set(&format!("addr/{me}"), addr.to_string().as_bytes())?;
+                receiver = Some(r);
             }
         }
         let tasks = plan.tasks_read_by(me);
         let mut peers: Vec<Option<SocketAddr>> = vec![None; n];
-        if matches!(net, Net::Tcp) {
+        if !plane.is_mpi() {
             for w in tasks
                 .iter()
                 .map(|t| plan.file_writers[layout.tensors[t.out].file])
@@ -217,22 +226,19 @@ impl Rank<'_> {
                     let f = files.ok_or_else(|| CoreError::Internal("no local files".into()))?;
                     return Ok(Box::new(LocalSink(f.as_ref())));
                 }
-                match net {
-                    Net::Tcp => {
-                        let addr = peers[w].ok_or_else(|| {
-                            CoreError::Internal(format!("no address for rank {w}"))
-                        })?;
-                        Ok(Box::new(RemoteSink::tcp(addr, me, w, &tcp)?))
-                    }
-                    #[cfg(feature = "mpi")]
-                    Net::Mpi(t) => Ok(Box::new(RemoteSink::mpi(t, w, self.shared_cancel())?)),
-                }
+                Ok(Box::new(PeerSink::open(
+                    &plane,
+                    me,
+                    w,
+                    peers[w],
+                    self.shared_cancel(),
+                )?))
             },
             &self.shared.local_written,
             self.shared.cancel.flag(),
         );
         let received = match (&receiver, &copy) {
-            (Some(r), Ok(())) => r.wait(expected),
+            (Some(r), Ok(())) => r.wait(expected).map(|_| ()).map_err(CoreError::from),
             _ => Ok(()),
         };
         if let Some(r) = receiver.take() {

@@ -256,7 +256,6 @@ impl Rank<'_> {
     }
 
     /// The run's cancel flag, shared with transports that watch it.
-    #[cfg(feature = "mpi")]
     fn shared_cancel(&self) -> Arc<std::sync::atomic::AtomicBool> {
         self.shared.cancel.flag().clone()
     }
