@@ -102,10 +102,7 @@ pub fn job_token_from_env(
 /// A free port on every local address right now (rank 0's store binds it soon after).
 #[cfg(any(feature = "mpi", feature = "pmix"))]
 fn free_port() -> Result<u16> {
-    std::net::TcpListener::bind(("0.0.0.0", 0))
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .map_err(BootstrapError::Port)
+    axsave_dist::address::free_port().map_err(BootstrapError::Port)
 }
 
 /// `host:port` as rank 0 published it.

@@ -9,6 +9,9 @@
 //! * [`store`] — PyTorch's TCPStore wire protocol: a blocking client (for torchrun's agent
 //!   store or our own server) and a server (hosted by rank 0 otherwise), plus a barrier, a
 //!   broadcast and a failure flag on top.
+//! * [`address`] — which addresses the store and the data listeners bind and publish (the
+//!   rules as pure functions, and the probes: is an address this host's, the source address
+//!   of a route, a free port).
 //! * [`data_plane`] — moves tensor bytes from the rank that reads a piece to the rank that
 //!   writes its output file: runs of `(file, offset, bytes)` over plain TCP ([`TcpSender`] →
 //!   [`TcpReceiver`], handed to a [`Sink`] that writes them) or MPI, both behind one
@@ -30,6 +33,7 @@
 
 #![warn(missing_docs)]
 
+pub mod address;
 pub mod data_plane;
 pub mod hostlist;
 mod net;

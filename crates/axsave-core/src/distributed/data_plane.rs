@@ -8,9 +8,9 @@ use std::sync::Arc;
 
 use axsave_dist::data_plane::TcpOptions;
 
+use super::Rank;
 use super::catalog::Bundle;
 use super::remote::{Net, PeerSink};
-use super::{Rank, address};
 use crate::error::{CoreError, Result, ResultExt};
 use crate::execute::{self, CopyJob, ExecOptions, Sink};
 use crate::host::hostname;
@@ -20,6 +20,7 @@ use crate::route::{Class, Route, restrict};
 use crate::save::LocalSink;
 use crate::sources::SourceFiles;
 use crate::transport::Transport;
+use axsave_dist::address;
 
 /// Frame size for the network: small enough that every rank's buffers stay within the budget.
 pub(super) fn frame_bytes(budget: u64, world: usize, workers: usize) -> usize {

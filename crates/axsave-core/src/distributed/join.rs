@@ -12,9 +12,10 @@ use axsave_dist::{ClientOptions, ServerOptions, StoreClient, StoreServer, World}
 
 use super::token::{hex, random_token, token_digest, unhex};
 use super::watchdog::Watchdog;
-use super::{DistOptions, Rank, address, json, rank_list, unjson};
+use super::{DistOptions, Rank, json, rank_list, unjson};
 use crate::error::{CoreError, Result, ResultExt};
 use crate::host::hostname;
+use axsave_dist::address;
 
 /// What every rank says when it joins.
 #[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]

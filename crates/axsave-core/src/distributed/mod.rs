@@ -17,7 +17,6 @@
 //! heartbeats; any failure anywhere cancels every rank, which then removes the temporaries it
 //! can see and exits non-zero. No final-named file appears unless every rank succeeded.
 
-pub mod address;
 mod borrow;
 mod catalog;
 mod commit;

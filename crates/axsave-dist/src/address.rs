@@ -12,7 +12,16 @@
 //!   that peer: never `127.0.1.1` nor a Docker bridge when the peers are on other nodes.
 //!   `AXSAVE_ADDR` overrides it.
 
-use std::net::{IpAddr, Ipv4Addr, SocketAddr, ToSocketAddrs, UdpSocket};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpListener, ToSocketAddrs, UdpSocket};
+
+/// A port nothing listens on now. The rendezvous store binds the wildcard address (IPv6
+/// dual-stack, else IPv4), so the port is asked for the same way: free there means free on every
+/// local address. Another program may still take it before the store binds it.
+pub fn free_port() -> std::io::Result<u16> {
+    let listener = TcpListener::bind((Ipv6Addr::UNSPECIFIED, 0))
+        .or_else(|_| TcpListener::bind((Ipv4Addr::UNSPECIFIED, 0)))?;
+    Ok(listener.local_addr()?.port())
+}
 
 /// The environment variable that sets the address a rank publishes.
 pub const ADDR_VAR: &str = "AXSAVE_ADDR";
@@ -75,7 +84,7 @@ pub fn store_bind(
 pub fn route_source(target: IpAddr) -> std::io::Result<IpAddr> {
     let bind = match target {
         IpAddr::V4(_) => SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), 0),
-        IpAddr::V6(_) => SocketAddr::new(IpAddr::V6(std::net::Ipv6Addr::UNSPECIFIED), 0),
+        IpAddr::V6(_) => SocketAddr::new(IpAddr::V6(Ipv6Addr::UNSPECIFIED), 0),
     };
     let s = UdpSocket::bind(bind)?;
     // Any port: connecting a UDP socket only picks the route.
@@ -116,6 +125,13 @@ pub fn override_from_env() -> Option<IpAddr> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn free_ports_are_usable() {
+        let port = free_port().unwrap();
+        assert_ne!(port, 0);
+        TcpListener::bind((Ipv4Addr::LOCALHOST, port)).unwrap();
+    }
 
     fn ip(s: &str) -> IpAddr {
         s.parse().unwrap()
