@@ -196,11 +196,8 @@ pub fn save(a: &SaveArgs) -> Result<()> {
         cleanup(p)?;
     }
     if a.json {
-        print_json(&summary::ranks_save_json(
-            &r.output,
-            &report,
-            world.launcher,
-        ))?;
+        let v = summary::SaveJson::of_ranks(&r.output, &report, world.launcher)?;
+        print_json(&serde_json::to_value(v)?)?;
     }
     Ok(())
 }
@@ -276,10 +273,10 @@ fn save_alone(
     if a.json {
         let (format, seconds) = (&catalog.format, started.elapsed().as_secs_f64());
         let (layout, launcher) = (&layout, world.launcher);
-        let v = summary::local_save_json(
+        let v = summary::SaveJson::of_process(
             &r.output, &report, layout, format, seconds, gpu_name, launcher,
         );
-        print_json(&v?)?;
+        print_json(&serde_json::to_value(v?)?)?;
     }
     Ok(())
 }

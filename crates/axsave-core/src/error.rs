@@ -97,6 +97,9 @@ pub enum CoreError {
     /// The TCP data plane failed.
     #[error(transparent)]
     Transport(#[from] axsave_dist::TransportError),
+    /// The transport asked for (`--transport mpi|nccl`) is not available here.
+    #[error(transparent)]
+    Unavailable(#[from] crate::transport::Unavailable),
     /// The MPI data plane failed.
     #[cfg(feature = "mpi")]
     #[error(transparent)]

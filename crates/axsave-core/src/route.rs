@@ -239,7 +239,7 @@ pub fn route(
     bytes: ClassBytes,
     caps: &[Caps],
     mpi: bool,
-) -> Result<Route, String> {
+) -> Result<Route, crate::transport::Unavailable> {
     let leg = |class: Class, path: Path, why: &str| Leg {
         class,
         bytes: bytes.get(class),
@@ -435,7 +435,11 @@ mod tests {
             &[Caps::none("no GPU")],
             false,
         );
-        assert!(e.unwrap_err().contains("--transport nccl needs a GPU"));
+        assert!(
+            e.unwrap_err()
+                .to_string()
+                .contains("--transport nccl needs a GPU")
+        );
     }
 
     #[test]

@@ -196,62 +196,101 @@ pub fn merge_json(output: &Path, report: &crate::merge_lora::MergeReport) -> Res
     }))
 }
 
-/// `--json` of a save by several ranks (on rank 0).
-pub fn ranks_save_json(
-    output: &Path,
-    report: &crate::distributed::DistReport,
-    launcher: axsave_dist::Launcher,
-) -> Value {
-    json!({
-        "output": output,
-        "files": report.files,
-        "tensors": report.tensors,
-        "bytes": report.bytes,
-        "dtype": dtype_json(&report.dtypes),
-        "format": report.format,
-        "seconds": report.seconds,
-        "network_bytes": report.network_bytes,
-        "transport": report.transport.as_str(),
-        "route": report.route,
-        "mode": report.mode.as_str(),
-        "world_size": report.world_size,
-        "launcher": launcher.to_string(),
-    })
+/// What `--json` prints after a save: one shape whether one process or several ranks made it
+/// ([`SaveJson::of_ranks`], [`SaveJson::of_process`]).
+#[derive(Debug, serde::Serialize)]
+pub struct SaveJson {
+    /// The output directory.
+    pub output: PathBuf,
+    /// Each file written: path, size, SHA-256.
+    pub files: Value,
+    /// Tensors written.
+    pub tensors: usize,
+    /// Bytes of tensor data written.
+    pub bytes: u64,
+    /// Tensors per output dtype.
+    pub dtype: Value,
+    /// The checkpoint's format.
+    pub format: String,
+    /// Seconds the save took.
+    pub seconds: f64,
+    /// Bytes that crossed between ranks.
+    pub network_bytes: u64,
+    /// The transport between ranks (`none` for one process).
+    pub transport: String,
+    /// Which path each class of bytes took and why.
+    pub route: Value,
+    /// The GPU that converted, when one process used one.
+    pub gpu: Option<String>,
+    /// `gather` or `sharded`.
+    pub mode: String,
+    /// Ranks that took part.
+    pub world_size: usize,
+    /// The launcher that started the ranks.
+    pub launcher: String,
 }
 
-/// `--json` of a save by one process (`gpu`: the GPU that converted, if one did; `seconds`:
-/// the whole command's).
-pub fn local_save_json(
-    output: &Path,
-    report: &crate::save::SaveReport,
-    layout: &crate::layout::Layout,
-    format: &axsave_formats::Format,
-    seconds: f64,
-    gpu: Option<String>,
-    launcher: axsave_dist::Launcher,
-) -> Result<Value> {
-    let dtypes = dtype_counts(layout.tensors.iter().map(|t| t.dtype));
-    Ok(json!({
-        "output": output,
-        "files": files_json(&report.files)?,
-        "tensors": report.tensors,
-        "bytes": report.bytes,
-        "dtype": dtype_json(&dtypes),
-        "format": format.to_string(),
-        "seconds": seconds,
-        "network_bytes": 0,
-        "transport": "none",
-        "route": [{
-            "class": "local",
-            "bytes": report.bytes,
-            "path": if gpu.is_some() { "gpu" } else { "cpu" },
-            "why": if gpu.is_some() { "--transport nccl" } else { "read and written by one process" },
-        }],
-        "gpu": gpu,
-        "mode": "gather",
-        "world_size": 1,
-        "launcher": launcher.to_string(),
-    }))
+impl SaveJson {
+    /// A save by several ranks (on rank 0).
+    pub fn of_ranks(
+        output: &Path,
+        report: &crate::distributed::DistReport,
+        launcher: axsave_dist::Launcher,
+    ) -> Result<SaveJson> {
+        Ok(SaveJson {
+            output: output.to_path_buf(),
+            files: serde_json::to_value(&report.files)
+                .map_err(|e| crate::error::CoreError::Internal(e.to_string()))?,
+            tensors: report.tensors,
+            bytes: report.bytes,
+            dtype: dtype_json(&report.dtypes),
+            format: report.format.clone(),
+            seconds: report.seconds,
+            network_bytes: report.network_bytes,
+            transport: report.transport.as_str().to_string(),
+            route: serde_json::to_value(&report.route)
+                .map_err(|e| crate::error::CoreError::Internal(e.to_string()))?,
+            gpu: None,
+            mode: report.mode.as_str().to_string(),
+            world_size: report.world_size,
+            launcher: launcher.to_string(),
+        })
+    }
+
+    /// A save by one process (`gpu`: the GPU that converted, if one did; `seconds`: the whole
+    /// command's).
+    pub fn of_process(
+        output: &Path,
+        report: &crate::save::SaveReport,
+        layout: &crate::layout::Layout,
+        format: &axsave_formats::Format,
+        seconds: f64,
+        gpu: Option<String>,
+        launcher: axsave_dist::Launcher,
+    ) -> Result<SaveJson> {
+        let dtypes = dtype_counts(layout.tensors.iter().map(|t| t.dtype));
+        Ok(SaveJson {
+            output: output.to_path_buf(),
+            files: Value::Array(files_json(&report.files)?),
+            tensors: report.tensors,
+            bytes: report.bytes,
+            dtype: dtype_json(&dtypes),
+            format: format.to_string(),
+            seconds,
+            network_bytes: 0,
+            transport: "none".into(),
+            route: json!([{
+                "class": "local",
+                "bytes": report.bytes,
+                "path": if gpu.is_some() { "gpu" } else { "cpu" },
+                "why": if gpu.is_some() { "--transport nccl" } else { "read and written by one process" },
+            }]),
+            gpu,
+            mode: "gather".into(),
+            world_size: 1,
+            launcher: launcher.to_string(),
+        })
+    }
 }
 
 /// `axsave verify`'s line: "ok: N tensors in F files match the source (SIZE)".

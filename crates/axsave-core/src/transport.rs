@@ -108,9 +108,28 @@ pub struct Choice {
     pub why: String,
 }
 
+/// Why an explicit `--transport` cannot be met.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum Unavailable {
+    /// `--transport mpi` outside an MPI launcher.
+    #[error("--transport mpi needs an MPI launcher (mpirun, mpiexec, srun --mpi)")]
+    NoMpiLauncher,
+    /// `--transport mpi` from a binary built without MPI.
+    #[error("--transport mpi: this axsave was built without MPI (cargo feature `mpi`)")]
+    MpiNotBuilt,
+    /// `--transport nccl` where a rank has no GPU or no NCCL (or shares its GPU).
+    #[error("--transport nccl needs a GPU and NCCL{}: {why}", if *.every_rank { " on every rank" } else { "" })]
+    NoNccl {
+        /// Whether there are several ranks (the message says "on every rank").
+        every_rank: bool,
+        /// Which rank lacks what (`"rank 1: no CUDA driver"`).
+        why: String,
+    },
+}
+
 /// Picks the transport from every rank's report (`caps[r]` is rank r's) and whether MPI is
 /// available ([`mpi_available`]). `Err` says why an explicit request cannot be met.
-pub fn select(request: TransportRequest, caps: &[Caps], mpi: bool) -> Result<Choice, String> {
+pub fn select(request: TransportRequest, caps: &[Caps], mpi: bool) -> Result<Choice, Unavailable> {
     let mut missing: Vec<(usize, String)> = caps
         .iter()
         .enumerate()
@@ -159,23 +178,18 @@ pub fn select(request: TransportRequest, caps: &[Caps], mpi: bool) -> Result<Cho
             why: "--transport mpi".into(),
         }),
         TransportRequest::Mpi => Err(if axsave_dist::data_plane::MPI_BUILT {
-            "--transport mpi needs an MPI launcher (mpirun, mpiexec, srun --mpi)".into()
+            Unavailable::NoMpiLauncher
         } else {
-            "--transport mpi: this axsave was built without MPI (cargo feature `mpi`)".into()
+            Unavailable::MpiNotBuilt
         }),
         TransportRequest::Nccl if nccl_ok => Ok(Choice {
             transport: Transport::Nccl,
             why: "--transport nccl".into(),
         }),
-        TransportRequest::Nccl => Err(format!(
-            "--transport nccl needs a GPU and NCCL{}: {}",
-            if caps.len() == 1 {
-                ""
-            } else {
-                " on every rank"
-            },
-            who(&missing)
-        )),
+        TransportRequest::Nccl => Err(Unavailable::NoNccl {
+            every_rank: caps.len() != 1,
+            why: who(&missing),
+        }),
         TransportRequest::Auto if nccl_ok => Ok(Choice {
             transport: Transport::Nccl,
             why: if caps.len() == 1 {
@@ -252,7 +266,9 @@ mod tests {
             "{}",
             c.why
         );
-        let e = select(TransportRequest::Nccl, &shared, false).unwrap_err();
+        let e = select(TransportRequest::Nccl, &shared, false)
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("NCCL_MULTI_RANK_GPU_ENABLE"), "{e}");
         let allowed: Vec<Caps> = shared
             .iter()
@@ -319,12 +335,16 @@ mod tests {
                 .transport,
             Transport::Nccl
         );
-        let e = select(TransportRequest::Nccl, &[gpu(), no_driver()], true).unwrap_err();
+        let e = select(TransportRequest::Nccl, &[gpu(), no_driver()], true)
+            .unwrap_err()
+            .to_string();
         assert_eq!(
             e,
             "--transport nccl needs a GPU and NCCL on every rank: rank 1: no CUDA driver"
         );
-        let e = select(TransportRequest::Nccl, &[no_driver()], false).unwrap_err();
+        let e = select(TransportRequest::Nccl, &[no_driver()], false)
+            .unwrap_err()
+            .to_string();
         assert!(e.ends_with(": no CUDA driver"), "{e}");
         assert_eq!(
             select(TransportRequest::Mpi, &[gpu()], true)
@@ -333,6 +353,13 @@ mod tests {
             Transport::Mpi
         );
         let e = select(TransportRequest::Mpi, &[gpu()], false).unwrap_err();
+        let expected = if axsave_dist::data_plane::MPI_BUILT {
+            Unavailable::NoMpiLauncher
+        } else {
+            Unavailable::MpiNotBuilt
+        };
+        assert_eq!(e, expected);
+        let e = e.to_string();
         assert!(e.starts_with("--transport mpi"), "{e}");
         assert!(select(TransportRequest::Nccl, &[], false).is_err());
     }

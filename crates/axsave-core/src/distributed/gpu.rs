@@ -27,7 +27,7 @@ impl Rank<'_> {
         let o = self.opts;
         let bytes = classify(&bundle.plan, &bundle.nodes);
         let route = if !needs_caps(o.transport, &bytes) {
-            route(o.transport, bytes, &[], o.mpi_available).map_err(CoreError::Remote)?
+            route(o.transport, bytes, &[], o.mpi_available)?
         } else {
             let caps = crate::gpu::local_caps(o.transport, o.device, self.world.local_rank);
             if o.transport == TransportRequest::Nccl
@@ -48,7 +48,7 @@ impl Rank<'_> {
                     "capabilities",
                 )?);
             }
-            route(o.transport, bytes, &all, o.mpi_available).map_err(CoreError::Remote)?
+            route(o.transport, bytes, &all, o.mpi_available)?
         };
         if me == 0 {
             for line in route.lines() {

@@ -29,7 +29,8 @@ pub fn single_process_gpu(
     if caps.gpu.is_ok() {
         caps.nccl = Ok("not needed by one process".into());
     }
-    let choice = select(request, std::slice::from_ref(&caps), false).map_err(GpuUnavailable)?;
+    let choice = select(request, std::slice::from_ref(&caps), false)
+        .map_err(|e| GpuUnavailable(e.to_string()))?;
     match (choice.transport, caps.gpu) {
         (Transport::Nccl, Ok(desc)) => Ok(Some((LocalGpu { device, timeout }, desc))),
         (_, gpu) => Err(GpuUnavailable(format!(

@@ -271,7 +271,7 @@ pub fn run_rank<E: Engine>(engine: Option<&mut E>, w: RankWork<'_>) -> Result<()
                 return Ok(());
             }
             let files = w.files.ok_or_else(|| {
-                CoreError::Remote("local pieces on a rank that writes no file".into())
+                CoreError::Internal("local pieces on a rank that writes no file".into())
             })?;
             execute::run(
                 cpu_job,
@@ -293,7 +293,7 @@ pub fn run_rank<E: Engine>(engine: Option<&mut E>, w: RankWork<'_>) -> Result<()
         };
         let cpu = cpu
             .join()
-            .unwrap_or_else(|_| Err(CoreError::Remote("the CPU copy thread panicked".into())));
+            .unwrap_or_else(|_| Err(CoreError::Internal("the CPU copy thread panicked".into())));
         (gpu, cpu)
     });
     // The root cause, not the cancellation it caused in the other half.

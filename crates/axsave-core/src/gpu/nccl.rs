@@ -74,7 +74,7 @@ pub fn run_nccl(ex: &mut dyn Exchange, mut work: RankWork<'_>, o: &NcclOptions) 
             sizing: work.sizing,
             nccl_id: id.map(|i| hex(i.as_bytes())),
         };
-        let bytes = serde_json::to_vec(&s).map_err(|e| CoreError::Remote(e.to_string()))?;
+        let bytes = serde_json::to_vec(&s).map_err(|e| CoreError::Internal(e.to_string()))?;
         ex.publish("gpu/setup", &bytes)?;
         s
     } else {

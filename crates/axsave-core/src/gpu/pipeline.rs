@@ -115,7 +115,7 @@ fn drive_inner<E: Engine>(engine: &mut E, job: &Job<'_>, rounds: &[RoundWork]) -
         }
         let staging = engine.staging(slot)?;
         let staging = staging.get_mut(..work.in_len).ok_or_else(|| {
-            CoreError::Remote(format!(
+            CoreError::Internal(format!(
                 "staging buffer smaller than a round ({} bytes)",
                 work.in_len
             ))
@@ -251,10 +251,10 @@ fn fill<'s>(
         let tail = std::mem::take(&mut rest);
         let (_, tail) = tail
             .split_at_mut_checked(s.in_off - pos)
-            .ok_or_else(|| CoreError::Remote("staging layout out of bounds".into()))?;
+            .ok_or_else(|| CoreError::Internal("staging layout out of bounds".into()))?;
         let (mine, tail) = tail
             .split_at_mut_checked(s.in_len)
-            .ok_or_else(|| CoreError::Remote("staging layout out of bounds".into()))?;
+            .ok_or_else(|| CoreError::Internal("staging layout out of bounds".into()))?;
         slices.push((s, mine));
         rest = tail;
         pos = s.in_off + s.in_len;
@@ -364,7 +364,7 @@ fn stage_unit<'s>(
             stream_len,
         } => {
             let cursors = cursors.ok_or_else(|| {
-                CoreError::Remote("a compressed piece was staged off the decoding thread".into())
+                CoreError::Internal("a compressed piece was staged off the decoding thread".into())
             })?;
             let c = cursors.entry(t).or_insert_with(|| {
                 ZstdCursor::new(job.sources, piece.file, stream_offset, stream_len)
@@ -416,10 +416,10 @@ fn write_landed<E: Engine>(
     }
     let files = job
         .files
-        .ok_or_else(|| CoreError::Remote("bytes landed on a rank that writes no file".into()))?;
+        .ok_or_else(|| CoreError::Internal("bytes landed on a rank that writes no file".into()))?;
     let land = land
         .get(..work.land_len)
-        .ok_or_else(|| CoreError::Remote("landing buffer shorter than the round".into()))?;
+        .ok_or_else(|| CoreError::Internal("landing buffer shorter than the round".into()))?;
     let segs: Vec<&Seg> = work.landing().collect();
     let write = |s: &Seg| -> Result<()> {
         let u = &job.units[s.unit];
@@ -547,7 +547,7 @@ pub(crate) mod tests {
             let staged = &self.staging[slot];
             let conv = |s: &Seg, out: &mut [u8]| {
                 twin_convert(s.from, s.to, &staged[s.in_off..s.in_off + s.in_len], out)
-                    .map_err(|e| CoreError::Remote(e.to_string()))
+                    .map_err(|e| CoreError::Internal(e.to_string()))
             };
             for b in &work.sends {
                 let mut msg = vec![0u8; b.len];
@@ -577,7 +577,7 @@ pub(crate) mod tests {
             for s in &work.locals {
                 let out = &mut land[s.out_off..s.out_off + s.out_len];
                 twin_convert(s.from, s.to, &staged[s.in_off..s.in_off + s.in_len], out)
-                    .map_err(|e| CoreError::Remote(e.to_string()))?;
+                    .map_err(|e| CoreError::Internal(e.to_string()))?;
             }
             Ok(())
         }

@@ -88,10 +88,6 @@ impl RunState {
     }
 }
 
-fn remote(e: impl std::fmt::Display) -> CoreError {
-    CoreError::Remote(e.to_string())
-}
-
 /// The layout tensors each rank merges: greedily to the rank with the least work so far, a
 /// merged tensor counting four times its bytes (it is read, computed and written).
 pub fn shares(p: &Prepared, world_size: usize) -> Vec<Vec<usize>> {
@@ -219,14 +215,14 @@ fn wait_keys(
                 shared.fail(format!("rank {rank} failed: {message}"));
                 return Err(CoreError::Cancelled);
             }
-            Err(e) => return Err(remote(e)),
+            Err(e) => return Err(e.into()),
         }
     }
 }
 
 fn get_string(client: &mut StoreClient, key: &str) -> Result<String> {
     let deadline = Instant::now() + client.options().io_timeout;
-    let b = client.get(key, deadline).map_err(remote)?;
+    let b = client.get(key, deadline)?;
     Ok(String::from_utf8_lossy(&b).into_owned())
 }
 
@@ -245,12 +241,10 @@ fn rank_run(
     let start = Instant::now();
     let join_deadline = Instant::now() + times.rendezvous;
     // Join: every rank says what it merges; rank 0 refuses a mismatch.
-    client
-        .set(
-            &format!("hello/{me}"),
-            format!("{n}|{fingerprint}").as_bytes(),
-        )
-        .map_err(remote)?;
+    client.set(
+        &format!("hello/{me}"),
+        format!("{n}|{fingerprint}").as_bytes(),
+    )?;
     if me == 0 {
         for r in 1..n {
             wait_keys(client, shared, &[&format!("hello/{r}")], join_deadline)?;
@@ -264,7 +258,7 @@ fn rank_run(
     }
     let watch: Vec<usize> = if me == 0 { (1..n).collect() } else { vec![0] };
     let _watchdog = Watchdog::start(
-        client.reconnect().map_err(remote)?,
+        client.reconnect()?,
         me,
         watch,
         times.timeout,
@@ -292,7 +286,7 @@ fn rank_run(
         state.tag = Some(opts.tag.clone());
         let files = OutputFiles::create(&opts.output, &prepared.layout, &opts.tag, |_| true)?;
         drop(files);
-        client.set("start", opts.tag.as_bytes()).map_err(remote)?;
+        client.set("start", opts.tag.as_bytes())?;
         (opts.tag.clone(), existing)
     } else {
         wait_keys(client, shared, &["start"], far)?;
@@ -339,7 +333,7 @@ fn rank_run(
     }
     drop(files);
     check()?;
-    client.set(&format!("done/{me}"), b"1").map_err(remote)?;
+    client.set(&format!("done/{me}"), b"1")?;
     state.reported = true;
     if me == 0 {
         for r in 0..n {
@@ -355,7 +349,7 @@ fn rank_run(
         };
         state.tag = None;
         state.guard = None;
-        client.set("committed", b"1").map_err(remote)?;
+        client.set("committed", b"1")?;
         state.lock = None;
         Ok(Some(report))
     } else {
