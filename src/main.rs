@@ -13,6 +13,11 @@ fn main() -> ExitCode {
     let cli = cli::Cli::parse();
     let quiet = cli.command.is_none() && cli.save.quiet;
     init_logging(quiet);
+    // Started by a parent that asked (the Python API): stop, cleanly, when it dies.
+    if let Err(e) = axsave_core::parent::follow_parent() {
+        tracing::error!("{e}");
+        return ExitCode::from(1);
+    }
     let result = match cli.command {
         Some(cli::Command::Inspect(a)) => commands::inspect(&a),
         Some(cli::Command::Verify(a)) => commands::verify(&a),

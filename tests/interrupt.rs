@@ -410,3 +410,47 @@ fn a_rank_stuck_joining_exits_soon_after_sigterm() {
     assert!(text.contains("interrupted by SIGTERM"), "{text}");
     assert!(!out.exists() || listing(&out).is_empty());
 }
+
+/// `AXSAVE_PARENT_PID` (set by the Python API) names the process axsave must stop with: one
+/// that is not its parent (already gone, the save handed to init) is refused before anything is
+/// written, and so is a value that is not a pid. (The Python test
+/// `test_killing_the_python_process_stops_the_binary` kills a real parent.)
+#[test]
+fn a_parent_that_is_not_there_stops_the_save_before_it_starts() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("out");
+    let mut other = Command::new("sleep").arg("30").spawn().unwrap();
+    for (value, says) in [
+        (other.id().to_string(), "is gone"),
+        ("x1".to_string(), "is not a process id"),
+    ] {
+        let mut c = Command::new(bin());
+        clean_env(&mut c);
+        let o = c
+            .args(["--source", s(&fixture(FIXTURE)), "--output", s(&out)])
+            .env("AXSAVE_PARENT_PID", &value)
+            .output()
+            .unwrap();
+        assert_eq!(o.status.code(), Some(1), "{value}: {}", stderr(&o));
+        assert!(stderr(&o).contains(says), "{value}: {}", stderr(&o));
+        assert!(!out.exists(), "{value}: the output directory was made");
+    }
+    let _ = other.kill();
+    let _ = other.wait();
+    // The real parent (this test) is followed and the save goes on.
+    let mut c = Command::new(bin());
+    clean_env(&mut c);
+    let o = c
+        .args([
+            "--source",
+            s(&fixture(FIXTURE)),
+            "--output",
+            s(&out),
+            "--quiet",
+        ])
+        .env("AXSAVE_PARENT_PID", std::process::id().to_string())
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    assert!(out.join("model.safetensors").is_file());
+}

@@ -86,11 +86,12 @@ const PRINT_ENV: &str = "echo \"RANK=$RANK WORLD_SIZE=$WORLD_SIZE LOCAL_RANK=$LO
     SLURM=${SLURM_STEP_ID-unset},${SLURM_PROCID-unset} OMPI=${OMPI_COMM_WORLD_RANK-unset} \
     TE=${TORCHELASTIC_RUN_ID-unset} PMI=${PMI_RANK-unset},${PMIX_RANK-unset} \
     MV2=${MV2_COMM_WORLD_RANK-unset} HYDRA=${MPI_LOCALRANKID-unset} \
-    NODE_RANK=${NODE_RANK-unset} KEEP=${AXSAVE_TEST_KEEP-unset}\"";
+    NODE_RANK=${NODE_RANK-unset} KEEP=${AXSAVE_TEST_KEEP-unset} \
+    PARENT=${AXSAVE_PARENT_PID-unset}\"";
 
 /// Every rank gets its own rank and the shared world size, port and run id; other launchers'
-/// variables in the launcher's environment (as in an sbatch script) do not reach the ranks;
-/// anything else does.
+/// variables in the launcher's environment (as in an sbatch script) and the parent the launcher
+/// follows (`AXSAVE_PARENT_PID`) do not reach the ranks; anything else does.
 #[test]
 fn every_rank_gets_its_environment() {
     let mut cmd = sh_launch(&["-n", "4", "--tag-output"], PRINT_ENV);
@@ -110,6 +111,9 @@ fn every_rank_gets_its_environment() {
         ("MASTER_PORT", "1"),
         ("AXSAVE_TEST_KEEP", "yes"),
     ]);
+    // The launcher follows this test process (its parent); the ranks follow the launcher, not
+    // the variable.
+    cmd.env("AXSAVE_PARENT_PID", std::process::id().to_string());
     let (out, _) = run(&mut cmd);
     assert!(out.status.success(), "{}", text(&out.stderr));
     let mut ports = Vec::new();
@@ -133,6 +137,7 @@ fn every_rank_gets_its_environment() {
             );
         }
         assert_eq!(f["KEEP"], "yes");
+        assert_eq!(f["PARENT"], "unset", "rank {rank}");
         ports.push(f["MASTER_PORT"].clone());
         run_ids.push(f["RUN"].clone());
     }

@@ -357,8 +357,12 @@ def run_binary(args: list, env: dict | None = None, stream: bool = True):
 
     stderr is copied line by line to ``sys.stderr`` as it comes (``stream``). If this
     process is interrupted (KeyboardInterrupt, SystemExit), the binary gets SIGTERM (it then
-    removes its temporaries) and is waited for before the exception goes on.
+    removes its temporaries) and is waited for before the exception goes on. If this process
+    dies, even by SIGKILL, the binary gets SIGTERM too (``AXSAVE_PARENT_PID``, Linux), so a
+    killed training job leaves no save running behind it.
     """
+    env = dict(os.environ if env is None else env)
+    env["AXSAVE_PARENT_PID"] = str(os.getpid())
     proc = subprocess.Popen(
         [binary_path(), *args],
         stdin=subprocess.DEVNULL,

@@ -358,3 +358,50 @@ def test_interrupting_save_stops_the_binary(tmp_path):
         for pid in _processes_with(str(out)):  # only the binary this test started
             os.kill(pid, signal.SIGKILL)
     assert final_named(out) == []
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the parent-death signal is Linux's")
+def test_killing_the_python_process_stops_the_binary(tmp_path):
+    # SIGKILL leaves Python no chance to stop the binary itself: the binary must notice its
+    # parent's death (AXSAVE_PARENT_PID → PR_SET_PDEATHSIG) and cancel as on SIGTERM.
+    import signal
+
+    out = tmp_path / "killed-out"
+    script = tmp_path / "wait.py"
+    script.write_text(
+        textwrap.dedent(
+            """
+            import sys
+            sys.path.insert(0, sys.argv[1])
+            import axsave
+            axsave.save(sys.argv[2], sys.argv[3], rendezvous_timeout=120, quiet=True)
+            """
+        )
+    )
+    env = clean_env(dict(os.environ))
+    env.update(RANK="0", WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
+    p = subprocess.Popen(
+        [sys.executable, str(script), str(ROOT / "python"), str(DCP / "fsdp_w2" / "checkpoint"), str(out)],
+        env=env,
+    )
+    try:
+        deadline = time.monotonic() + 30
+        while not _processes_with(str(out)) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert _processes_with(str(out)), "the binary did not start"
+        time.sleep(0.5)
+        p.kill()
+        p.wait(timeout=10)
+        # The binary cancels within its grace period (a rank stuck joining: about 4 s).
+        deadline = time.monotonic() + 20
+        while _processes_with(str(out)) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert _processes_with(str(out)) == [], "the binary outlived the Python process that started it"
+    finally:
+        if p.poll() is None:
+            p.kill()
+        for pid in _processes_with(str(out)):  # only the binary this test started
+            os.kill(pid, signal.SIGKILL)
+    assert final_named(out) == []
+    left = sorted(os.listdir(out)) if out.exists() else []
+    assert [n for n in left if ".tmp" in n or n.startswith(".axsave-")] == [], left

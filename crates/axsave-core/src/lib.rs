@@ -19,6 +19,7 @@ pub mod lock;
 pub mod merge_lora;
 pub mod naming;
 pub mod output;
+pub mod parent;
 pub mod plan;
 pub mod progress;
 pub mod report;

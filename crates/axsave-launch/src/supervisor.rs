@@ -102,6 +102,8 @@ pub(crate) fn spawn_rank(
         }
     }
     cmd.envs(job.rank_env(rank));
+    // The ranks follow this launcher (below), not whoever started it.
+    cmd.env_remove(axsave_core::parent::PARENT_PID_VAR);
     set_parent_death_signal(&mut cmd);
 
     let mut child = cmd.spawn()?;
