@@ -18,9 +18,13 @@
 #   3. saves the fixtures with `--transport nccl` on one rank and compares every byte with
 #      the references (conversions: torch's `.to()` output);
 #   4. prints host-to-device, device-to-host and conversion bandwidth on about 2 GB
-#      (`axsave gpu-bench`).
+#      (`axsave gpu-bench`);
+#   5. side by side on a generated checkpoint: auto, tcp and nccl, one process and launch -n 8,
+#      wall and peak RSS, `auto / best`, and whether auto stayed off the GPU;
+#   6. the GPU path's fixed costs (CUDA context, kernels compiled vs cached, self-test, buffers)
+#      and its peak RSS beside the CPU path's at a 256 MiB budget.
 #
-# Environment: CHECKS (which steps, default tests,fixtures,bench,side), AXSAVE_BIN (default target/release/axsave), CARGO_TARGET_DIR (default
+# Environment: CHECKS (which steps, default tests,fixtures,bench,side,costs), AXSAVE_BIN (default target/release/axsave), CARGO_TARGET_DIR (default
 # ./target), AXSAVE_FIXTURES (default tests/fixtures), BENCH_BYTES (default 2GiB; 0 skips
 # the bandwidth table), NCCL_DEBUG and friends pass through to NCCL.
 set -euo pipefail
@@ -31,7 +35,7 @@ bin=${AXSAVE_BIN:-$target/release/axsave}
 fixtures=${AXSAVE_FIXTURES:-$root/tests/fixtures}
 bench_bytes=${BENCH_BYTES:-2GiB}
 work=$(mktemp -d)
-checks=",${CHECKS:-tests,fixtures,bench,side},"
+checks=",${CHECKS:-tests,fixtures,bench,side,costs},"
 want() { [[ $checks == *",$1,"* ]]; }
 trap 'rm -rf "$work"' EXIT
 
@@ -252,6 +256,31 @@ PY
       record "auto stays off the GPU on one node" PASS "every auto row on the CPU/host path"
     fi
   fi
+fi
+
+# 6. The GPU path's fixed costs, cold and warm: the same small save under --transport nccl with
+# an empty kernel cache (NVRTC compiles) and again (the cached PTX loads), each step's time from
+# the debug log ("GPU fixed cost: ..."), and peak RSS beside the CPU path at a 256 MiB budget.
+if want costs && [ -n "$bin" ] && [ -f "$fixtures/dcp/fsdp_w2/checkpoint/.metadata" ]; then
+  cache="$work/kernel-cache"
+  rm -rf "$cache"
+  costs="$work/costs.txt"
+  : >"$costs"
+  for pass in cold warm; do
+    rm -rf "$work/out-costs"
+    run "fixed costs, $pass kernel cache" 120 env AXSAVE_CACHE_DIR="$cache" RUST_LOG=info,axsave_core=debug \
+      python3 "$root/scripts/bench/measure.py" "peak RSS, $pass" -- "$bin" --source "$fixtures/dcp/fsdp_w2/checkpoint" \
+      --output "$work/out-costs" --transport nccl --dtype fp32 --memory-budget 256MiB
+    log="$work/fixed_costs__${pass}_kernel_cache.log"
+    { echo "$pass:"; grep -E "GPU fixed cost|peak_rss_mib" "$log" | sed -E 's/^.*(GPU fixed cost|\{"label")/  \1/'; } >>"$costs" || true
+  done
+  rm -rf "$work/out-costs"
+  run "fixed costs, CPU path" 120 python3 "$root/scripts/bench/measure.py" "peak RSS, cpu" -- "$bin" \
+    --source "$fixtures/dcp/fsdp_w2/checkpoint" --output "$work/out-costs" --transport tcp --dtype fp32 \
+    --memory-budget 256MiB --force
+  { echo "cpu:"; grep -E "peak_rss_mib" "$work/fixed_costs__CPU_path.log" | sed 's/^/  /'; } >>"$costs" || true
+  echo
+  cat "$costs"
 fi
 
 echo

@@ -92,6 +92,7 @@ pub(crate) fn build_kernels(dev: &Device) -> std::result::Result<Kernels, String
     });
     let dir = kernel_cache::cache_dir(&|k| std::env::var(k).ok());
     dev.ctx.bind_to_thread().map_err(|e| e.to_string())?;
+    let started = std::time::Instant::now();
     // A cached build when there is one the driver takes; else NVRTC, and the result kept.
     let cached = match (&dir, &key) {
         (Some(dir), Some(key)) => kernel_cache::load(dir, key).and_then(|ptx| {
@@ -110,6 +111,11 @@ pub(crate) fn build_kernels(dev: &Device) -> std::result::Result<Kernels, String
             }
         }),
         _ => None,
+    };
+    let how = if cached.is_some() {
+        "cached"
+    } else {
+        "compiled"
     };
     let module = match cached {
         Some(m) => m,
@@ -135,7 +141,16 @@ pub(crate) fn build_kernels(dev: &Device) -> std::result::Result<Kernels, String
         funcs.push(((from, to), f));
     }
     let k = Kernels { funcs };
+    tracing::debug!(
+        "GPU fixed cost: kernels {how} and loaded in {} ms",
+        started.elapsed().as_millis()
+    );
+    let started = std::time::Instant::now();
     self_test(dev, &k)?;
+    tracing::debug!(
+        "GPU fixed cost: kernel self-test in {} ms",
+        started.elapsed().as_millis()
+    );
     Ok(k)
 }
 

@@ -86,8 +86,13 @@ pub(crate) fn open_device(
             .map_err(|e| format!("the CUDA driver cannot start: {e}"))?;
         let count = usize::try_from(count).unwrap_or(0);
         let ordinal = crate::gpu::pick_ordinal(local_rank, count, explicit)?;
+        let started = std::time::Instant::now();
         let ctx =
             CudaContext::new(ordinal).map_err(|e| format!("cannot use GPU {ordinal}: {e}"))?;
+        tracing::debug!(
+            "GPU fixed cost: CUDA context on GPU {ordinal} in {} ms",
+            started.elapsed().as_millis()
+        );
         let name = ctx.name().unwrap_or_else(|_| "unknown GPU".into());
         let cc = ctx.compute_capability().unwrap_or((0, 0));
         let total_mem = ctx.total_mem().unwrap_or(0);

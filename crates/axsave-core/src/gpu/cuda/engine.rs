@@ -96,6 +96,7 @@ impl<'a> CudaEngine<'a> {
                 [slot()?, slot()?],
             ))
         };
+        let started = std::time::Instant::now();
         let (up, net, down, slots) = alloc().map_err(|e| {
             CoreError::Gpu(format!(
                 "cannot allocate {} MiB of round buffers on {}: {e}",
@@ -103,6 +104,12 @@ impl<'a> CudaEngine<'a> {
                 dev.describe()
             ))
         })?;
+        tracing::debug!(
+            "GPU fixed cost: {} MiB pinned and {} MiB device buffers in {} ms",
+            (2 * 2 * round_bytes) >> 20,
+            (2 * 3 * round_bytes) >> 20,
+            started.elapsed().as_millis()
+        );
         Ok(CudaEngine {
             dev,
             kernels,
