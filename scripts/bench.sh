@@ -2,19 +2,30 @@
 # Benchmarks axsave against the floor (copying the same bytes with cat) and the peers (torch's
 # own consolidation) in one run, on the same data.
 #
-#   PYTHON=/path/to/venv/bin/python scripts/bench.sh [single|multi|merge|all]
+#   PYTHON=/path/to/venv/bin/python scripts/bench.sh [single|multi|merge|disk|all]
 #
 # single: one process: axsave vs `cat` vs torch's DCP merge + save_file (what
 #         `accelerate merge-weights` does).
-# multi:  4 ranks, gather mode, node-local sources (each rank sees only its own .distcp, so
-#         bytes cross TCP) vs the classic gather: torchrun with 4 gloo ranks loading their
-#         DTensor shards with DCP, full_tensor() on each, rank 0 save_file (FSDP's
-#         FULL_STATE_DICT path on CPU); plus the same gather over MPI (when Open MPI is
-#         installed; axsave is then built with --features mpi) and axsave's sharded mode.
+# multi:  4 ranks, gather mode, node-local sources (each rank's directory names only its own
+#         .distcp) vs the classic gather: torchrun with 4 gloo ranks loading their DTensor
+#         shards with DCP, full_tensor() on each, rank 0 save_file (FSDP's FULL_STATE_DICT path
+#         on CPU). On one machine rank 0 can open the others' files and reads them itself; the
+#         transport rows use a second build with the test hook AXSAVE_TEST_OWN_FILES_ONLY=1 so
+#         three quarters of the bytes cross TCP (and MPI, when Open MPI is installed; axsave is
+#         then built with --features mpi), as between nodes. Plus axsave's sharded mode.
 # merge:  merge-lora of a generated bf16 Llama base (MERGE_LAYERS, default 22 layers of hidden
 #         2048: 2.6 GB) and a rank-16 adapter on every projection: axsave merge-lora vs PEFT's
 #         from_pretrained + merge_and_unload() + save_pretrained (needs peft and transformers),
 #         and the outputs compared element by element.
+# disk:   the CPU path at the disk's limit: one axsave process (gather mode) saving a generated
+#         fp32 checkpoint (DISK_LAYERS, default 10 layers of DISK_HIDDEN 2048: 3.2 GB, 4 ranks)
+#         as it is and with --dtype bf16, beside dd writing the same bytes on the output's
+#         filesystem: one stream and eight parallel streams, each with oflag=direct and
+#         buffered + conv=fsync; every row's GB/s and the save's output GB/s as a fraction of
+#         the best parallel-writer figure; axsave both with its direct-I/O writers (the
+#         default) and with AXSAVE_WRITERS=0 (everything through the page cache). BEFORE_BIN=
+#         /path/to/older/axsave adds its rows, so a change is measured before and after in the
+#         same run.
 # Needs a python with torch and safetensors. Environment: BENCH_DIR (default ./bench-out,
 # git-ignored), RUNS (default 3; the median is reported), LAYERS (8), HIDDEN (2048).
 set -euo pipefail
@@ -40,7 +51,7 @@ bin=$PWD/target/release/axsave
 mkdir -p "$BENCH_DIR"
 BENCH_DIR=$(cd "$BENCH_DIR" && pwd)
 ckpt=$BENCH_DIR/ckpt-l${LAYERS}-h${HIDDEN}
-if [ "$what" != merge ]; then
+if [ "$what" != merge ] && [ "$what" != disk ]; then
   if [ ! -f "$ckpt/.metadata" ]; then
     echo "==> writing the benchmark checkpoint with torch ($LAYERS layers, hidden $HIDDEN, 4 ranks)"
     rm -rf "$ckpt"
@@ -53,7 +64,7 @@ fi
 # writeback; the source is warm, as on a node that just wrote it.
 measure() { sync; "$PYTHON" scripts/bench/measure.py "$@" | tee -a "$results"; }
 fresh() { rm -rf "$@"; mkdir -p "$@"; }
-[ "$what" = merge ] || cat "$ckpt"/*.distcp > /dev/null
+[ "$what" = merge ] || [ "$what" = disk ] || cat "$ckpt"/*.distcp > /dev/null
 
 report() {  # report RESULTS TITLE
   "$PYTHON" - "$1" "$bytes" "$2" <<'PY'
@@ -106,15 +117,24 @@ if [ "$what" = multi ] || [ "$what" = all ]; then
     for r in 0 1 2 3; do mkdir -p "$nl/rank$r"; ln -f "$ckpt"/__${r}_*.distcp "$nl/rank$r/"; done
     ln -f "$ckpt/.metadata" "$nl/rank0/"
   fi
+  # On one machine a rank can open the paths the others name, so rank 0 reads every file itself
+  # and nothing crosses the transport (as on a real node). To time the transport as between
+  # nodes, a second build with the test hook AXSAVE_TEST_OWN_FILES_ONLY=1 keeps each rank to its
+  # own files.
+  echo "==> building the transport rows' binary (test hooks on)"
+  cargo build --release --quiet "${features[@]}" --features fault-injection --target-dir target/bench-hooks
+  hooks=$PWD/target/bench-hooks/release/axsave
   results=$BENCH_DIR/multi.jsonl; : > "$results"
   for i in $(seq "$RUNS"); do
     echo "==> 4 ranks, run $i of $RUNS"
     floors
     rm -rf "$BENCH_DIR/out-gather"
-    measure "axsave, 4 ranks, gather, node-local sources (TCP)" -- "$bin" launch -n 4 -- --source "$nl/rank{rank}" --output "$BENCH_DIR/out-gather" --quiet
+    measure "axsave, 4 ranks, gather, node-local sources (one node: rank 0 reads them)" -- "$bin" launch -n 4 -- --source "$nl/rank{rank}" --output "$BENCH_DIR/out-gather" --quiet
+    rm -rf "$BENCH_DIR/out-gather-tcp"
+    measure "axsave, 4 ranks, gather, node-local sources, 3/4 over TCP" -- env AXSAVE_TEST_OWN_FILES_ONLY=1 "$hooks" launch -n 4 -- --source "$nl/rank{rank}" --output "$BENCH_DIR/out-gather-tcp" --quiet
     if [ ${#features[@]} -gt 0 ]; then
       rm -rf "$BENCH_DIR/out-gather-mpi"
-      measure "axsave, 4 ranks, gather, node-local sources (MPI)" -- env OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1 mpirun --oversubscribe -n 4 "$bin" --source "$nl/rank{rank}" --output "$BENCH_DIR/out-gather-mpi" --quiet
+      measure "axsave, 4 ranks, gather, node-local sources, 3/4 over MPI" -- env OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1 mpirun --oversubscribe -x AXSAVE_TEST_OWN_FILES_ONLY=1 -n 4 "$hooks" --source "$nl/rank{rank}" --output "$BENCH_DIR/out-gather-mpi" --quiet
     fi
     rm -rf "$BENCH_DIR/out-sharded"
     measure "axsave, 4 ranks, sharded, shared source" -- "$bin" launch -n 4 -- --source "$ckpt" --output "$BENCH_DIR/out-sharded" --mode sharded --quiet
@@ -123,6 +143,7 @@ if [ "$what" = multi ] || [ "$what" = all ]; then
   done
   report "$results" "4 ranks"
   echo "axsave gather vs classic gather output: $(same "$BENCH_DIR/out-gather/model.safetensors" "$BENCH_DIR/out-classic/model.safetensors")"
+  echo "axsave gather over TCP vs classic gather output: $(same "$BENCH_DIR/out-gather-tcp/model.safetensors" "$BENCH_DIR/out-classic/model.safetensors")"
 fi
 
 if [ "$what" = merge ] || [ "$what" = all ]; then
@@ -149,4 +170,79 @@ if [ "$what" = merge ] || [ "$what" = all ]; then
   done
   report "$results" "merge-lora"
   echo "axsave vs PEFT: $("$PYTHON" scripts/bench/compare_merged.py "$BENCH_DIR/out-merge-axsave" "$BENCH_DIR/out-merge-peft")"
+fi
+
+if [ "$what" = disk ] || [ "$what" = all ]; then
+  DISK_LAYERS=${DISK_LAYERS:-10}
+  DISK_HIDDEN=${DISK_HIDDEN:-2048}
+  dk=$BENCH_DIR/ckpt-fp32-l${DISK_LAYERS}-h${DISK_HIDDEN}
+  if [ ! -f "$dk/.metadata" ]; then
+    echo "==> writing the disk benchmark's fp32 checkpoint ($DISK_LAYERS layers, hidden $DISK_HIDDEN, 4 ranks)"
+    rm -rf "$dk"
+    "$PYTHON" scripts/bench/make_large_checkpoint.py "$dk" --layers "$DISK_LAYERS" --hidden "$DISK_HIDDEN" --ranks 4 --dtype fp32
+  fi
+  cat "$dk"/*.distcp > /dev/null
+  echo "==> output filesystem: $(df -T "$BENCH_DIR" | awk 'NR==2 {print $2 " on " $1}')"
+  # AXSAVE_WRITERS=0 writes everything through the page cache, as axsave did before its
+  # direct-I/O writers: the same binary, before and after.
+  bins=("axsave, page cache only (AXSAVE_WRITERS=0)|env AXSAVE_WRITERS=0 $bin" "axsave|$bin")
+  [ -n "${BEFORE_BIN:-}" ] && bins=("axsave before|$BEFORE_BIN" "${bins[@]}")
+  # How many bytes each save writes (its .safetensors files): a first, untimed save of each.
+  sizes=$BENCH_DIR/disk-bytes.tsv; : > "$sizes"
+  for dt in keep bf16; do
+    rm -rf "$BENCH_DIR/out-disk"
+    if [ $dt = keep ]; then "$bin" --source "$dk" --output "$BENCH_DIR/out-disk" --mode gather --quiet
+    else "$bin" --source "$dk" --output "$BENCH_DIR/out-disk" --mode gather --dtype bf16 --quiet; fi
+    echo "$dt $(du -cb "$BENCH_DIR/out-disk"/*.safetensors | tail -1 | cut -f1)" >> "$sizes"
+  done
+  keep_bytes=$(awk '$1 == "keep" {print $2}' "$sizes")
+  mib8=$((8 << 20))
+  n1=$(( (keep_bytes + mib8 / 2) / mib8 ))         # one stream: 8 MiB blocks
+  n8=$(( (keep_bytes + mib8 * 4) / (mib8 * 8) ))   # each of eight streams
+  # The dd commands (for sh -c): one stream, and eight streams of an eighth each.
+  dd1() { echo "dd if=/dev/zero of=$BENCH_DIR/out-dd/s0 bs=8M count=$n1 $1 status=none"; }
+  dd8() { echo "p=; for i in 0 1 2 3 4 5 6 7; do dd if=/dev/zero of=$BENCH_DIR/out-dd/s\$i bs=8M count=$n8 $1 status=none & p=\"\$p \$!\"; done; for i in \$p; do wait \$i || exit 1; done"; }
+  results=$BENCH_DIR/disk.jsonl; : > "$results"
+  for i in $(seq "$RUNS"); do
+    echo "==> disk, run $i of $RUNS"
+    for row in "1 stream, oflag=direct|dd1 oflag=direct" "1 stream, buffered + conv=fsync|dd1 conv=fsync" \
+               "8 streams, oflag=direct|dd8 oflag=direct" "8 streams, buffered + conv=fsync|dd8 conv=fsync"; do
+      fresh "$BENCH_DIR/out-dd"
+      measure "dd, ${row%%|*}" -- sh -c "$(${row#*|})"
+    done
+    rm -rf "$BENCH_DIR/out-dd"
+    for dt in keep bf16; do
+      for b in "${bins[@]}"; do
+        rm -rf "$BENCH_DIR/out-disk"
+        extra=(); [ $dt = bf16 ] && extra=(--dtype bf16)
+        # shellcheck disable=SC2086 # the command is words (env VAR=0 binary)
+        measure "${b%%|*}, 1 process, $dt" -- ${b#*|} --source "$dk" --output "$BENCH_DIR/out-disk" --mode gather --quiet "${extra[@]}"
+      done
+    done
+  done
+  rm -rf "$BENCH_DIR/out-disk"
+  "$PYTHON" - "$results" "$sizes" "$((n1 * mib8))" "$((8 * n8 * mib8))" <<'PY'
+import json, statistics, sys
+rows = [json.loads(l) for l in open(sys.argv[1])]
+sizes = dict(l.split() for l in open(sys.argv[2]))
+one, eight = int(sys.argv[3]), int(sys.argv[4])
+labels = list(dict.fromkeys(r["label"] for r in rows))
+def size(l):
+    if l.startswith("dd, 1 stream"): return one
+    if l.startswith("dd, 8 streams"): return eight
+    return int(sizes["bf16" if l.endswith("bf16") else "keep"])
+med = {l: statistics.median(r["seconds"] for r in rows if r["label"] == l) for l in labels}
+rss = {l: max(r["peak_rss_mib"] for r in rows if r["label"] == l) for l in labels}
+gbs = {l: size(l) / 1e9 / med[l] for l in labels}
+best = max(gbs[l] for l in labels if l.startswith("dd, 8 streams"))
+print(f"\ndisk: one process vs dd on the output's filesystem, median of {len(rows)//len(labels)} runs\n")
+print("| contender | GB written | seconds | GB/s | peak RSS | vs best 8-stream dd |")
+print("|---|---:|---:|---:|---:|---:|")
+for l in labels:
+    print(f"| {l} | {size(l)/1e9:.2f} | {med[l]:.2f} | {gbs[l]:.2f} | {rss[l]:.0f} MiB | {gbs[l]/best:.0%} |")
+bad = [r for r in rows if r["exit"] != 0]
+if bad:
+    print(f"FAILED runs: {bad}")
+    sys.exit(1)
+PY
 fi

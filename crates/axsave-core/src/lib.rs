@@ -5,6 +5,7 @@
 pub mod axolotl;
 pub mod bootstrap;
 pub mod cancel;
+pub mod direct;
 pub mod distributed;
 pub mod error;
 pub mod execute;

@@ -5,6 +5,8 @@ use std::fs::{File, OpenOptions};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
+pub use crate::direct::WriteOptions;
+use crate::direct::{Target, Writers};
 use crate::error::{CoreError, Result};
 use crate::layout::Layout;
 
@@ -59,78 +61,92 @@ fn is_model_file(name: &str, stem: &str) -> bool {
         && rest.ends_with(".safetensors")
 }
 
-/// The output files one rank writes, open under their temporary names.
+/// The output files one rank writes, open under their temporary names. Their aligned spans
+/// are written with `O_DIRECT` by a few writer threads where the filesystem takes it (see
+/// [`crate::direct`]); [`OutputFiles::sync`] waits for them before the fsync.
 pub struct OutputFiles {
-    /// For each layout file: its temporary path and handle, when this rank writes it.
-    files: Vec<Option<(PathBuf, File)>>,
+    writers: Writers,
 }
 
 impl OutputFiles {
     /// Creates (or truncates) the temporary files of the layout files `mine` selects,
     /// reserves their full size on disk up front (so a full disk fails now, not midway) and
-    /// writes their headers.
+    /// writes their headers. The writers are tuned by [`WriteOptions::from_env`].
     pub fn create(
         dir: &Path,
         layout: &Layout,
         tag: &str,
         mine: impl Fn(usize) -> bool,
     ) -> Result<Self> {
+        Self::create_with(dir, layout, tag, mine, WriteOptions::from_env())
+    }
+
+    /// [`OutputFiles::create`] with the writers tuned by `opts`.
+    pub fn create_with(
+        dir: &Path,
+        layout: &Layout,
+        tag: &str,
+        mine: impl Fn(usize) -> bool,
+        opts: WriteOptions,
+    ) -> Result<Self> {
         std::fs::create_dir_all(dir).map_err(|e| CoreError::io(dir, e))?;
-        let mut out = OutputFiles {
-            files: Vec::with_capacity(layout.files.len()),
-        };
+        let mut targets = Vec::with_capacity(layout.files.len());
         for (i, f) in layout.files.iter().enumerate() {
             if !mine(i) {
-                out.files.push(None);
+                targets.push(None);
                 continue;
             }
             let path = dir.join(temp_name(&f.name, tag));
             let file = create_exclusive(&path, true)?;
-            // Record the path before anything else can fail, so cleanup finds it.
-            out.files.push(Some((path.clone(), file)));
-            let Some((_, file)) = out.files.last().and_then(|f| f.as_ref()) else {
-                continue;
-            };
-            preallocate(file, f.size).map_err(|e| CoreError::io(&path, e))?;
+            preallocate(&file, f.size).map_err(|e| CoreError::io(&path, e))?;
             file.write_all_at(&f.header, 0)
                 .map_err(|e| CoreError::io(&path, e))?;
+            targets.push(Some(Target::new(path, file, opts.writers > 0)));
         }
-        Ok(out)
+        Ok(OutputFiles {
+            writers: Writers::new(targets, opts),
+        })
     }
 
-    /// Writes `data` at `offset` of layout file `file`.
+    /// Writes `data` at `offset` of layout file `file` (`data` may be reused on return).
     pub fn write_at(&self, file: usize, offset: u64, data: &[u8]) -> Result<()> {
-        let Some(Some((path, f))) = self.files.get(file) else {
-            return Err(CoreError::Remote(format!(
-                "asked to write file {file}, which this rank does not write"
-            )));
-        };
-        f.write_all_at(data, offset)
-            .map_err(|e| CoreError::io(path, e))?;
-        Ok(())
+        self.writers.write_at(file, offset, data)
     }
 
-    /// Flushes every file to disk.
+    /// Waits for every write and flushes every file to disk.
     pub fn sync(&self) -> Result<()> {
-        for (path, f) in self.files.iter().flatten() {
-            f.sync_all().map_err(|e| CoreError::io(path, e))?;
+        self.writers.drain()?;
+        tracing::debug!(
+            "{:.1} MiB written with O_DIRECT, the rest through the page cache; syncing",
+            self.direct_bytes() as f64 / (1 << 20) as f64
+        );
+        for t in self.writers.targets().iter().flatten() {
+            t.file.sync_all().map_err(|e| CoreError::io(&t.path, e))?;
         }
         Ok(())
     }
 
-    /// Removes every temporary file (after a failure).
+    /// Bytes written with `O_DIRECT` so far (0 where the filesystem refuses it).
+    pub fn direct_bytes(&self) -> u64 {
+        self.writers.direct_bytes()
+    }
+
+    /// Removes every temporary file (after a failure), once the writers have stopped.
     pub fn discard(self) {
-        for (path, _) in self.files.into_iter().flatten() {
+        let paths = self.temp_paths();
+        drop(self.writers);
+        for path in paths {
             let _ = std::fs::remove_file(&path);
         }
     }
 
     /// The temporary paths, for cleanup by others.
     pub fn temp_paths(&self) -> Vec<PathBuf> {
-        self.files
+        self.writers
+            .targets()
             .iter()
             .flatten()
-            .map(|(p, _)| p.clone())
+            .map(|t| t.path.clone())
             .collect()
     }
 }

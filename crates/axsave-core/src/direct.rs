@@ -1,0 +1,549 @@
+//! Direct-I/O writers for the output files.
+//!
+//! Written through the page cache, a file reaches the disk at the speed of the kernel's
+//! writeback of that one file, which on many machines is a single stream well below what the
+//! disk takes (and the copy stalls on dirty-page throttling meanwhile). Here the block-aligned
+//! middle of each write is copied into an aligned staging buffer and handed to a few writer
+//! threads that write it with `O_DIRECT`, so the disk sees several writes in flight, as with
+//! parallel `dd oflag=direct` streams. The unaligned ends of a write (less than a block each)
+//! still go through the page cache, and so do files on filesystems that refuse `O_DIRECT`;
+//! the final fsync covers both. The two never share a page: direct writes cover only whole
+//! aligned blocks that lie inside one write, the page cache gets only the blocks no single
+//! write covers whole, and every output byte is written once.
+//!
+//! Tunable with `AXSAVE_WRITERS` (see [`WriteOptions::from_env`]).
+
+use std::collections::VecDeque;
+use std::fs::File;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::thread::JoinHandle;
+
+use crate::error::{CoreError, Result};
+
+/// Alignment of direct writes, in memory and in the file: a page, which is also a multiple of
+/// every common logical block size.
+pub const ALIGN: usize = 4096;
+
+/// Tuning of the output writers.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct WriteOptions {
+    /// Threads writing with `O_DIRECT`; 0 writes everything through the page cache.
+    pub writers: usize,
+    /// Bytes per staging buffer (a multiple of [`ALIGN`]); each writer has two, so the
+    /// buffers take `2 * writers * buffer_bytes`.
+    pub buffer_bytes: usize,
+}
+
+impl Default for WriteOptions {
+    fn default() -> Self {
+        WriteOptions {
+            writers: 8,
+            buffer_bytes: 2 << 20,
+        }
+    }
+}
+
+impl WriteOptions {
+    /// The defaults (8 writers of two 2 MiB buffers: 32 MiB, half of what the copy's buffers
+    /// leave free of the default 256 MiB `--memory-budget`), with `AXSAVE_WRITERS=N` overriding the
+    /// number of writers (at most 64; `0`: no direct I/O, everything through the page cache)
+    /// and `AXSAVE_WRITE_BUFFER_KIB=K` the size of each buffer (4 KiB to 256 MiB). A value
+    /// that is not a number is ignored.
+    pub fn from_env() -> Self {
+        let mut o = WriteOptions::default();
+        if let Some(n) = std::env::var("AXSAVE_WRITERS")
+            .ok()
+            .and_then(|v| v.trim().parse::<usize>().ok())
+        {
+            o.writers = n.min(64);
+        }
+        if let Some(n) = std::env::var("AXSAVE_WRITE_BUFFER_KIB")
+            .ok()
+            .and_then(|v| v.trim().parse::<usize>().ok())
+        {
+            o.buffer_bytes = n.clamp(4, 256 * 1024) * 1024;
+        }
+        o
+    }
+}
+
+/// A file being written: its page-cache handle and, where the filesystem takes it, a second
+/// handle opened with `O_DIRECT`.
+pub(crate) struct Target {
+    pub(crate) path: PathBuf,
+    pub(crate) file: File,
+    direct: Option<File>,
+}
+
+impl Target {
+    /// Wraps `file` (open for writing at `path`) and, when `want_direct`, opens `path` again
+    /// with `O_DIRECT`; a filesystem that refuses it (tmpfs, some network ones) leaves the
+    /// file to the page cache.
+    pub(crate) fn new(path: PathBuf, file: File, want_direct: bool) -> Self {
+        let direct = if want_direct {
+            open_direct(&path)
+        } else {
+            None
+        };
+        Target { path, file, direct }
+    }
+
+    fn buffered(&self, data: &[u8], offset: u64) -> Result<()> {
+        self.file
+            .write_all_at(data, offset)
+            .map_err(|e| CoreError::io(&self.path, e))
+    }
+}
+
+#[cfg(target_os = "linux")]
+fn open_direct(path: &Path) -> Option<File> {
+    use std::os::unix::fs::OpenOptionsExt;
+    std::fs::OpenOptions::new()
+        .write(true)
+        .custom_flags(libc::O_DIRECT | libc::O_NOFOLLOW | libc::O_CLOEXEC)
+        .open(path)
+        .ok()
+}
+
+#[cfg(not(target_os = "linux"))]
+fn open_direct(_: &Path) -> Option<File> {
+    None
+}
+
+/// One aligned span waiting for a writer.
+struct Request {
+    file: usize,
+    offset: u64,
+    buf: Staging,
+    len: usize,
+}
+
+/// A staging buffer whose usable part starts at an [`ALIGN`]-aligned address.
+struct Staging {
+    raw: Vec<u8>,
+    start: usize,
+}
+
+impl Staging {
+    fn new(len: usize) -> Self {
+        let raw = vec![0u8; len + ALIGN];
+        let start = raw.as_ptr().align_offset(ALIGN);
+        Staging { raw, start }
+    }
+    fn bytes(&self, len: usize) -> &[u8] {
+        &self.raw[self.start..self.start + len]
+    }
+    fn bytes_mut(&mut self, len: usize) -> &mut [u8] {
+        &mut self.raw[self.start..self.start + len]
+    }
+}
+
+#[derive(Default)]
+struct State {
+    queue: VecDeque<Request>,
+    free: Vec<Staging>,
+    allocated: usize,
+    /// Requests queued or being written.
+    in_flight: usize,
+    /// The first failure, reported by every later call.
+    error: Option<(PathBuf, std::io::ErrorKind, Option<i32>, String)>,
+    closed: bool,
+}
+
+struct Shared {
+    state: Mutex<State>,
+    /// Signalled when a request is queued or the pool closes.
+    work: Condvar,
+    /// Signalled when a request is done (a buffer is free again).
+    done: Condvar,
+    /// Cleared when a direct write is refused with EINVAL (an alignment the device does not
+    /// take): from then on everything goes through the page cache.
+    direct_ok: AtomicBool,
+    /// Bytes written with `O_DIRECT` so far.
+    direct_bytes: AtomicU64,
+}
+
+impl Shared {
+    fn lock(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+fn error_of(e: &(PathBuf, std::io::ErrorKind, Option<i32>, String)) -> CoreError {
+    let source = match e.2 {
+        Some(code) => std::io::Error::from_raw_os_error(code),
+        None => std::io::Error::new(e.1, e.3.clone()),
+    };
+    CoreError::io(&e.0, source)
+}
+
+/// The output files of one rank and the threads that write their aligned spans directly.
+pub(crate) struct Writers {
+    targets: Arc<Vec<Option<Target>>>,
+    shared: Arc<Shared>,
+    threads: Vec<JoinHandle<()>>,
+    buffer_bytes: usize,
+    max_buffers: usize,
+}
+
+impl Writers {
+    /// Starts `opts.writers` threads for `targets` (none when no target has a direct handle).
+    pub(crate) fn new(targets: Vec<Option<Target>>, opts: WriteOptions) -> Self {
+        let any_direct = targets.iter().flatten().any(|t| t.direct.is_some());
+        let writers = if any_direct { opts.writers } else { 0 };
+        let buffer_bytes = (opts.buffer_bytes.max(ALIGN) / ALIGN) * ALIGN;
+        let shared = Arc::new(Shared {
+            state: Mutex::new(State::default()),
+            work: Condvar::new(),
+            done: Condvar::new(),
+            direct_ok: AtomicBool::new(writers > 0),
+            direct_bytes: AtomicU64::new(0),
+        });
+        let targets = Arc::new(targets);
+        let threads = (0..writers)
+            .map(|_| {
+                let (targets, shared) = (targets.clone(), shared.clone());
+                std::thread::spawn(move || writer(&targets, &shared))
+            })
+            .collect();
+        Writers {
+            targets,
+            shared,
+            threads,
+            buffer_bytes,
+            max_buffers: 2 * writers,
+        }
+    }
+
+    /// The files, in layout order (`None`: not written by this rank).
+    pub(crate) fn targets(&self) -> &[Option<Target>] {
+        &self.targets
+    }
+
+    /// Bytes written with `O_DIRECT` so far.
+    pub(crate) fn direct_bytes(&self) -> u64 {
+        self.shared.direct_bytes.load(Ordering::Relaxed)
+    }
+
+    /// Writes `data` at `offset` of target `file`: the aligned middle goes to the writers (it
+    /// is copied, so `data` can be reused at once), the rest through the page cache. A failure
+    /// of an earlier direct write is returned here or by [`Writers::drain`].
+    pub(crate) fn write_at(&self, file: usize, offset: u64, data: &[u8]) -> Result<()> {
+        let Some(Some(t)) = self.targets.get(file) else {
+            return Err(CoreError::Remote(format!(
+                "asked to write file {file}, which this rank does not write"
+            )));
+        };
+        let end = offset + data.len() as u64;
+        let a = offset.div_ceil(ALIGN as u64) * ALIGN as u64;
+        let b = end / ALIGN as u64 * ALIGN as u64;
+        if t.direct.is_none() || !self.shared.direct_ok.load(Ordering::Relaxed) || b <= a {
+            // No direct handle, or no whole block inside.
+            return t.buffered(data, offset);
+        }
+        let (head, rest) = data.split_at((a - offset) as usize);
+        let (middle, tail) = rest.split_at((b - a) as usize);
+        if !head.is_empty() {
+            t.buffered(head, offset)?;
+        }
+        if !tail.is_empty() {
+            t.buffered(tail, b)?;
+        }
+        let mut at = a;
+        for part in middle.chunks(self.buffer_bytes) {
+            let mut buf = self.take_buffer()?;
+            buf.bytes_mut(part.len()).copy_from_slice(part);
+            self.queue(Request {
+                file,
+                offset: at,
+                buf,
+                len: part.len(),
+            });
+            at += part.len() as u64;
+        }
+        Ok(())
+    }
+
+    fn queue(&self, r: Request) {
+        let mut st = self.shared.lock();
+        st.queue.push_back(r);
+        st.in_flight += 1;
+        drop(st);
+        self.shared.work.notify_one();
+    }
+
+    /// A free staging buffer, allocated up to the pool's size, else waited for.
+    fn take_buffer(&self) -> Result<Staging> {
+        let mut st = self.shared.lock();
+        loop {
+            if let Some(e) = &st.error {
+                return Err(error_of(e));
+            }
+            if let Some(b) = st.free.pop() {
+                return Ok(b);
+            }
+            if st.allocated < self.max_buffers {
+                st.allocated += 1;
+                drop(st);
+                return Ok(Staging::new(self.buffer_bytes));
+            }
+            st = self.shared.done.wait(st).unwrap_or_else(|e| e.into_inner());
+        }
+    }
+
+    /// Waits until every queued write is on its way to the disk (written; the caller fsyncs),
+    /// and returns the first failure.
+    pub(crate) fn drain(&self) -> Result<()> {
+        let mut st = self.shared.lock();
+        while st.in_flight > 0 {
+            st = self.shared.done.wait(st).unwrap_or_else(|e| e.into_inner());
+        }
+        match &st.error {
+            Some(e) => Err(error_of(e)),
+            None => Ok(()),
+        }
+    }
+}
+
+impl Drop for Writers {
+    fn drop(&mut self) {
+        self.shared.lock().closed = true;
+        self.shared.work.notify_all();
+        for t in self.threads.drain(..) {
+            let _ = t.join();
+        }
+    }
+}
+
+/// A writer thread: takes requests until the pool closes and its queue is empty.
+fn writer(targets: &[Option<Target>], shared: &Shared) {
+    loop {
+        let req = {
+            let mut st = shared.lock();
+            loop {
+                if let Some(r) = st.queue.pop_front() {
+                    break r;
+                }
+                if st.closed {
+                    return;
+                }
+                st = shared.work.wait(st).unwrap_or_else(|e| e.into_inner());
+            }
+        };
+        let result = write_direct(targets, shared, &req);
+        let mut st = shared.lock();
+        if let Err((path, e)) = result
+            && st.error.is_none()
+        {
+            st.error = Some((path, e.kind(), e.raw_os_error(), e.to_string()));
+        }
+        st.in_flight -= 1;
+        st.free.push(req.buf);
+        drop(st);
+        shared.done.notify_all();
+    }
+}
+
+fn write_direct(
+    targets: &[Option<Target>],
+    shared: &Shared,
+    req: &Request,
+) -> std::result::Result<(), (PathBuf, std::io::Error)> {
+    let Some(Some(t)) = targets.get(req.file) else {
+        return Ok(());
+    };
+    let data = req.buf.bytes(req.len);
+    if let Some(d) = &t.direct
+        && shared.direct_ok.load(Ordering::Relaxed)
+    {
+        match d.write_all_at(data, req.offset) {
+            Ok(()) => {
+                shared
+                    .direct_bytes
+                    .fetch_add(req.len as u64, Ordering::Relaxed);
+                return Ok(());
+            }
+            // An alignment the device does not take: the page cache from now on. (A direct
+            // write that failed wrote nothing the buffered one below does not rewrite.)
+            Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
+                shared.direct_ok.store(false, Ordering::Relaxed);
+            }
+            Err(e) => return Err((t.path.clone(), e)),
+        }
+    }
+    t.file
+        .write_all_at(data, req.offset)
+        .map_err(|e| (t.path.clone(), e))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn target(dir: &Path, name: &str, len: u64, header: &[u8], direct: bool) -> Target {
+        let path = dir.join(name);
+        let file = crate::output::create_exclusive(&path, true).unwrap();
+        file.set_len(len).unwrap();
+        file.write_all_at(header, 0).unwrap();
+        Target::new(path, file, direct)
+    }
+
+    fn direct_supported() -> bool {
+        let probe = tempfile::tempdir().unwrap();
+        let p = probe.path().join("probe");
+        std::fs::write(&p, b"").unwrap();
+        let ok = open_direct(&p).is_some();
+        if !ok {
+            eprintln!("the temporary directory's filesystem refuses O_DIRECT: page cache only");
+        }
+        ok
+    }
+
+    const LEN: usize = 3 * 1024 * 1024 + 777;
+    const HEADER: usize = 1000;
+
+    fn pattern() -> Vec<u8> {
+        (0..LEN).map(|i| (i * 31 % 251) as u8).collect()
+    }
+
+    /// Cut points of the data after the header: unaligned, some closer together than a
+    /// block, one piece longer than a staging buffer, and a stretch of 100-byte runs (a
+    /// tensor sharded on its columns).
+    fn pieces() -> Vec<(usize, usize)> {
+        let mut cuts = vec![HEADER, 1005, 4095, 4097, 9000, 9001, 70_000];
+        cuts.extend((1..400).map(|k| 70_000 + 100 * k));
+        cuts.extend([1_500_000, 1_500_000 + 12_288, 2_900_001, LEN]);
+        cuts.windows(2).map(|c| (c[0], c[1])).collect()
+    }
+
+    /// The bytes of the whole aligned blocks inside each piece: what goes direct.
+    fn aligned_middles(pieces: &[(usize, usize)]) -> u64 {
+        pieces
+            .iter()
+            .map(|&(lo, hi)| {
+                let (a, b) = (lo.div_ceil(ALIGN) * ALIGN, hi / ALIGN * ALIGN);
+                b.saturating_sub(a) as u64
+            })
+            .sum()
+    }
+
+    /// Writes the pattern after a header into two files through `w`, out of order, from
+    /// several threads, drains, and checks every byte; returns the bytes written directly.
+    fn round_trip(opts: WriteOptions, direct: bool) -> u64 {
+        let d = tempfile::tempdir().unwrap();
+        let pattern = pattern();
+        let w = Writers::new(
+            vec![
+                Some(target(
+                    d.path(),
+                    "a",
+                    LEN as u64,
+                    &pattern[..HEADER],
+                    direct,
+                )),
+                None,
+                Some(target(
+                    d.path(),
+                    "b",
+                    LEN as u64,
+                    &pattern[..HEADER],
+                    direct,
+                )),
+            ],
+            opts,
+        );
+        let pieces = pieces();
+        std::thread::scope(|s| {
+            for file in [0usize, 2] {
+                for half in [0, 1] {
+                    let (w, pattern, pieces) = (&w, &pattern, &pieces);
+                    s.spawn(move || {
+                        for (i, &(lo, hi)) in pieces.iter().enumerate().rev() {
+                            if i % 2 == half {
+                                w.write_at(file, lo as u64, &pattern[lo..hi]).unwrap();
+                            }
+                        }
+                    });
+                }
+            }
+        });
+        w.drain().unwrap();
+        assert!(w.write_at(1, 0, b"x").is_err(), "file 1 is not ours");
+        let direct_bytes = w.direct_bytes();
+        drop(w);
+        for name in ["a", "b"] {
+            let got = std::fs::read(d.path().join(name)).unwrap();
+            assert_eq!(got.len(), LEN);
+            assert!(got == pattern, "{name} differs");
+        }
+        direct_bytes
+    }
+
+    const SMALL: WriteOptions = WriteOptions {
+        writers: 3,
+        buffer_bytes: 64 * 1024,
+    };
+
+    /// Every whole block inside a write goes direct (in staging buffers smaller than the
+    /// longest write), the ends and the short runs through the page cache, and the files
+    /// hold every byte where it belongs.
+    #[test]
+    fn whole_blocks_go_direct_and_the_ends_through_the_page_cache() {
+        let direct = round_trip(SMALL, true);
+        if direct_supported() {
+            let middles = aligned_middles(&pieces());
+            assert!(middles > 2 * 1024 * 1024, "the test writes long pieces");
+            assert_eq!(direct, 2 * middles);
+        } else {
+            assert_eq!(direct, 0);
+        }
+    }
+
+    #[test]
+    fn without_writers_or_a_direct_handle_everything_goes_through_the_page_cache() {
+        let opts = WriteOptions {
+            writers: 0,
+            buffer_bytes: 64 * 1024,
+        };
+        assert_eq!(round_trip(opts, true), 0);
+        assert_eq!(round_trip(WriteOptions::default(), false), 0);
+    }
+
+    #[test]
+    fn a_failed_direct_write_is_reported_with_the_file() {
+        if !direct_supported() {
+            return;
+        }
+        let d = tempfile::tempdir().unwrap();
+        let mut t = target(d.path(), "a", 1 << 20, &[], true);
+        // A read-only handle in place of the direct one: every direct write fails (EBADF).
+        t.direct = Some(File::open(&t.path).unwrap());
+        let w = Writers::new(
+            vec![Some(t)],
+            WriteOptions {
+                writers: 1,
+                buffer_bytes: 8192,
+            },
+        );
+        let data = vec![7u8; 64 * 1024];
+        // The first writes are queued; a later one or the drain reports the failure.
+        for i in 0..8 {
+            if w.write_at(0, i * 65_536, &data).is_err() {
+                break;
+            }
+        }
+        let err = w.drain().unwrap_err();
+        let path = d.path().join("a").display().to_string();
+        assert!(err.to_string().contains(&path), "{err}");
+    }
+
+    #[test]
+    fn the_default_buffers_are_aligned_and_bounded() {
+        let o = WriteOptions::default();
+        assert_eq!(o.buffer_bytes % ALIGN, 0);
+        assert!(2 * o.writers * o.buffer_bytes <= 32 << 20);
+    }
+}
