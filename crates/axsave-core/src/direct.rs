@@ -11,7 +11,8 @@
 //! aligned blocks that lie inside one write, the page cache gets only the blocks no single
 //! write covers whole, and every output byte is written once.
 //!
-//! Tunable with `AXSAVE_WRITERS` (see [`WriteOptions::from_env`]).
+//! Sized from `--memory-budget` ([`WriteOptions::for_budget`]) and tunable with
+//! `AXSAVE_WRITERS` ([`WriteOptions::with_env`]).
 
 use std::collections::VecDeque;
 use std::fs::File;
@@ -38,35 +39,45 @@ pub struct WriteOptions {
 }
 
 impl Default for WriteOptions {
+    /// [`WriteOptions::for_budget`] of the default 256 MiB `--memory-budget`: 8 writers of two
+    /// 2 MiB buffers.
     fn default() -> Self {
-        WriteOptions {
-            writers: 8,
-            buffer_bytes: 2 << 20,
-        }
+        WriteOptions::for_budget(256 << 20)
     }
 }
 
 impl WriteOptions {
-    /// The defaults (8 writers of two 2 MiB buffers: 32 MiB, half of what the copy's buffers
-    /// leave free of the default 256 MiB `--memory-budget`), with `AXSAVE_WRITERS=N` overriding the
-    /// number of writers (at most 64; `0`: no direct I/O, everything through the page cache)
-    /// and `AXSAVE_WRITE_BUFFER_KIB=K` the size of each buffer (4 KiB to 256 MiB). A value
-    /// that is not a number is ignored.
-    pub fn from_env() -> Self {
-        let mut o = WriteOptions::default();
+    /// Writers whose staging buffers take an eighth of `budget`, at most 32 MiB (half of the
+    /// quarter of the budget the copy's own buffers leave free, see
+    /// [`crate::execute::ExecOptions::for_budget`]): 8 writers with two buffers each of
+    /// `budget / 128`, rounded down to [`ALIGN`], from 64 KiB to 2 MiB.
+    pub fn for_budget(budget: u64) -> Self {
+        const WRITERS: usize = 8;
+        let each = (budget / (8 * 2 * WRITERS as u64)) as usize;
+        WriteOptions {
+            writers: WRITERS,
+            buffer_bytes: each.clamp(64 << 10, 2 << 20) / ALIGN * ALIGN,
+        }
+    }
+
+    /// `self` with the environment's overrides: `AXSAVE_WRITERS=N` the number of writers (at
+    /// most 64; `0`: no direct I/O, everything through the page cache) and
+    /// `AXSAVE_WRITE_BUFFER_KIB=K` the size of each buffer (4 KiB to 256 MiB). A value that is
+    /// not a number is ignored.
+    pub fn with_env(mut self) -> Self {
         if let Some(n) = std::env::var("AXSAVE_WRITERS")
             .ok()
             .and_then(|v| v.trim().parse::<usize>().ok())
         {
-            o.writers = n.min(64);
+            self.writers = n.min(64);
         }
         if let Some(n) = std::env::var("AXSAVE_WRITE_BUFFER_KIB")
             .ok()
             .and_then(|v| v.trim().parse::<usize>().ok())
         {
-            o.buffer_bytes = n.clamp(4, 256 * 1024) * 1024;
+            self.buffer_bytes = n.clamp(4, 256 * 1024) * 1024;
         }
-        o
+        self
     }
 }
 
@@ -541,9 +552,18 @@ mod tests {
     }
 
     #[test]
-    fn the_default_buffers_are_aligned_and_bounded() {
-        let o = WriteOptions::default();
-        assert_eq!(o.buffer_bytes % ALIGN, 0);
-        assert!(2 * o.writers * o.buffer_bytes <= 32 << 20);
+    fn the_buffers_take_an_eighth_of_the_budget_aligned_and_bounded() {
+        let total = |o: WriteOptions| 2 * o.writers * o.buffer_bytes;
+        assert_eq!(WriteOptions::default(), WriteOptions::for_budget(256 << 20));
+        assert_eq!(total(WriteOptions::default()), 32 << 20);
+        assert_eq!(total(WriteOptions::for_budget(64 << 20)), 8 << 20);
+        // Capped above (2 MiB buffers) and below (64 KiB).
+        assert_eq!(total(WriteOptions::for_budget(64 << 30)), 32 << 20);
+        assert_eq!(WriteOptions::for_budget(1 << 20).buffer_bytes, 64 << 10);
+        for budget in [1u64 << 20, 100_000_000, 300 << 20, 1 << 40] {
+            let o = WriteOptions::for_budget(budget);
+            assert_eq!(o.buffer_bytes % ALIGN, 0, "{budget}");
+            assert!(total(o) as u64 <= (budget / 8).max(2 << 20), "{budget}");
+        }
     }
 }

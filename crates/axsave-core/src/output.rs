@@ -69,16 +69,19 @@ pub struct OutputFiles {
 }
 
 impl OutputFiles {
-    /// Creates (or truncates) the temporary files of the layout files `mine` selects,
-    /// reserves their full size on disk up front (so a full disk fails now, not midway) and
-    /// writes their headers. The writers are tuned by [`WriteOptions::from_env`].
+    /// Creates the temporary files of the layout files `mine` selects, reserves their full
+    /// size on disk up front (so a full disk fails now, not midway) and writes their headers;
+    /// the writers are sized for `budget` bytes of memory ([`WriteOptions::for_budget`], with
+    /// the environment's overrides).
     pub fn create(
         dir: &Path,
         layout: &Layout,
         tag: &str,
+        budget: u64,
         mine: impl Fn(usize) -> bool,
     ) -> Result<Self> {
-        Self::create_with(dir, layout, tag, mine, WriteOptions::from_env())
+        let opts = WriteOptions::for_budget(budget).with_env();
+        Self::create_with(dir, layout, tag, mine, opts)
     }
 
     /// [`OutputFiles::create`] with the writers tuned by `opts`.

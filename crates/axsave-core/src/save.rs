@@ -96,7 +96,9 @@ pub fn save_local(
     for m in output::sweep_stale_temps(&opts.output, &opts.tag).messages(&opts.output) {
         tracing::warn!("{m}");
     }
-    let files = OutputFiles::create(&opts.output, &layout, &opts.tag, |_| true);
+    let files = OutputFiles::create(&opts.output, &layout, &opts.tag, opts.memory_budget, |_| {
+        true
+    });
     let files = match files {
         Ok(f) => f,
         Err(e) => {
@@ -132,8 +134,8 @@ pub fn save_local(
                 files: Some(&files),
                 me: 0,
                 sizing: crate::gpu::schedule::Sizing::for_budget(opts.memory_budget),
-                // Half the budget is the GPU executor's pinned buffers; the CPU copies get the
-                // rest.
+                // Half the budget is the GPU executor's pinned buffers; the CPU copies get
+                // three quarters of the rest, the output writers an eighth of the whole.
                 exec: ExecOptions::for_budget(opts.memory_budget / 2, opts.workers),
                 written,
                 cancel: cancel.flag(),

@@ -73,8 +73,8 @@ pub struct Flags {
     #[cfg_attr(feature = "clap", arg(long, value_name = "SIZE"))]
     pub max_shard_size: Option<String>,
 
-    /// Memory the copy buffers may use (default 256MiB); peak memory stays near this whatever
-    /// the model size.
+    /// Memory the copy, network and output-writer buffers may use (default 256MiB); peak memory
+    /// stays near this whatever the model size.
     #[cfg_attr(feature = "clap", arg(long, value_name = "SIZE"))]
     pub memory_budget: Option<String>,
 

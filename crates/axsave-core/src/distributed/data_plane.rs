@@ -64,6 +64,7 @@ impl Rank<'_> {
             &opts.output,
             &bundle.layout,
             tag,
+            opts.memory_budget,
             |f| plan.file_writers[f] == me,
         )?)))
     }

@@ -463,7 +463,7 @@ pub(crate) mod tests {
                         let files = plan
                             .is_writer(me)
                             .then(|| {
-                                OutputFiles::create(out, layout, tag, |f| {
+                                OutputFiles::create(out, layout, tag, 256 << 20, |f| {
                                     plan.file_writers[f] == me
                                 })
                             })

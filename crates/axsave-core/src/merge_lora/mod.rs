@@ -167,7 +167,13 @@ pub fn merge_local(p: &Prepared, opts: &MergeOptions, written: &AtomicU64) -> Re
     for m in output::sweep_stale_temps(&opts.output, &opts.tag).messages(&opts.output) {
         tracing::warn!("{m}");
     }
-    let files = match OutputFiles::create(&opts.output, &p.layout, &opts.tag, |_| true) {
+    let files = match OutputFiles::create(
+        &opts.output,
+        &p.layout,
+        &opts.tag,
+        opts.memory_budget,
+        |_| true,
+    ) {
         Ok(f) => f,
         Err(e) => {
             output::remove_temps(&opts.output, &p.layout.final_names(), &opts.tag);

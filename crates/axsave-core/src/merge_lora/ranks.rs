@@ -284,7 +284,13 @@ fn rank_run(
             tracing::warn!("{m}");
         }
         state.tag = Some(opts.tag.clone());
-        let files = OutputFiles::create(&opts.output, &prepared.layout, &opts.tag, |_| true)?;
+        let files = OutputFiles::create(
+            &opts.output,
+            &prepared.layout,
+            &opts.tag,
+            opts.memory_budget,
+            |_| true,
+        )?;
         drop(files);
         client.set("start", opts.tag.as_bytes())?;
         (opts.tag.clone(), existing)

@@ -145,7 +145,7 @@ fn the_engine_converts_locally_like_the_cpu() {
         )
         .unwrap();
         let out = tempfile::tempdir().unwrap();
-        let files = OutputFiles::create(out.path(), &layout, "gpu", |_| true).unwrap();
+        let files = OutputFiles::create(out.path(), &layout, "gpu", 256 << 20, |_| true).unwrap();
         let sources = SourceFiles::new(&catalog, &catalog.root);
         let cancel = AtomicBool::new(false);
         let written = AtomicU64::new(0);
@@ -335,8 +335,9 @@ fn two_gpus_exchange_rounds_over_nccl() {
                     let bind =
                         Arc::new(move || dev.ctx.bind_to_thread().map_err(|e| e.to_string()));
                     let comm = Comm::init(id, me, 2, CommOptions::default(), bind).unwrap();
-                    let files = (me == 0)
-                        .then(|| OutputFiles::create(out, layout, "gpu", |_| true).unwrap());
+                    let files = (me == 0).then(|| {
+                        OutputFiles::create(out, layout, "gpu", 256 << 20, |_| true).unwrap()
+                    });
                     let sources = SourceFiles::new(catalog, &catalog.root);
                     let written = AtomicU64::new(0);
                     let mut engine = CudaEngine::new(
