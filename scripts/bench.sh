@@ -67,23 +67,7 @@ fresh() { rm -rf "$@"; mkdir -p "$@"; }
 [ "$what" = merge ] || [ "$what" = disk ] || cat "$ckpt"/*.distcp > /dev/null
 
 report() {  # report RESULTS TITLE
-  "$PYTHON" - "$1" "$bytes" "$2" <<'PY'
-import json, statistics, sys
-rows = [json.loads(l) for l in open(sys.argv[1])]
-size = int(sys.argv[2])
-labels = list(dict.fromkeys(r["label"] for r in rows))
-med = {l: statistics.median(r["seconds"] for r in rows if r["label"] == l) for l in labels}
-rss = {l: max(r["peak_rss_mib"] for r in rows if r["label"] == l) for l in labels}
-print(f"\n{sys.argv[3]}: {size/1e9:.2f} GB of input, median of {len(rows)//len(labels)} runs\n")
-print("| contender | seconds | GB/s | peak RSS (per process) | vs `cat` | vs `cat` + fsync |")
-print("|---|---:|---:|---:|---:|---:|")
-for l in labels:
-    print(f"| {l} | {med[l]:.2f} | {size/1e9/med[l]:.2f} | {rss[l]:.0f} MiB | {med[l]/med['floor: cat']:.2f}x | {med[l]/med['floor: cat + fsync']:.2f}x |")
-bad = [r for r in rows if r["exit"] != 0]
-if bad:
-    print(f"FAILED runs: {bad}")
-    sys.exit(1)
-PY
+  "$PYTHON" scripts/bench/report.py floors "$1" "$bytes" "$2"
 }
 
 floors() {
@@ -221,28 +205,5 @@ if [ "$what" = disk ] || [ "$what" = all ]; then
     done
   done
   rm -rf "$BENCH_DIR/out-disk"
-  "$PYTHON" - "$results" "$sizes" "$((n1 * mib8))" "$((8 * n8 * mib8))" <<'PY'
-import json, statistics, sys
-rows = [json.loads(l) for l in open(sys.argv[1])]
-sizes = dict(l.split() for l in open(sys.argv[2]))
-one, eight = int(sys.argv[3]), int(sys.argv[4])
-labels = list(dict.fromkeys(r["label"] for r in rows))
-def size(l):
-    if l.startswith("dd, 1 stream"): return one
-    if l.startswith("dd, 8 streams"): return eight
-    return int(sizes["bf16" if l.endswith("bf16") else "keep"])
-med = {l: statistics.median(r["seconds"] for r in rows if r["label"] == l) for l in labels}
-rss = {l: max(r["peak_rss_mib"] for r in rows if r["label"] == l) for l in labels}
-gbs = {l: size(l) / 1e9 / med[l] for l in labels}
-best = max(gbs[l] for l in labels if l.startswith("dd, 8 streams"))
-print(f"\ndisk: one process vs dd on the output's filesystem, median of {len(rows)//len(labels)} runs\n")
-print("| contender | GB written | seconds | GB/s | peak RSS | vs best 8-stream dd |")
-print("|---|---:|---:|---:|---:|---:|")
-for l in labels:
-    print(f"| {l} | {size(l)/1e9:.2f} | {med[l]:.2f} | {gbs[l]:.2f} | {rss[l]:.0f} MiB | {gbs[l]/best:.0%} |")
-bad = [r for r in rows if r["exit"] != 0]
-if bad:
-    print(f"FAILED runs: {bad}")
-    sys.exit(1)
-PY
+  "$PYTHON" scripts/bench/report.py disk "$results" "$sizes" "$((n1 * mib8))" "$((8 * n8 * mib8))"
 fi
