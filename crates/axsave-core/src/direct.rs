@@ -95,7 +95,7 @@ impl Target {
     /// file to the page cache.
     pub(crate) fn new(path: PathBuf, file: File, want_direct: bool) -> Self {
         let direct = if want_direct {
-            open_direct(&path)
+            open_direct(&path).filter(|d| same_file(&file, d))
         } else {
             None
         };
@@ -122,6 +122,16 @@ fn open_direct(path: &Path) -> Option<File> {
 #[cfg(not(target_os = "linux"))]
 fn open_direct(_: &Path) -> Option<File> {
     None
+}
+
+/// Whether two handles are the same file (a temporary renamed or replaced between its
+/// creation and the second open would not be: its writes then all go through the first).
+fn same_file(a: &File, b: &File) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    match (a.metadata(), b.metadata()) {
+        (Ok(a), Ok(b)) => a.dev() == b.dev() && a.ino() == b.ino(),
+        _ => false,
+    }
 }
 
 /// One aligned span waiting for a writer.
@@ -521,6 +531,23 @@ mod tests {
         };
         assert_eq!(round_trip(opts, true), 0);
         assert_eq!(round_trip(WriteOptions::default(), false), 0);
+    }
+
+    #[test]
+    fn a_file_replaced_before_the_second_open_is_not_written_directly() {
+        let d = tempfile::tempdir().unwrap();
+        let path = d.path().join("a");
+        let file = crate::output::create_exclusive(&path, true).unwrap();
+        // Someone puts another file at the name before the direct handle is opened.
+        std::fs::remove_file(&path).unwrap();
+        std::fs::write(&path, b"not ours").unwrap();
+        let t = Target::new(path.clone(), file, true);
+        assert!(t.direct.is_none());
+        let w = Writers::new(vec![Some(t)], SMALL);
+        w.write_at(0, 0, &vec![1u8; 64 * 1024]).unwrap();
+        w.drain().unwrap();
+        assert_eq!(w.direct_bytes(), 0);
+        assert_eq!(std::fs::read(&path).unwrap(), b"not ours");
     }
 
     #[test]
