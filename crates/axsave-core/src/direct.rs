@@ -3,9 +3,11 @@
 //! Written through the page cache, a file reaches the disk at the speed of the kernel's
 //! writeback of that one file, which on many machines is a single stream well below what the
 //! disk takes (and the copy stalls on dirty-page throttling meanwhile). Here the block-aligned
-//! middle of each write is copied into an aligned staging buffer and handed to a few writer
-//! threads that write it with `O_DIRECT`, so the disk sees several writes in flight, as with
-//! parallel `dd oflag=direct` streams. The unaligned ends of a write (less than a block each)
+//! middle of each write goes through an aligned staging buffer to a few writer threads that
+//! write it with `O_DIRECT`, so the disk sees several writes in flight, as with parallel
+//! `dd oflag=direct` streams. Bytes that need no conversion are read from the source straight
+//! into the staging buffer ([`Writers::write_from`]); others are copied in
+//! ([`Writers::write_at`]). The unaligned ends of a write (less than a block each)
 //! still go through the page cache, and so do files on filesystems that refuse `O_DIRECT`;
 //! the final fsync covers both. The two never share a page: direct writes cover only whole
 //! aligned blocks that lie inside one write, the page cache gets only the blocks no single
@@ -249,22 +251,84 @@ impl Writers {
         self.shared.direct_bytes.load(Ordering::Relaxed)
     }
 
+    /// Target `file`, or an error when this rank does not write it.
+    fn target(&self, file: usize) -> Result<&Target> {
+        match self.targets.get(file) {
+            Some(Some(t)) => Ok(t),
+            _ => Err(CoreError::Remote(format!(
+                "asked to write file {file}, which this rank does not write"
+            ))),
+        }
+    }
+
+    /// The whole aligned blocks `[a, b)` inside `len` bytes at `offset` of `t`, when they go
+    /// direct (`None`: no direct handle, direct I/O turned off, or no whole block inside).
+    fn direct_span(&self, t: &Target, offset: u64, len: usize) -> Option<(u64, u64)> {
+        let end = offset + len as u64;
+        let a = offset.div_ceil(ALIGN as u64) * ALIGN as u64;
+        let b = end / ALIGN as u64 * ALIGN as u64;
+        (t.direct.is_some() && self.shared.direct_ok.load(Ordering::Relaxed) && b > a)
+            .then_some((a, b))
+    }
+
+    /// Writes `len` bytes at `offset` of target `file` that `fill(at, buf)` produces (`at`:
+    /// where `buf` starts within the `len` bytes; called in ascending order of `at`, once per
+    /// byte). The aligned middle is filled straight into staging buffers and handed to the
+    /// writers, saving the copy [`Writers::write_at`] makes; the ends are filled into
+    /// `scratch` and written through the page cache, as is everything when nothing goes
+    /// direct. A failure of `fill` is returned as it is; one of an earlier direct write here or
+    /// by [`Writers::drain`].
+    pub(crate) fn write_from(
+        &self,
+        file: usize,
+        offset: u64,
+        len: usize,
+        scratch: &mut Vec<u8>,
+        fill: &mut dyn FnMut(u64, &mut [u8]) -> Result<()>,
+    ) -> Result<()> {
+        let t = self.target(file)?;
+        let mut buffered = |fill: &mut dyn FnMut(u64, &mut [u8]) -> Result<()>, at: u64, n| {
+            scratch.resize(n, 0);
+            fill(at, scratch)?;
+            t.buffered(scratch, offset + at)
+        };
+        let Some((a, b)) = self.direct_span(t, offset, len) else {
+            return buffered(fill, 0, len);
+        };
+        let (head, tail) = ((a - offset) as usize, (offset + len as u64 - b) as usize);
+        if head > 0 {
+            buffered(fill, 0, head)?;
+        }
+        let mut at = a;
+        while at < b {
+            let n = ((b - at) as usize).min(self.buffer_bytes);
+            let mut buf = self.take_buffer()?;
+            if let Err(e) = fill(at - offset, buf.bytes_mut(n)) {
+                self.put_back(buf);
+                return Err(e);
+            }
+            self.queue(Request {
+                file,
+                offset: at,
+                buf,
+                len: n,
+            });
+            at += n as u64;
+        }
+        if tail > 0 {
+            buffered(fill, b - offset, tail)?;
+        }
+        Ok(())
+    }
+
     /// Writes `data` at `offset` of target `file`: the aligned middle goes to the writers (it
     /// is copied, so `data` can be reused at once), the rest through the page cache. A failure
     /// of an earlier direct write is returned here or by [`Writers::drain`].
     pub(crate) fn write_at(&self, file: usize, offset: u64, data: &[u8]) -> Result<()> {
-        let Some(Some(t)) = self.targets.get(file) else {
-            return Err(CoreError::Remote(format!(
-                "asked to write file {file}, which this rank does not write"
-            )));
-        };
-        let end = offset + data.len() as u64;
-        let a = offset.div_ceil(ALIGN as u64) * ALIGN as u64;
-        let b = end / ALIGN as u64 * ALIGN as u64;
-        if t.direct.is_none() || !self.shared.direct_ok.load(Ordering::Relaxed) || b <= a {
-            // No direct handle, or no whole block inside.
+        let t = self.target(file)?;
+        let Some((a, b)) = self.direct_span(t, offset, data.len()) else {
             return t.buffered(data, offset);
-        }
+        };
         let (head, rest) = data.split_at((a - offset) as usize);
         let (middle, tail) = rest.split_at((b - a) as usize);
         if !head.is_empty() {
@@ -294,6 +358,12 @@ impl Writers {
         st.in_flight += 1;
         drop(st);
         self.shared.work.notify_one();
+    }
+
+    /// Returns a buffer taken but not queued to the pool.
+    fn put_back(&self, buf: Staging) {
+        self.shared.lock().free.push(buf);
+        self.shared.done.notify_all();
     }
 
     /// A free staging buffer, allocated up to the pool's size, else waited for.
@@ -451,9 +521,19 @@ mod tests {
             .sum()
     }
 
+    /// How the round trip hands its bytes to the writers.
+    #[derive(Clone, Copy)]
+    enum Via {
+        /// [`Writers::write_at`] with the bytes.
+        Slice,
+        /// [`Writers::write_from`], the bytes produced by a fill that checks it is called in
+        /// ascending order, once per byte.
+        Fill,
+    }
+
     /// Writes the pattern after a header into two files through `w`, out of order, from
     /// several threads, drains, and checks every byte; returns the bytes written directly.
-    fn round_trip(opts: WriteOptions, direct: bool) -> u64 {
+    fn round_trip(opts: WriteOptions, direct: bool, via: Via) -> u64 {
         let d = tempfile::tempdir().unwrap();
         let pattern = pattern();
         let w = Writers::new(
@@ -483,8 +563,27 @@ mod tests {
                     let (w, pattern, pieces) = (&w, &pattern, &pieces);
                     s.spawn(move || {
                         for (i, &(lo, hi)) in pieces.iter().enumerate().rev() {
-                            if i % 2 == half {
-                                w.write_at(file, lo as u64, &pattern[lo..hi]).unwrap();
+                            if i % 2 != half {
+                                continue;
+                            }
+                            match via {
+                                Via::Slice => {
+                                    w.write_at(file, lo as u64, &pattern[lo..hi]).unwrap()
+                                }
+                                Via::Fill => {
+                                    let mut next = 0u64;
+                                    let mut fill = |at: u64, buf: &mut [u8]| {
+                                        assert_eq!(at, next, "ascending, each byte once");
+                                        let from = lo + at as usize;
+                                        buf.copy_from_slice(&pattern[from..from + buf.len()]);
+                                        next += buf.len() as u64;
+                                        Ok(())
+                                    };
+                                    let mut scratch = Vec::new();
+                                    w.write_from(file, lo as u64, hi - lo, &mut scratch, &mut fill)
+                                        .unwrap();
+                                    assert_eq!(next, (hi - lo) as u64);
+                                }
                             }
                         }
                     });
@@ -513,14 +612,54 @@ mod tests {
     /// hold every byte where it belongs.
     #[test]
     fn whole_blocks_go_direct_and_the_ends_through_the_page_cache() {
-        let direct = round_trip(SMALL, true);
-        if direct_supported() {
-            let middles = aligned_middles(&pieces());
-            assert!(middles > 2 * 1024 * 1024, "the test writes long pieces");
-            assert_eq!(direct, 2 * middles);
-        } else {
-            assert_eq!(direct, 0);
+        for via in [Via::Slice, Via::Fill] {
+            let direct = round_trip(SMALL, true, via);
+            if direct_supported() {
+                let middles = aligned_middles(&pieces());
+                assert!(middles > 2 * 1024 * 1024, "the test writes long pieces");
+                assert_eq!(direct, 2 * middles);
+            } else {
+                assert_eq!(direct, 0);
+            }
         }
+    }
+
+    /// A fill that fails returns its error, and the staging buffer it was filling goes back to
+    /// the pool: with one buffer in all, later writes still get it.
+    #[test]
+    fn a_failed_fill_is_returned_and_its_buffer_reused() {
+        let d = tempfile::tempdir().unwrap();
+        let w = Writers::new(
+            vec![Some(target(d.path(), "a", 1 << 20, &[], true))],
+            WriteOptions {
+                writers: 1,
+                buffer_bytes: 8192,
+            },
+        );
+        let mut scratch = Vec::new();
+        for round in 0..4u64 {
+            let e = w
+                .write_from(0, round * 65_536, 65_536, &mut scratch, &mut |at, buf| {
+                    if at + buf.len() as u64 > 8192 {
+                        Err(CoreError::Internal("the source failed".into()))
+                    } else {
+                        Ok(())
+                    }
+                })
+                .unwrap_err();
+            assert!(e.to_string().contains("the source failed"), "{e}");
+        }
+        let data = vec![9u8; 65_536];
+        w.write_from(0, 131_072, 65_536, &mut scratch, &mut |at, buf| {
+            let at = at as usize;
+            buf.copy_from_slice(&data[at..at + buf.len()]);
+            Ok(())
+        })
+        .unwrap();
+        w.drain().unwrap();
+        drop(w);
+        let got = std::fs::read(d.path().join("a")).unwrap();
+        assert!(got[131_072..196_608].iter().all(|&b| b == 9));
     }
 
     #[test]
@@ -529,8 +668,10 @@ mod tests {
             writers: 0,
             buffer_bytes: 64 * 1024,
         };
-        assert_eq!(round_trip(opts, true), 0);
-        assert_eq!(round_trip(WriteOptions::default(), false), 0);
+        for via in [Via::Slice, Via::Fill] {
+            assert_eq!(round_trip(opts, true, via), 0);
+            assert_eq!(round_trip(WriteOptions::default(), false, via), 0);
+        }
     }
 
     #[test]

@@ -1,6 +1,8 @@
 //! The executor: reads pieces, puts them in row-major order, converts their dtype and hands
 //! the resulting runs to a [`Sink`] (a local output file, or a connection to the rank that
-//! writes it). Memory is bounded: each worker owns three buffers of one chunk.
+//! writes it). Memory is bounded: each worker owns three buffers of one chunk. A piece whose
+//! stored bytes are its output bytes in one run is read straight into the sink instead
+//! ([`Sink::write_from`]: the local files' staging buffers), without the worker's buffers.
 
 use std::collections::HashMap;
 use std::sync::Mutex;
@@ -27,6 +29,23 @@ pub struct Task {
 pub trait Sink {
     /// Writes `data` at byte `offset` of output file `file`.
     fn write(&mut self, file: usize, offset: u64, data: &[u8]) -> Result<()>;
+    /// Writes `len` bytes at byte `offset` of output file `file` that `fill(at, buf)`
+    /// produces, `at` being where `buf` starts within the `len` bytes (ascending, each byte
+    /// once). A sink that stages its writes has them produced in place, saving a copy (the
+    /// local files' direct-I/O writers); by default they are produced into `scratch` and
+    /// handed to [`Sink::write`].
+    fn write_from(
+        &mut self,
+        file: usize,
+        offset: u64,
+        len: usize,
+        scratch: &mut Vec<u8>,
+        fill: &mut dyn FnMut(u64, &mut [u8]) -> Result<()>,
+    ) -> Result<()> {
+        scratch.resize(len, 0);
+        fill(0, scratch)?;
+        self.write(file, offset, scratch)
+    }
     /// Called once when the worker is done with this sink: sends whatever is buffered and,
     /// for a remote writer, waits until it confirms every byte.
     fn finish(&mut self) -> Result<()>;
@@ -35,6 +54,16 @@ pub trait Sink {
 impl<S: Sink + ?Sized> Sink for Box<S> {
     fn write(&mut self, file: usize, offset: u64, data: &[u8]) -> Result<()> {
         (**self).write(file, offset, data)
+    }
+    fn write_from(
+        &mut self,
+        file: usize,
+        offset: u64,
+        len: usize,
+        scratch: &mut Vec<u8>,
+        fill: &mut dyn FnMut(u64, &mut [u8]) -> Result<()>,
+    ) -> Result<()> {
+        (**self).write_from(file, offset, len, scratch, fill)
     }
     fn finish(&mut self) -> Result<()> {
         (**self).finish()
@@ -415,6 +444,40 @@ impl<S: Sink> Worker<'_, S> {
             let (first, count) = b.span(&g.strides);
             let span = (count as usize) * ies;
             let at = piece.offset + first * ies as u64;
+            let numel = b.numel() as usize;
+            let contiguous = b.is_contiguous(&g.strides);
+            let runs = runs(&g, b);
+            let sink = self
+                .sinks
+                .get_mut(&key)
+                .ok_or_else(|| CoreError::Internal("sink vanished".into()))?;
+            // Stored bytes that are the output's, in one run: read straight into the sink
+            // (into the direct-I/O writers' staging buffers for a local file).
+            if let [(elem, len)] = runs[..]
+                && zstd.is_none()
+                && contiguous
+                && piece.stored_dtype == out.dtype
+                && len as usize * oes == span
+            {
+                let mut h = want_crc.then(crc32fast::Hasher::new);
+                let (sources, file) = (self.sources, piece.file);
+                sink.write_from(
+                    out.file,
+                    out.offset + elem * oes as u64,
+                    span,
+                    &mut self.inbuf,
+                    &mut |pos, buf| {
+                        sources.read_at(file, at + pos, buf)?;
+                        if let Some(h) = h.as_mut() {
+                            h.update(buf);
+                        }
+                        Ok(())
+                    },
+                )?;
+                hashes.extend(h);
+                written.fetch_add(span as u64, Ordering::Relaxed);
+                continue;
+            }
             self.inbuf.resize(span, 0);
             match zstd.as_mut() {
                 Some(z) => z.read_at(at, &mut self.inbuf)?,
@@ -426,8 +489,7 @@ impl<S: Sink> Worker<'_, S> {
                 hashes.push(h);
             }
             // Row-major order.
-            let numel = b.numel() as usize;
-            let ordered: &[u8] = if b.is_contiguous(&g.strides) {
+            let ordered: &[u8] = if contiguous {
                 &self.inbuf[..numel * ies]
             } else {
                 self.gbuf.resize(numel * ies, 0);
@@ -448,12 +510,8 @@ impl<S: Sink> Worker<'_, S> {
                 )?;
                 &self.obuf
             };
-            let sink = self
-                .sinks
-                .get_mut(&key)
-                .ok_or_else(|| CoreError::Internal("sink vanished".into()))?;
             let mut pos = 0usize;
-            for (elem, len) in runs(&g, b) {
+            for (elem, len) in runs {
                 let n = len as usize * oes;
                 sink.write(
                     out.file,

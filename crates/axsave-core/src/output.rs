@@ -116,6 +116,19 @@ impl OutputFiles {
         self.writers.write_at(file, offset, data)
     }
 
+    /// Writes `len` bytes at `offset` of layout file `file`, produced by `fill` straight into
+    /// the writers' staging buffers where they go direct (see [`crate::execute::Sink::write_from`]).
+    pub fn write_from(
+        &self,
+        file: usize,
+        offset: u64,
+        len: usize,
+        scratch: &mut Vec<u8>,
+        fill: &mut dyn FnMut(u64, &mut [u8]) -> Result<()>,
+    ) -> Result<()> {
+        self.writers.write_from(file, offset, len, scratch, fill)
+    }
+
     /// Waits for every write and flushes every file to disk.
     pub fn sync(&self) -> Result<()> {
         self.writers.drain()?;
@@ -160,6 +173,16 @@ pub struct LocalSink<'a>(pub &'a OutputFiles);
 impl crate::execute::Sink for LocalSink<'_> {
     fn write(&mut self, file: usize, offset: u64, data: &[u8]) -> Result<()> {
         self.0.write_at(file, offset, data)
+    }
+    fn write_from(
+        &mut self,
+        file: usize,
+        offset: u64,
+        len: usize,
+        scratch: &mut Vec<u8>,
+        fill: &mut dyn FnMut(u64, &mut [u8]) -> Result<()>,
+    ) -> Result<()> {
+        self.0.write_from(file, offset, len, scratch, fill)
     }
     fn finish(&mut self) -> Result<()> {
         Ok(())
