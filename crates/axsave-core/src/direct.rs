@@ -25,6 +25,7 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 
 use crate::error::{CoreError, Result};
+use crate::execute::Fill;
 
 /// Alignment of direct writes, in memory and in the file: a page, which is also a multiple of
 /// every common logical block size.
@@ -284,10 +285,10 @@ impl Writers {
         offset: u64,
         len: usize,
         scratch: &mut Vec<u8>,
-        fill: &mut dyn FnMut(u64, &mut [u8]) -> Result<()>,
+        fill: &mut Fill<'_>,
     ) -> Result<()> {
         let t = self.target(file)?;
-        let mut buffered = |fill: &mut dyn FnMut(u64, &mut [u8]) -> Result<()>, at: u64, n| {
+        let mut buffered = |fill: &mut Fill<'_>, at: u64, n| {
             scratch.resize(n, 0);
             fill(at, scratch)?;
             t.buffered(scratch, offset + at)

@@ -25,6 +25,10 @@ pub struct Task {
     pub piece: usize,
 }
 
+/// Produces output bytes for [`Sink::write_from`]: `fill(at, buf)` fills `buf` with the bytes
+/// that start `at` bytes into the run being written.
+pub type Fill<'a> = dyn FnMut(u64, &mut [u8]) -> Result<()> + 'a;
+
 /// Where converted bytes go. Each worker owns its sinks.
 pub trait Sink {
     /// Writes `data` at byte `offset` of output file `file`.
@@ -40,7 +44,7 @@ pub trait Sink {
         offset: u64,
         len: usize,
         scratch: &mut Vec<u8>,
-        fill: &mut dyn FnMut(u64, &mut [u8]) -> Result<()>,
+        fill: &mut Fill<'_>,
     ) -> Result<()> {
         scratch.resize(len, 0);
         fill(0, scratch)?;
@@ -61,7 +65,7 @@ impl<S: Sink + ?Sized> Sink for Box<S> {
         offset: u64,
         len: usize,
         scratch: &mut Vec<u8>,
-        fill: &mut dyn FnMut(u64, &mut [u8]) -> Result<()>,
+        fill: &mut Fill<'_>,
     ) -> Result<()> {
         (**self).write_from(file, offset, len, scratch, fill)
     }

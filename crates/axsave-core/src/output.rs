@@ -8,6 +8,7 @@ use std::path::{Path, PathBuf};
 pub use crate::direct::WriteOptions;
 use crate::direct::{Target, Writers};
 use crate::error::{CoreError, Result};
+use crate::execute::Fill;
 use crate::layout::Layout;
 
 /// The temporary name a final file is written under: hidden, and never a name a loader would
@@ -116,19 +117,6 @@ impl OutputFiles {
         self.writers.write_at(file, offset, data)
     }
 
-    /// Writes `len` bytes at `offset` of layout file `file`, produced by `fill` straight into
-    /// the writers' staging buffers where they go direct (see [`crate::execute::Sink::write_from`]).
-    pub fn write_from(
-        &self,
-        file: usize,
-        offset: u64,
-        len: usize,
-        scratch: &mut Vec<u8>,
-        fill: &mut dyn FnMut(u64, &mut [u8]) -> Result<()>,
-    ) -> Result<()> {
-        self.writers.write_from(file, offset, len, scratch, fill)
-    }
-
     /// Waits for every write and flushes every file to disk.
     pub fn sync(&self) -> Result<()> {
         self.writers.drain()?;
@@ -170,6 +158,8 @@ impl OutputFiles {
 /// A sink that writes into local output files.
 pub struct LocalSink<'a>(pub &'a OutputFiles);
 
+/// Its `write_from` has the bytes produced straight into the direct-I/O writers' staging
+/// buffers.
 impl crate::execute::Sink for LocalSink<'_> {
     fn write(&mut self, file: usize, offset: u64, data: &[u8]) -> Result<()> {
         self.0.write_at(file, offset, data)
@@ -180,9 +170,9 @@ impl crate::execute::Sink for LocalSink<'_> {
         offset: u64,
         len: usize,
         scratch: &mut Vec<u8>,
-        fill: &mut dyn FnMut(u64, &mut [u8]) -> Result<()>,
+        fill: &mut Fill<'_>,
     ) -> Result<()> {
-        self.0.write_from(file, offset, len, scratch, fill)
+        self.0.writers.write_from(file, offset, len, scratch, fill)
     }
     fn finish(&mut self) -> Result<()> {
         Ok(())
