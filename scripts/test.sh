@@ -15,7 +15,15 @@ need_pkgs=()
 command -v mpirun >/dev/null || need_pkgs+=(openmpi-bin)
 pkg-config --exists ompi 2>/dev/null || need_pkgs+=(libopenmpi-dev)
 command -v pkg-config >/dev/null || need_pkgs+=(pkgconf)
-ls /usr/lib/llvm-*/lib/libclang*.so* >/dev/null 2>&1 || need_pkgs+=(libclang-dev)
+# libclang itself: libclang.so* or libclang-N.so* (not libclang-cpp, which some images carry alone).
+has_libclang() {
+  local f
+  for f in /usr/lib/llvm-*/lib/libclang.so* /usr/lib/*/libclang-[0-9]*.so*; do
+    [ -e "$f" ] && return 0
+  done
+  return 1
+}
+has_libclang || need_pkgs+=(libclang-dev)
 if [ ${#need_pkgs[@]} -gt 0 ]; then
   if [ "$(id -u)" = 0 ]; then
     echo "==> installing ${need_pkgs[*]}"
