@@ -21,8 +21,10 @@
 #         fp32 checkpoint (DISK_LAYERS, default 10 layers of DISK_HIDDEN 2048: 3.2 GB, 4 ranks)
 #         as it is and with --dtype bf16, beside dd writing the same bytes on the output's
 #         filesystem: one stream and eight parallel streams, each with oflag=direct and
-#         buffered + conv=fsync; every row's GB/s and the save's output GB/s as a fraction of
-#         the best parallel-writer figure; axsave both with its direct-I/O writers (the
+#         buffered + conv=fsync, and dd copying the checkpoint's own .distcp files (two
+#         streams each, oflag=direct: the bytes a keep save reads and writes, without its
+#         work); every row's GB/s and the save's output GB/s as a fraction of the best
+#         parallel-writer figure and of that copy; axsave both with its direct-I/O writers (the
 #         default) and with AXSAVE_WRITERS=0 (everything through the page cache). BEFORE_BIN=
 #         /path/to/older/axsave adds its rows, so a change is measured before and after in the
 #         same run.
@@ -179,6 +181,7 @@ if [ "$what" = disk ] || [ "$what" = all ]; then
     else "$bin" --source "$dk" --output "$BENCH_DIR/out-disk" --mode gather --dtype bf16 --quiet; fi
     echo "$dt $(du -cb "$BENCH_DIR/out-disk"/*.safetensors | tail -1 | cut -f1)" >> "$sizes"
   done
+  echo "source $(du -cb "$dk"/*.distcp | tail -1 | cut -f1)" >> "$sizes"
   keep_bytes=$(awk '$1 == "keep" {print $2}' "$sizes")
   mib8=$((8 << 20))
   n1=$(( (keep_bytes + mib8 / 2) / mib8 ))         # one stream: 8 MiB blocks
@@ -186,11 +189,23 @@ if [ "$what" = disk ] || [ "$what" = all ]; then
   # The dd commands (for sh -c): one stream, and eight streams of an eighth each.
   dd1() { echo "dd if=/dev/zero of=$BENCH_DIR/out-dd/s0 bs=8M count=$n1 $1 status=none"; }
   dd8() { echo "p=; for i in 0 1 2 3 4 5 6 7; do dd if=/dev/zero of=$BENCH_DIR/out-dd/s\$i bs=8M count=$n8 $1 status=none & p=\"\$p \$!\"; done; for i in \$p; do wait \$i || exit 1; done"; }
+  # The same with the checkpoint's own bytes: each .distcp copied in two halves, all at once
+  # (8 streams for the 4-rank checkpoint): what a keep save reads and writes, without its work.
+  ddsrc() {
+    local f half p=""
+    for f in "$dk"/*.distcp; do
+      half=$(( $(stat -c %s "$f") / 2 / mib8 + 1 ))
+      p="$p dd if=$f of=$BENCH_DIR/out-dd/$(basename "$f").0 bs=8M count=$half $1 status=none & p=\"\$p \$!\";"
+      p="$p dd if=$f of=$BENCH_DIR/out-dd/$(basename "$f").1 bs=8M skip=$half $1 status=none & p=\"\$p \$!\";"
+    done
+    echo "p=; $p for i in \$p; do wait \$i || exit 1; done"
+  }
   results=$BENCH_DIR/disk.jsonl; : > "$results"
   for i in $(seq "$RUNS"); do
     echo "==> disk, run $i of $RUNS"
     for row in "1 stream, oflag=direct|dd1 oflag=direct" "1 stream, buffered + conv=fsync|dd1 conv=fsync" \
-               "8 streams, oflag=direct|dd8 oflag=direct" "8 streams, buffered + conv=fsync|dd8 conv=fsync"; do
+               "8 streams, oflag=direct|dd8 oflag=direct" "8 streams, buffered + conv=fsync|dd8 conv=fsync" \
+               "the checkpoint's files, 2 streams each, oflag=direct|ddsrc oflag=direct"; do
       fresh "$BENCH_DIR/out-dd"
       measure "dd, ${row%%|*}" -- sh -c "$(${row#*|})"
     done

@@ -3,8 +3,10 @@ the largest peak RSS of each contender, and its ratios; exits 1 if a run failed.
 
   report.py floors RESULTS INPUT_BYTES TITLE   ratios to the `floor: cat` rows
   report.py disk RESULTS SIZES ONE EIGHT       output GB/s against the best 8-stream dd row
-                                               (SIZES: "keep BYTES" and "bf16 BYTES" lines;
-                                               ONE, EIGHT: bytes dd writes with 1 and 8 streams)
+                                               and against dd copying the checkpoint's files
+                                               (SIZES: "keep BYTES", "bf16 BYTES" and "source
+                                               BYTES" lines; ONE, EIGHT: bytes dd writes with 1
+                                               and 8 streams)
 """
 
 import json
@@ -49,15 +51,19 @@ def disk(results, sizes, one, eight):
             return int(one)
         if l.startswith("dd, 8 streams"):
             return int(eight)
+        if l.startswith("dd, the checkpoint's files"):
+            return int(written["source"])
         return int(written["bf16" if l.endswith("bf16") else "keep"])
 
     gbs = {l: size(l) / 1e9 / med[l] for l in labels}
     best = max(gbs[l] for l in labels if l.startswith("dd, 8 streams"))
+    copy = next(gbs[l] for l in labels if l.startswith("dd, the checkpoint's files"))
     print(f"\ndisk: one process vs dd on the output's filesystem, median of {len(rows)//len(labels)} runs\n")
     table(
-        ["contender", "GB written", "seconds", "GB/s", "peak RSS", "vs best 8-stream dd"],
+        ["contender", "GB written", "seconds", "GB/s", "peak RSS", "vs best 8-stream dd",
+         "vs dd of the checkpoint"],
         [[l, f"{size(l)/1e9:.2f}", f"{med[l]:.2f}", f"{gbs[l]:.2f}", f"{rss[l]:.0f} MiB",
-          f"{gbs[l]/best:.0%}"] for l in labels],
+          f"{gbs[l]/best:.0%}", f"{gbs[l]/copy:.0%}"] for l in labels],
     )
     return rows
 
