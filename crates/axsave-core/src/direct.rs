@@ -300,22 +300,7 @@ impl Writers {
         if head > 0 {
             buffered(fill, 0, head)?;
         }
-        let mut at = a;
-        while at < b {
-            let n = ((b - at) as usize).min(self.buffer_bytes);
-            let mut buf = self.take_buffer()?;
-            if let Err(e) = fill(at - offset, buf.bytes_mut(n)) {
-                self.put_back(buf);
-                return Err(e);
-            }
-            self.queue(Request {
-                file,
-                offset: at,
-                buf,
-                len: n,
-            });
-            at += n as u64;
-        }
+        self.stage(file, a, b, &mut |at, buf| fill(at - offset, buf))?;
         if tail > 0 {
             buffered(fill, b - offset, tail)?;
         }
@@ -338,17 +323,32 @@ impl Writers {
         if !tail.is_empty() {
             t.buffered(tail, b)?;
         }
+        self.stage(file, a, b, &mut |at, buf| {
+            let from = (at - a) as usize;
+            buf.copy_from_slice(&middle[from..from + buf.len()]);
+            Ok(())
+        })
+    }
+
+    /// Hands the aligned bytes `[a, b)` of target `file` to the writers, one staging buffer at
+    /// a time, each filled by `fill(file offset, buffer)`. A failing fill returns its buffer to
+    /// the pool and its error.
+    fn stage(&self, file: usize, a: u64, b: u64, fill: &mut Fill<'_>) -> Result<()> {
         let mut at = a;
-        for part in middle.chunks(self.buffer_bytes) {
+        while at < b {
+            let n = ((b - at) as usize).min(self.buffer_bytes);
             let mut buf = self.take_buffer()?;
-            buf.bytes_mut(part.len()).copy_from_slice(part);
+            if let Err(e) = fill(at, buf.bytes_mut(n)) {
+                self.put_back(buf);
+                return Err(e);
+            }
             self.queue(Request {
                 file,
                 offset: at,
                 buf,
-                len: part.len(),
+                len: n,
             });
-            at += part.len() as u64;
+            at += n as u64;
         }
         Ok(())
     }
