@@ -115,7 +115,7 @@ if want tests && [ -n "$core_tests" ]; then
   run "unit: GPU kernels, engine, NCCL" 900 env AXSAVE_REQUIRE_GPU=1 "$core_tests" gpu:: --test-threads=1 --nocapture
 fi
 if want tests && [ -n "$dist_tests" ]; then
-  run "unit: NCCL loader and communicator" 300 "$dist_tests" data_plane::nccl:: --test-threads=1 --nocapture
+  run "unit: NCCL loader, communicator, device plane" 300 "$dist_tests" data_plane::nccl:: data_plane::device:: --test-threads=1 --nocapture
 fi
 if want tests && [ -n "$gpu_tests" ] && [ -n "$bin" ]; then
   run "end to end: tests/gpu.rs" 900 env AXSAVE_REQUIRE_GPU=1 "$gpu_tests" --test-threads=1 --nocapture

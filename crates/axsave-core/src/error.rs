@@ -100,6 +100,10 @@ pub enum CoreError {
     /// The transport asked for (`--transport mpi|nccl`) is not available here.
     #[error(transparent)]
     Unavailable(#[from] crate::transport::Unavailable),
+    /// The GPUs' data plane (NCCL) failed: a call, a peer, a timeout, or the library.
+    #[cfg(feature = "cuda")]
+    #[error("GPU: {0}")]
+    DevicePlane(axsave_dist::data_plane::DevicePlaneError),
     /// The MPI data plane failed.
     #[cfg(feature = "mpi")]
     #[error(transparent)]
@@ -153,6 +157,18 @@ impl From<axsave_dist::data_plane::DataPlaneError> for CoreError {
             DataPlaneError::Tcp(e) => CoreError::Transport(e),
             #[cfg(feature = "mpi")]
             DataPlaneError::Mpi(e) => CoreError::Mpi(e),
+        }
+    }
+}
+
+/// The GPUs' data plane's cancellation is the run's ([`CoreError::Cancelled`]); its other
+/// errors keep their own variant.
+#[cfg(feature = "cuda")]
+impl From<axsave_dist::data_plane::DevicePlaneError> for CoreError {
+    fn from(e: axsave_dist::data_plane::DevicePlaneError) -> Self {
+        match e {
+            axsave_dist::data_plane::DevicePlaneError::Cancelled => CoreError::Cancelled,
+            e => CoreError::DevicePlane(e),
         }
     }
 }

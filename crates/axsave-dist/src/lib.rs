@@ -28,8 +28,9 @@
 //! that take the same [`Sink`] as TCP. `MpiContext::abort` takes the whole job down when a
 //! rank cannot recover.
 //!
-//! With the `cuda` feature, `data_plane::nccl` opens NCCL at run time for transfers between
-//! the ranks' GPUs, driven by axsave-core's GPU executor.
+//! With the `cuda` feature, `data_plane::DevicePlane` moves device buffers between the ranks'
+//! GPUs in rounds that axsave-core's GPU executor schedules; `data_plane::nccl`, opened at run
+//! time, carries them.
 
 #![warn(missing_docs)]
 

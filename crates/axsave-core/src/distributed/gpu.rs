@@ -69,7 +69,7 @@ impl Rank<'_> {
         sources: &SourceFiles,
     ) -> Result<()> {
         let cancel = self.shared.cancel.clone();
-        let o = crate::gpu::nccl::NcclOptions {
+        let o = crate::gpu::run::RanksOptions {
             world_size: self.world.world_size,
             device: self.opts.device,
             local_rank: self.world.local_rank,
@@ -91,7 +91,7 @@ impl Rank<'_> {
             written: &shared.local_written,
             cancel: shared.cancel.flag(),
         };
-        crate::gpu::nccl::run_nccl(self, work, &o)
+        crate::gpu::run::run_ranks(self, work, &o)
     }
 
     /// Without CUDA no rank reports a GPU, so NCCL is never chosen: unreachable in practice.
@@ -112,7 +112,7 @@ impl Rank<'_> {
 
 /// Rank 0's small values (the GPU setup) travel through the store.
 #[cfg(feature = "cuda")]
-impl crate::gpu::nccl::Exchange for Rank<'_> {
+impl crate::gpu::run::Exchange for Rank<'_> {
     fn publish(&mut self, key: &str, value: &[u8]) -> Result<()> {
         Ok(broadcast_bytes(self.client, key, value)?)
     }

@@ -1,4 +1,5 @@
-//! The GPU executor: conversions on the device and bytes between ranks over NCCL.
+//! The GPU executor: conversions on the device, and bytes between ranks over the GPUs' data
+//! plane (`axsave_dist::data_plane::DevicePlane`, which NCCL carries).
 //!
 //! When the transport is NCCL (`--transport nccl`, or `auto` when every rank has a GPU and
 //! NCCL), each rank binds one GPU ([`pick_ordinal`]: its local rank among the visible devices,
@@ -38,7 +39,7 @@ pub mod bench;
 #[cfg(feature = "cuda")]
 pub mod cuda;
 #[cfg(feature = "cuda")]
-pub mod nccl;
+pub mod run;
 
 use std::collections::HashSet;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -97,9 +98,7 @@ pub fn local_caps(request: TransportRequest, device: Option<usize>, local_rank: 
         let dev = cuda::device(device, local_rank);
         let gpu = dev.as_ref().map(|d| d.describe()).map_err(Clone::clone);
         let nccl = match &gpu {
-            Ok(_) => axsave_dist::data_plane::nccl::Comm::library()
-                .map(|(path, v)| format!("{} ({path})", nccl_version(v)))
-                .map_err(|e| e.to_string()),
+            Ok(_) => axsave_dist::data_plane::DevicePlane::library().map_err(|e| e.to_string()),
             Err(e) => Err(e.clone()),
         };
         Caps {
@@ -117,15 +116,6 @@ pub fn local_caps(request: TransportRequest, device: Option<usize>, local_rank: 
     }
 }
 
-/// `22105` → `2.21.5` (NCCL ≥ 2.9 codes; older ones are `major*1000 + minor*100 + patch`).
-pub fn nccl_version(code: i32) -> String {
-    if code >= 10000 {
-        format!("{}.{}.{}", code / 10000, (code / 100) % 100, code % 100)
-    } else {
-        format!("{}.{}.{}", code / 1000, (code / 100) % 10, code % 100)
-    }
-}
-
 /// A single-process save's use of the GPU (conversions only: there are no peers).
 #[derive(Clone, Debug)]
 pub struct LocalGpu {
@@ -140,7 +130,7 @@ pub struct LocalGpu {
 pub fn run_single(work: RankWork<'_>, g: &LocalGpu) -> Result<()> {
     #[cfg(feature = "cuda")]
     {
-        nccl::run_local(work, g)
+        run::run_local(work, g)
     }
     #[cfg(not(feature = "cuda"))]
     {
@@ -341,13 +331,6 @@ pub(crate) mod tests {
                 .unwrap_err()
                 .contains("CUDA_VISIBLE_DEVICES")
         );
-    }
-
-    #[test]
-    fn nccl_versions_read_as_released() {
-        assert_eq!(nccl_version(22105), "2.21.5");
-        assert_eq!(nccl_version(23003), "2.30.3");
-        assert_eq!(nccl_version(2708), "2.7.8");
     }
 
     #[test]

@@ -11,17 +11,20 @@
 //!   launcher, with the same shape: an `MpiReceiver` per writer rank, an `MpiSender` per
 //!   worker thread and writer, the same [`Sink`].
 //! * `nccl` (feature `cuda`) — NCCL point-to-point between the ranks' GPUs; the library is
-//!   opened at run time. The executor that drives it lives in axsave-core (`gpu`).
-
+//!   opened at run time.
 //!
-//! [`DataPlane`] ([`plane`]) is their one face: the rest of the program opens senders and a
-//! receiver through it without naming the transport.
+//! [`DataPlane`] ([`plane`]) is the one face of TCP and MPI: the rest of the program opens
+//! senders and a receiver through it without naming the transport. `DevicePlane` (`device`,
+//! feature `cuda`) is the face of NCCL: rounds of matched sends and receives of device buffers,
+//! which axsave-core's GPU executor schedules without naming NCCL.
 //!
 //! What the TCP and MPI transports share sits beside them: the [`Sink`] they write into
 //! ([`sink`]), the [`ReceiveStats`] they report ([`stats`]) and the frame limits
 //! ([`limits`]).
 
 mod clock;
+#[cfg(feature = "cuda")]
+pub mod device;
 pub mod error;
 pub mod limits;
 #[cfg(feature = "mpi")]
@@ -38,6 +41,8 @@ pub mod tcp;
 /// depends on how it was launched; see axsave-core's `transport::mpi_available`.
 pub const MPI_BUILT: bool = cfg!(feature = "mpi");
 
+#[cfg(feature = "cuda")]
+pub use device::{DeviceOp, DevicePlane, DevicePlaneError, DevicePlaneId, DevicePlaneOptions};
 pub use error::RunError;
 pub use limits::{MAX_FRAME_BYTES, MAX_RUNS_PER_FRAME};
 pub use plane::{DataPlane, DataPlaneError, PlaneReceiver, PlaneSender};

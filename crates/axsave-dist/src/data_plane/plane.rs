@@ -3,9 +3,9 @@
 //! rank runs one [`PlaneReceiver`] that hands every run to its [`Sink`](super::Sink), without
 //! either naming the transport.
 //!
-//! NCCL is not behind this face: it moves device buffers in matched send/receive pairs that
-//! the GPU executor schedules, not runs into a sink (see [`nccl`](super) with the `cuda`
-//! feature).
+//! Between GPUs, bytes move in rounds of matched sends and receives of device buffers, not as
+//! runs into a sink: that is `DevicePlane` (module `device`, feature `cuda`), this face's
+//! counterpart, over NCCL.
 
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;

@@ -1,10 +1,11 @@
-//! [`CudaEngine`]: the executor's rounds on three CUDA streams, with NCCL between ranks.
+//! [`CudaEngine`]: the executor's rounds on three CUDA streams, with the GPUs' data plane
+//! (NCCL) between ranks.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-use axsave_dist::data_plane::nccl::{Comm, NcclError, P2p};
+use axsave_dist::data_plane::{DeviceOp, DevicePlane};
 use cudarc::driver::{CudaEvent, CudaStream, DriverError, result as dr};
 
 use crate::error::{CoreError, Result};
@@ -36,7 +37,8 @@ pub(super) struct Slot {
     landed: CudaEvent,
 }
 
-/// Runs rounds on the device: uploads and conversions on stream `up`, NCCL on `net`, downloads
+/// Runs rounds on the device: uploads and conversions on stream `up`, the exchange with the
+/// other ranks (the data plane, NCCL) on `net`, downloads
 /// on `down`, two slots in flight. The waits that make the reuse of a slot safe:
 ///
 /// * the host refills a slot's staging only after its `staged` (the upload read it);
@@ -46,14 +48,14 @@ pub(super) struct Slot {
 /// * `down` starts after `sent`; the host reads landing only after `landed`, and the driver
 ///   writes a slot's landed bytes out before launching the slot again.
 ///
-/// Every host wait polls its event; with a communicator it is announced to the NCCL watchdog
-/// (which aborts on no progress within the timeout, or on an NCCL error) and checks the
-/// communicator, and it checks the cancel flag. Any failure aborts the communicator, so the
-/// peers fail at once and the device stops instead of waiting on them.
+/// Every host wait polls its event; with a data plane it is announced to the plane's watchdog
+/// (which aborts on no progress within the timeout, or on a peer's failure) and checks the
+/// plane, and it checks the cancel flag. Any failure aborts the plane, so the peers fail at
+/// once and the device stops instead of waiting on them.
 pub struct CudaEngine<'a> {
     dev: &'a Device,
     kernels: Option<&'a Kernels>,
-    comm: Option<&'a Comm>,
+    plane: Option<&'a DevicePlane>,
     up: Arc<CudaStream>,
     net: Arc<CudaStream>,
     down: Arc<CudaStream>,
@@ -65,11 +67,11 @@ pub struct CudaEngine<'a> {
 
 impl<'a> CudaEngine<'a> {
     /// An engine whose rounds use at most `round_bytes` in each buffer. `kernels`: `None` to
-    /// convert on the CPU. `comm`: needed when rounds exchange bytes.
+    /// convert on the CPU. `plane`: needed when rounds exchange bytes.
     pub fn new(
         dev: &'a Device,
         kernels: Option<&'a Kernels>,
-        comm: Option<&'a Comm>,
+        plane: Option<&'a DevicePlane>,
         round_bytes: usize,
         timeout: Duration,
         cancel: &'a AtomicBool,
@@ -113,7 +115,7 @@ impl<'a> CudaEngine<'a> {
         Ok(CudaEngine {
             dev,
             kernels,
-            comm,
+            plane,
             up,
             net,
             down,
@@ -126,7 +128,7 @@ impl<'a> CudaEngine<'a> {
 
     /// Waits for `ev` by polling, watched (see the type's documentation).
     fn wait(&self, ev: &CudaEvent, what: &str) -> Result<()> {
-        let guard = self.comm.map(|c| c.watch(what, self.timeout));
+        let guard = self.plane.map(|p| p.watch(what, self.timeout));
         let start = std::time::Instant::now();
         let mut nap = Duration::from_micros(10);
         loop {
@@ -135,10 +137,10 @@ impl<'a> CudaEngine<'a> {
                 Ok(false) => {}
                 Err(e) => return Err(gpu_err(e)),
             }
-            if let Some(c) = self.comm {
-                c.check().map_err(nccl_err)?;
+            if let Some(p) = self.plane {
+                p.check()?;
             } else if start.elapsed() > self.timeout {
-                // Without NCCL nothing waits on a peer: a device that does not finish local
+                // Without a plane nothing waits on a peer: a device that does not finish local
                 // work within the timeout is broken.
                 return Err(CoreError::Gpu(format!(
                     "the GPU did not finish {what} within {}s",
@@ -146,8 +148,8 @@ impl<'a> CudaEngine<'a> {
                 )));
             }
             if self.cancel.load(Ordering::Relaxed) {
-                if let Some(c) = self.comm {
-                    c.abort(NcclError::Cancelled);
+                if let Some(p) = self.plane {
+                    p.cancel();
                 }
                 return Err(CoreError::Cancelled);
             }
@@ -160,11 +162,11 @@ impl<'a> CudaEngine<'a> {
         Ok(())
     }
 
-    /// Marks the engine failed and aborts the communicator (once), passing `e` through.
+    /// Marks the engine failed and aborts the data plane (once), passing `e` through.
     fn fail(&mut self, e: CoreError) -> CoreError {
         self.failed = true;
-        if let Some(c) = self.comm {
-            c.abort(NcclError::Aborted(e.to_string()));
+        if let Some(p) = self.plane {
+            p.abort(e.to_string());
         }
         e
     }
@@ -222,38 +224,36 @@ impl<'a> CudaEngine<'a> {
         if w.sends.is_empty() && w.recvs.is_empty() {
             s.sent.record(up).map_err(gpu_err)?;
         } else {
-            let comm = self.comm.ok_or_else(|| {
-                CoreError::Gpu("a round exchanges bytes but there is no NCCL communicator".into())
+            let plane = self.plane.ok_or_else(|| {
+                CoreError::Internal("a round exchanges bytes but there is no data plane".into())
             })?;
             self.net.wait(&s.staged).map_err(gpu_err)?;
             self.net.wait(&s.landed).map_err(gpu_err)?;
-            let ops: Vec<P2p> = w
+            let ops: Vec<DeviceOp> = w
                 .sends
                 .iter()
-                .map(|b| P2p::Send {
+                .map(|b| DeviceOp::Send {
                     ptr: s.d_out.at(b.off),
                     bytes: b.len,
                     peer: b.peer,
                 })
-                .chain(w.recvs.iter().map(|b| P2p::Recv {
+                .chain(w.recvs.iter().map(|b| DeviceOp::Recv {
                     ptr: s.d_land.at(b.off),
                     bytes: b.len,
                     peer: b.peer,
                 }))
                 .collect();
-            // SAFETY: `net` belongs to the device's context, on which the communicator was
-            // made; the send ranges lie in d_out (written on `up`, which `net` waited for) and
+            // SAFETY: `net` belongs to the device's context, on which the plane was joined; the send ranges lie in d_out (written on `up`, which `net` waited for) and
             // the receive ranges in d_land (free: `net` waited for `landed`); neither is
             // touched again before `sent`, recorded next, completes (`up` and `down` wait for
-            // it) or the communicator is aborted.
+            // it) or the plane is aborted.
             unsafe {
-                comm.exchange(
+                plane.exchange(
                     &ops,
                     self.net.cu_stream() as *mut std::ffi::c_void,
                     self.timeout,
                 )
-            }
-            .map_err(nccl_err)?;
+            }?;
             s.sent.record(&self.net).map_err(gpu_err)?;
         }
         self.down.wait(&s.sent).map_err(gpu_err)?;
@@ -272,13 +272,6 @@ impl<'a> CudaEngine<'a> {
             .record(&self.down)
             .map_err(gpu_err)?;
         Ok(())
-    }
-}
-
-pub(super) fn nccl_err(e: NcclError) -> CoreError {
-    match e {
-        NcclError::Cancelled => CoreError::Cancelled,
-        e => CoreError::Gpu(format!("NCCL: {e}")),
     }
 }
 
@@ -313,9 +306,9 @@ impl Drop for CudaEngine<'_> {
         // After a failure here or anywhere in the run, abort first so no kernel keeps waiting
         // on a peer; then let the streams drain before the buffers they use are freed.
         if (self.failed || self.cancel.load(Ordering::SeqCst))
-            && let Some(c) = self.comm
+            && let Some(p) = self.plane
         {
-            c.abort(NcclError::Aborted("the GPU executor failed".into()));
+            p.abort("the GPU executor failed");
         }
         let _ = self.dev.bind();
         for s in [&self.up, &self.net, &self.down] {

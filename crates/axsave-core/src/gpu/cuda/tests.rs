@@ -7,7 +7,10 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64};
 use std::time::Duration;
 
-use axsave_dist::data_plane::nccl::{Comm, CommOptions, NcclError, P2p, UniqueId};
+use axsave_dist::data_plane::nccl::NcclError;
+use axsave_dist::data_plane::{
+    DeviceOp, DevicePlane, DevicePlaneError, DevicePlaneId, DevicePlaneOptions,
+};
 use axsave_formats::convert;
 use cudarc::driver::{result as dr, sys as ds};
 
@@ -57,9 +60,9 @@ fn kernels_of(dev: &'static Device, test: &str) -> Option<&'static Kernels> {
 }
 
 fn nccl_here(test: &str) -> bool {
-    match Comm::library() {
-        Ok((path, v)) => {
-            eprintln!("{test}: NCCL {} from {path}", crate::gpu::nccl_version(v));
+    match DevicePlane::library() {
+        Ok(lib) => {
+            eprintln!("{test}: NCCL {lib}");
             true
         }
         Err(e) => {
@@ -188,7 +191,7 @@ fn the_engine_converts_locally_like_the_cpu() {
     }
 }
 
-/// A communicator of one rank sends a buffer to itself: the NCCL layer (loader, non-blocking
+/// A data plane of one rank sends a buffer to itself: the NCCL layer (loader, non-blocking
 /// init, group, streams, finish) on real hardware.
 #[test]
 fn nccl_sends_to_itself() {
@@ -199,9 +202,9 @@ fn nccl_sends_to_itself() {
         return;
     }
     dev.bind().unwrap();
-    let id = UniqueId::new().unwrap();
+    let id = DevicePlaneId::new().unwrap();
     let bind = Arc::new(move || dev.ctx.bind_to_thread().map_err(|e| e.to_string()));
-    let comm = Comm::init(&id, 0, 1, CommOptions::default(), bind).unwrap();
+    let plane = DevicePlane::join(&id, 0, 1, DevicePlaneOptions::default(), bind).unwrap();
     let n = (8 << 20) + 5;
     let data: Vec<u8> = (0..n).map(|i| (i % 251) as u8).collect();
     let a = DeviceBuffer::new(&dev.ctx, n).unwrap();
@@ -211,32 +214,33 @@ fn nccl_sends_to_itself() {
     // SAFETY: `a` and `b` hold n bytes; every operation is complete after the synchronize.
     unsafe {
         dr::memcpy_htod_async(a.ptr, &data, stream.cu_stream()).unwrap();
-        comm.exchange(
-            &[
-                P2p::Send {
-                    ptr: a.ptr,
-                    bytes: n,
-                    peer: 0,
-                },
-                P2p::Recv {
-                    ptr: b.ptr,
-                    bytes: n,
-                    peer: 0,
-                },
-            ],
-            stream.cu_stream() as *mut std::ffi::c_void,
-            Duration::from_secs(60),
-        )
-        .unwrap();
+        plane
+            .exchange(
+                &[
+                    DeviceOp::Send {
+                        ptr: a.ptr,
+                        bytes: n,
+                        peer: 0,
+                    },
+                    DeviceOp::Recv {
+                        ptr: b.ptr,
+                        bytes: n,
+                        peer: 0,
+                    },
+                ],
+                stream.cu_stream() as *mut std::ffi::c_void,
+                Duration::from_secs(60),
+            )
+            .unwrap();
         dr::memcpy_dtoh_async(&mut back, b.ptr, stream.cu_stream()).unwrap();
     }
     stream.synchronize().unwrap();
     assert!(back == data);
-    comm.check().unwrap();
-    comm.finish(Duration::from_secs(30)).unwrap();
+    plane.check().unwrap();
+    plane.finish(Duration::from_secs(30)).unwrap();
 }
 
-/// A receive nobody sends never completes: the watchdog aborts the communicator when the
+/// A receive nobody sends never completes: the watchdog aborts the plane when the
 /// watched wait sees no progress, and the wait ends with the reason instead of hanging.
 #[test]
 fn the_watchdog_ends_a_receive_that_never_comes() {
@@ -249,16 +253,16 @@ fn the_watchdog_ends_a_receive_that_never_comes() {
     dev.bind().unwrap();
     // Two ranks, but only rank 0 exists: its receive from rank 1 can never match.
     // (Init needs both, so use one rank and a lone self-receive instead.)
-    let id = UniqueId::new().unwrap();
+    let id = DevicePlaneId::new().unwrap();
     let bind = Arc::new(move || dev.ctx.bind_to_thread().map_err(|e| e.to_string()));
-    let comm = Comm::init(&id, 0, 1, CommOptions::default(), bind).unwrap();
+    let plane = DevicePlane::join(&id, 0, 1, DevicePlaneOptions::default(), bind).unwrap();
     let buf = DeviceBuffer::new(&dev.ctx, 4096).unwrap();
     let stream = dev.ctx.new_stream().unwrap();
     let start = std::time::Instant::now();
     // SAFETY: `buf` holds 4096 bytes and outlives the abort below, which stops the receive.
     let posted = unsafe {
-        comm.exchange(
-            &[P2p::Recv {
+        plane.exchange(
+            &[DeviceOp::Recv {
                 ptr: buf.ptr,
                 bytes: 4096,
                 peer: 0,
@@ -275,12 +279,12 @@ fn the_watchdog_ends_a_receive_that_never_comes() {
     }
     let ev = dev.ctx.new_event(None).unwrap();
     ev.record(&stream).unwrap();
-    let guard = comm.watch("a receive nobody sends", Duration::from_secs(3));
+    let guard = plane.watch("a receive nobody sends", Duration::from_secs(3));
     let outcome = loop {
         if ev.try_is_complete().unwrap_or(true) {
             break Ok(());
         }
-        if let Err(e) = comm.check() {
+        if let Err(e) = plane.check() {
             break Err(e);
         }
         assert!(
@@ -291,7 +295,10 @@ fn the_watchdog_ends_a_receive_that_never_comes() {
     };
     drop(guard);
     let e = outcome.expect_err("the lone receive cannot complete");
-    assert!(matches!(e, NcclError::Timeout { .. }), "{e}");
+    assert!(
+        matches!(e, DevicePlaneError::Nccl(NcclError::Timeout { .. })),
+        "{e}"
+    );
     // The aborted receive no longer holds the stream.
     stream.synchronize().unwrap();
 }
@@ -320,7 +327,7 @@ fn two_gpus_exchange_rounds_over_nccl() {
     let plan = make_plan(&catalog, &layout, &readers, 2, Mode::Gather).unwrap();
     assert!(plan.network_bytes() > 0);
     let out = tempfile::tempdir().unwrap();
-    let id = UniqueId::new().unwrap();
+    let id = DevicePlaneId::new().unwrap();
     let cancel = AtomicBool::new(false);
     std::thread::scope(|scope| {
         let handles: Vec<_> = (0..2)
@@ -334,7 +341,8 @@ fn two_gpus_exchange_rounds_over_nccl() {
                     dev.bind().unwrap();
                     let bind =
                         Arc::new(move || dev.ctx.bind_to_thread().map_err(|e| e.to_string()));
-                    let comm = Comm::init(id, me, 2, CommOptions::default(), bind).unwrap();
+                    let plane =
+                        DevicePlane::join(id, me, 2, DevicePlaneOptions::default(), bind).unwrap();
                     let files = (me == 0).then(|| {
                         OutputFiles::create(out, layout, "gpu", 256 << 20, |_| true).unwrap()
                     });
@@ -343,7 +351,7 @@ fn two_gpus_exchange_rounds_over_nccl() {
                     let mut engine = CudaEngine::new(
                         dev,
                         Some(k),
-                        Some(&comm),
+                        Some(&plane),
                         TINY.round_bytes as usize,
                         Duration::from_secs(60),
                         cancel,
@@ -370,7 +378,7 @@ fn two_gpus_exchange_rounds_over_nccl() {
                     if let Some(f) = &files {
                         f.sync().unwrap();
                     }
-                    comm.finish(Duration::from_secs(30)).unwrap();
+                    plane.finish(Duration::from_secs(30)).unwrap();
                 })
             })
             .collect();

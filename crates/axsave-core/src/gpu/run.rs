@@ -1,11 +1,11 @@
-//! The GPU executor as a save runs it (feature `cuda`): with other ranks over NCCL
-//! ([`run_nccl`], called by the coordinator when the transport is NCCL), or alone
+//! The GPU executor as a save runs it (feature `cuda`): with other ranks over the GPUs' data
+//! plane (NCCL; [`run_ranks`], called by the coordinator when the transport is NCCL), or alone
 //! ([`run_local`]).
 
 use std::sync::Arc;
 use std::time::Duration;
 
-use axsave_dist::data_plane::nccl::{Comm, CommOptions, UniqueId};
+use axsave_dist::data_plane::{DevicePlane, DevicePlaneId, DevicePlaneOptions};
 
 use super::cuda::{self, CudaEngine};
 use super::schedule::Sizing;
@@ -21,58 +21,47 @@ pub trait Exchange {
     fn fetch(&mut self, key: &str) -> Result<Vec<u8>>;
 }
 
-/// What rank 0 decides for everyone: the sizes the schedule is computed with, and the NCCL id
-/// (only when bytes cross ranks).
+/// What rank 0 decides for everyone: the sizes the schedule is computed with, and the id of
+/// the GPUs' data plane (only when bytes cross ranks).
 #[derive(serde::Serialize, serde::Deserialize)]
 struct Setup {
     sizing: Sizing,
-    nccl_id: Option<String>,
+    plane_id: Option<String>,
 }
 
-/// Options of [`run_nccl`].
+/// Options of [`run_ranks`].
 #[derive(Clone)]
-pub struct NcclOptions {
+pub struct RanksOptions {
     /// Number of ranks.
     pub world_size: usize,
     /// `--device`.
     pub device: Option<usize>,
     /// This rank's local rank (picks the device).
     pub local_rank: usize,
-    /// No progress for this long fails the run (and aborts the communicator).
+    /// No progress for this long fails the run (and aborts the data plane).
     pub timeout: Duration,
-    /// How long every rank may take to join the communicator.
+    /// How long every rank may take to join the data plane.
     pub init_timeout: Duration,
-    /// Whether the run was cancelled (another rank failed): the NCCL watchdog aborts then.
+    /// Whether the run was cancelled (another rank failed): the plane's watchdog aborts then.
     pub cancelled: Arc<dyn Fn() -> bool + Send + Sync>,
 }
 
-fn hex(b: &[u8]) -> String {
-    b.iter().map(|x| format!("{x:02x}")).collect()
-}
-
-fn unhex(s: &str) -> Option<Vec<u8>> {
-    (0..s.len())
-        .step_by(2)
-        .map(|i| s.get(i..i + 2).and_then(|h| u8::from_str_radix(h, 16).ok()))
-        .collect()
-}
-
 /// This rank's part of a save over NCCL. `work.sizing` is this rank's proposal; rank 0's is
-/// the one every rank uses. Rank 0 makes the NCCL id when the plan moves bytes between ranks
-/// (every rank knows whether it does: the plan is the same everywhere); every rank then joins
-/// the communicator, binds its GPU, and runs its rounds.
-pub fn run_nccl(ex: &mut dyn Exchange, mut work: RankWork<'_>, o: &NcclOptions) -> Result<()> {
+/// the one every rank uses. Rank 0 makes the data plane's id when the plan moves bytes between
+/// ranks (every rank knows whether it does: the plan is the same everywhere); every rank then
+/// binds its GPU, joins the plane, and runs its rounds.
+pub fn run_ranks(ex: &mut dyn Exchange, mut work: RankWork<'_>, o: &RanksOptions) -> Result<()> {
     let me = work.me;
     let remote = work.plan.network_bytes() > 0;
     let setup = if me == 0 {
         let id = if remote {
-            Some(UniqueId::new().map_err(|e| CoreError::Gpu(format!("NCCL: {e}")))?)
+            Some(DevicePlaneId::new()?)
         } else {
             None
         };
         let s = Setup {
             sizing: work.sizing,
-            nccl_id: id.map(|i| hex(i.as_bytes())),
+            plane_id: id.map(|i| i.to_hex()),
         };
         let bytes = serde_json::to_vec(&s).map_err(|e| CoreError::Internal(e.to_string()))?;
         ex.publish("gpu/setup", &bytes)?;
@@ -91,27 +80,23 @@ pub fn run_nccl(ex: &mut dyn Exchange, mut work: RankWork<'_>, o: &NcclOptions) 
             None
         }
     };
-    let comm = match &setup.nccl_id {
+    let plane = match &setup.plane_id {
         Some(h) => {
-            let id = unhex(h)
-                .ok_or_else(|| CoreError::Remote("malformed NCCL id from rank 0".into()))
-                .and_then(|b| {
-                    UniqueId::from_bytes(&b).map_err(|e| CoreError::Remote(e.to_string()))
-                })?;
-            let opts = CommOptions {
+            let id = DevicePlaneId::from_hex(h)
+                .map_err(|e| CoreError::Remote(format!("the id rank 0 sent: {e}")))?;
+            let opts = DevicePlaneOptions {
                 init_timeout: o.init_timeout,
                 tick: Duration::from_millis(50),
                 cancelled: o.cancelled.clone(),
             };
             let bind = Arc::new(move || dev.ctx.bind_to_thread().map_err(|e| e.to_string()));
-            let comm = Comm::init(&id, me, o.world_size, opts, bind)
-                .map_err(|e| CoreError::Gpu(format!("NCCL: {e}")))?;
+            let plane = DevicePlane::join(&id, me, o.world_size, opts, bind)?;
             tracing::debug!(
                 rank = me,
-                "joined the NCCL communicator of {} ranks",
+                "joined the GPUs' data plane (NCCL) of {} ranks",
                 o.world_size
             );
-            Some(comm)
+            Some(plane)
         }
         None => None,
     };
@@ -119,14 +104,14 @@ pub fn run_nccl(ex: &mut dyn Exchange, mut work: RankWork<'_>, o: &NcclOptions) 
         let mut engine = CudaEngine::new(
             dev,
             kernels,
-            comm.as_ref(),
+            plane.as_ref(),
             setup.sizing.round_bytes as usize,
             o.timeout,
             work.cancel,
         )?;
         run_rank(Some(&mut engine), work)
     };
-    match (result, comm) {
+    match (result, plane) {
         (Ok(()), Some(c)) => {
             // Every transfer this rank takes part in has completed; a shutdown that fails or
             // waits on a slow peer costs nothing but the abort that follows.
@@ -135,7 +120,7 @@ pub fn run_nccl(ex: &mut dyn Exchange, mut work: RankWork<'_>, o: &NcclOptions) 
             }
             Ok(())
         }
-        // Dropping the communicator aborts it, so peers fail at once.
+        // Dropping the plane aborts it, so peers fail at once.
         (r, _) => r,
     }
 }
@@ -162,17 +147,4 @@ pub fn run_local(work: RankWork<'_>, g: &LocalGpu) -> Result<()> {
         work.cancel,
     )?;
     run_rank(Some(&mut engine), work)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn ids_survive_the_hex_round_trip() {
-        let b: Vec<u8> = (0..=255u8).collect();
-        assert_eq!(unhex(&hex(&b)).unwrap(), b);
-        assert_eq!(unhex("zz"), None);
-        assert_eq!(unhex("abc"), None);
-    }
 }
