@@ -425,10 +425,7 @@ mod tests {
     //! same formulas ("sweeps"). Nothing here types an expected bit pattern by hand.
 
     use super::*;
-    use serde_json::Value;
-    use std::path::PathBuf;
-
-    const FLOATS: [DType; 4] = [DType::F16, DType::BF16, DType::F32, DType::F64];
+    use crate::torch_fixtures::{Sweeps, pairs, sweeps};
 
     /// Every instruction set this CPU can run: the tests check each compiled loop, not just the one
     /// `convert` would pick.
@@ -440,30 +437,6 @@ mod tests {
             isas.push(Isa::Avx2);
         }
         isas
-    }
-
-    fn fixture_dir() -> PathBuf {
-        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/convert")
-    }
-
-    fn manifest() -> Value {
-        let path = fixture_dir().join("manifest.json");
-        let text = std::fs::read_to_string(&path).unwrap_or_else(|e| {
-            panic!(
-                "{}: {e} (run scripts/fixtures/convert.py tests/fixtures)",
-                path.display()
-            )
-        });
-        serde_json::from_str(&text).expect("manifest.json is valid JSON")
-    }
-
-    fn dtype(v: &Value) -> DType {
-        DType::from_safetensors_name(v.as_str().expect("dtype name")).expect("known dtype")
-    }
-
-    fn read(name: &str) -> Vec<u8> {
-        let path = fixture_dir().join(name);
-        std::fs::read(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
     }
 
     /// Element `i` of a little-endian buffer of `size`-byte elements, as hex.
@@ -510,52 +483,6 @@ mod tests {
             want.len() / ts,
             shown.join("; ")
         ))
-    }
-
-    struct Pair {
-        from: DType,
-        to: DType,
-        input: Vec<u8>,
-        want: Vec<u8>,
-    }
-
-    fn pairs() -> Vec<Pair> {
-        let m = manifest();
-        let pairs: Vec<Pair> = m["pairs"]
-            .as_array()
-            .expect("pairs")
-            .iter()
-            .map(|p| {
-                let from = dtype(&p["from"]);
-                let input_entry = &m["inputs"][from.safetensors_name()];
-                let input = read(input_entry["file"].as_str().expect("input file"));
-                let count = input_entry["count"].as_u64().expect("count") as usize;
-                assert_eq!(input.len(), count * from.size(), "{from} input length");
-                Pair {
-                    from,
-                    to: dtype(&p["to"]),
-                    input,
-                    want: read(p["file"].as_str().expect("output file")),
-                }
-            })
-            .collect();
-        let mut seen: Vec<(DType, DType)> = pairs.iter().map(|p| (p.from, p.to)).collect();
-        seen.sort();
-        let mut all: Vec<(DType, DType)> = FLOATS
-            .iter()
-            .flat_map(|&a| {
-                FLOATS
-                    .iter()
-                    .filter(move |&&b| b != a)
-                    .map(move |&b| (a, b))
-            })
-            .collect();
-        all.sort();
-        assert_eq!(
-            seen, all,
-            "the fixtures cover every pair of distinct floats"
-        );
-        pairs
     }
 
     #[test]
@@ -621,102 +548,34 @@ mod tests {
         assert!(failures.is_empty(), "{}", failures.join("\n"));
     }
 
-    fn splitmix64(i: u64) -> u64 {
-        let mut z = i.wrapping_add(1).wrapping_mul(0x9E37_79B9_7F4A_7C15);
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-
-    /// The sweep inputs, exactly as `sweep_input` in scripts/fixtures/convert.py builds them.
-    fn sweep_input(from: DType, half: u64, grid_lo: &[u64]) -> Vec<u8> {
-        match from {
-            DType::F16 | DType::BF16 => (0..=u16::MAX).flat_map(u16::to_le_bytes).collect(),
-            DType::F32 => {
-                let grid =
-                    (0..half).map(|i| (((i >> 4) << 16) | grid_lo[(i & 15) as usize]) as u32);
-                let random = (0..half).map(|i| (splitmix64(i + half) >> 32) as u32);
-                grid.chain(random).flat_map(u32::to_le_bytes).collect()
-            }
-            DType::F64 => {
-                let low = |bits: u32| (1u64 << bits) - 1;
-                let (f32_tie, bf16_tie, f16_tie) = (1u64 << 28, 1u64 << 44, 1u64 << 41);
-                let structured = (0..half).map(|i| {
-                    let r = splitmix64(i);
-                    let sign = r >> 63;
-                    let exp = 1023 - 160 + ((r >> 40) & 0x1FF) % 300;
-                    let m = r & low(52);
-                    let m = match i & 7 {
-                        1 => (m & !low(29)) | f32_tie,
-                        2 => (m & !low(29)) | f32_tie | 1,
-                        3 => (m & !low(29)) | (f32_tie - 1),
-                        4 => (m & !low(45)) | bf16_tie | 1,
-                        5 => (m & !low(45)) | (bf16_tie - 1),
-                        6 => (m & !low(42)) | f16_tie | 1,
-                        7 => (m & !low(42)) | (f16_tie - 1),
-                        _ => m,
-                    };
-                    (sign << 63) | (exp << 52) | m
-                });
-                let random = (0..half).map(|i| splitmix64(i + half));
-                structured
-                    .chain(random)
-                    .flat_map(u64::to_le_bytes)
-                    .collect()
-            }
-            other => unreachable!("no sweep for {other}"),
-        }
-    }
-
+    /// Millions of generated inputs per pair, against the CRC-32 of torch's output block by block,
+    /// with every instruction set.
     #[test]
     fn sweeps_match_torch_block_crcs() {
-        let m = manifest();
-        let sweeps = &m["sweeps"];
-        let block = sweeps["block"].as_u64().expect("block") as usize;
-        let half = sweeps["half"].as_u64().expect("half");
-        let grid_lo: Vec<u64> = sweeps["grid_lo"]
-            .as_array()
-            .expect("grid_lo")
-            .iter()
-            .map(|v| v.as_u64().expect("grid_lo entry"))
-            .collect();
+        let sweeps: Sweeps = sweeps();
         let mut failures = Vec::new();
         let mut checked = 0;
-        let sources = sweeps["sources"].as_object().expect("sources");
-        assert_eq!(sources.len(), FLOATS.len());
-        for (name, entry) in sources {
-            let from = DType::from_safetensors_name(name).expect("dtype");
-            let input = sweep_input(from, half, &grid_lo);
-            let count = entry["count"].as_u64().expect("count") as usize;
-            assert_eq!(input.len(), count * from.size(), "{from} sweep length");
-            assert_eq!(
-                format!("{:08x}", crc32fast::hash(&input)),
-                entry["input_crc32"].as_str().expect("input_crc32"),
-                "the {from} sweep input differs from the generator's: fix sweep_input, not convert"
-            );
-            for (to_name, crcs) in entry["output_block_crc32"].as_object().expect("outputs") {
-                let to = DType::from_safetensors_name(to_name).expect("dtype");
-                let crcs = crcs.as_array().expect("crc list");
+        for sweep in &sweeps.sources {
+            let (from, count) = (sweep.from, sweep.count());
+            for (to, crcs) in &sweep.outputs {
+                let to = *to;
                 for isa in isas() {
                     let mut out = vec![0u8; count * to.size()];
-                    convert_with(isa, from, to, &input, &mut out).expect("convert");
+                    convert_with(isa, from, to, &sweep.input, &mut out).expect("convert");
                     checked += count;
-                    assert_eq!(crcs.len(), out.len().div_ceil(block * to.size()));
-                    let bad: Vec<String> = out
-                        .chunks(block * to.size())
-                        .zip(crcs)
-                        .enumerate()
-                        .filter(|(_, (chunk, crc))| {
-                            format!("{:08x}", crc32fast::hash(chunk)) != crc.as_str().unwrap_or("")
-                        })
-                        .map(|(b, _)| format!("{}..{}", b * block, (b + 1) * block))
-                        .collect();
+                    let bad = sweeps.differing_blocks(to, &out, crcs);
                     if !bad.is_empty() {
+                        let block = sweeps.block;
+                        let shown: Vec<String> = bad
+                            .iter()
+                            .take(8)
+                            .map(|b| format!("{}..{}", b * block, (b + 1) * block))
+                            .collect();
                         failures.push(format!(
                             "{isa:?} {from} -> {to}: {} of {} blocks differ from torch, elements {}",
                             bad.len(),
                             crcs.len(),
-                            bad.iter().take(8).cloned().collect::<Vec<_>>().join(", ")
+                            shown.join(", ")
                         ));
                     }
                 }

@@ -20,6 +20,8 @@ pub mod mapped;
 pub mod pickle;
 pub mod st_header;
 pub mod st_reader;
+#[cfg(any(test, feature = "torch-fixtures"))]
+pub mod torch_fixtures;
 pub mod torchsave;
 pub mod zero;
 pub mod zip;

@@ -433,56 +433,13 @@ pub(crate) mod tests {
 
     use super::*;
     use axsave_formats::convert;
-    use serde_json::Value;
-    use std::path::PathBuf;
-
-    /// `tests/fixtures` (or `AXSAVE_FIXTURES`, for prebuilt test binaries run elsewhere).
-    fn fixtures() -> PathBuf {
-        std::env::var_os("AXSAVE_FIXTURES")
-            .map(PathBuf::from)
-            .unwrap_or_else(|| {
-                PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures")
-            })
-    }
-
-    fn manifest() -> Value {
-        let p = fixtures().join("convert/manifest.json");
-        serde_json::from_slice(
-            &std::fs::read(&p).unwrap_or_else(|e| panic!("{}: {e}", p.display())),
-        )
-        .expect("manifest.json")
-    }
-
-    fn dtype(v: &Value) -> DType {
-        DType::from_safetensors_name(v.as_str().expect("dtype")).expect("known dtype")
-    }
-
-    fn read(name: &str) -> Vec<u8> {
-        let p = fixtures().join("convert").join(name);
-        std::fs::read(&p).unwrap_or_else(|e| panic!("{}: {e}", p.display()))
-    }
+    use axsave_formats::torch_fixtures::{pairs, splitmix64, sweeps};
 
     /// (from, to, input, torch's output) for every pair of the explicit fixtures.
     pub(crate) fn explicit() -> Vec<(DType, DType, Vec<u8>, Vec<u8>)> {
-        let m = manifest();
-        let pairs: Vec<_> = m["pairs"]
-            .as_array()
-            .expect("pairs")
-            .iter()
-            .map(|p| {
-                let from = dtype(&p["from"]);
-                let input = read(
-                    m["inputs"][from.safetensors_name()]["file"]
-                        .as_str()
-                        .unwrap(),
-                );
-                (
-                    from,
-                    dtype(&p["to"]),
-                    input,
-                    read(p["file"].as_str().unwrap()),
-                )
-            })
+        let pairs: Vec<_> = pairs()
+            .into_iter()
+            .map(|p| (p.from, p.to, p.input, p.want))
             .collect();
         assert_eq!(pairs.len(), 12, "the fixtures cover the twelve pairs");
         pairs
@@ -525,89 +482,20 @@ pub(crate) mod tests {
         assert!(checked > 20_000, "only {checked} elements");
     }
 
-    fn splitmix64(i: u64) -> u64 {
-        let mut z = i.wrapping_add(1).wrapping_mul(0x9E37_79B9_7F4A_7C15);
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-
-    /// The sweep inputs, as `sweep_input` in scripts/fixtures/convert.py builds them (the same
-    /// generator as convert.rs's tests; the input CRC in the manifest proves it).
-    fn sweep_input(from: DType, half: u64, grid_lo: &[u64]) -> Vec<u8> {
-        match from {
-            DType::F16 | DType::BF16 => (0..=u16::MAX).flat_map(u16::to_le_bytes).collect(),
-            DType::F32 => {
-                let grid =
-                    (0..half).map(|i| (((i >> 4) << 16) | grid_lo[(i & 15) as usize]) as u32);
-                let random = (0..half).map(|i| (splitmix64(i + half) >> 32) as u32);
-                grid.chain(random).flat_map(u32::to_le_bytes).collect()
-            }
-            DType::F64 => {
-                let low = |bits: u32| (1u64 << bits) - 1;
-                let (f32_tie, bf16_tie, f16_tie) = (1u64 << 28, 1u64 << 44, 1u64 << 41);
-                let structured = (0..half).map(|i| {
-                    let r = splitmix64(i);
-                    let sign = r >> 63;
-                    let exp = 1023 - 160 + ((r >> 40) & 0x1FF) % 300;
-                    let m = r & low(52);
-                    let m = match i & 7 {
-                        1 => (m & !low(29)) | f32_tie,
-                        2 => (m & !low(29)) | f32_tie | 1,
-                        3 => (m & !low(29)) | (f32_tie - 1),
-                        4 => (m & !low(45)) | bf16_tie | 1,
-                        5 => (m & !low(45)) | (bf16_tie - 1),
-                        6 => (m & !low(42)) | f16_tie | 1,
-                        7 => (m & !low(42)) | (f16_tie - 1),
-                        _ => m,
-                    };
-                    (sign << 63) | (exp << 52) | m
-                });
-                let random = (0..half).map(|i| splitmix64(i + half));
-                structured
-                    .chain(random)
-                    .flat_map(u64::to_le_bytes)
-                    .collect()
-            }
-            other => unreachable!("no sweep for {other}"),
-        }
-    }
-
     /// Millions of inputs per pair, against the CRC-32 of torch's output block by block.
     #[test]
     fn twins_match_torch_on_the_sweeps() {
-        let m = manifest();
-        let sweeps = &m["sweeps"];
-        let block = sweeps["block"].as_u64().unwrap() as usize;
-        let half = sweeps["half"].as_u64().unwrap();
-        let grid_lo: Vec<u64> = sweeps["grid_lo"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|v| v.as_u64().unwrap())
-            .collect();
+        let sweeps = sweeps();
         let mut pairs = 0;
-        for (name, entry) in sweeps["sources"].as_object().unwrap() {
-            let from = DType::from_safetensors_name(name).unwrap();
-            let input = sweep_input(from, half, &grid_lo);
-            assert_eq!(
-                format!("{:08x}", crc32fast::hash(&input)),
-                entry["input_crc32"].as_str().unwrap(),
-                "{from}: the sweep generator drifted from the fixtures'"
-            );
-            let count = input.len() / from.size();
-            for (to_name, crcs) in entry["output_block_crc32"].as_object().unwrap() {
-                let to = DType::from_safetensors_name(to_name).unwrap();
-                let mut out = vec![0u8; count * to.size()];
-                twin_convert(from, to, &input, &mut out).unwrap();
-                let crcs = crcs.as_array().unwrap();
-                assert_eq!(crcs.len(), out.len().div_ceil(block * to.size()));
-                for (b, (chunk, crc)) in out.chunks(block * to.size()).zip(crcs).enumerate() {
-                    assert_eq!(
-                        format!("{:08x}", crc32fast::hash(chunk)),
-                        crc.as_str().unwrap(),
+        for sweep in &sweeps.sources {
+            let from = sweep.from;
+            for (to, crcs) in &sweep.outputs {
+                let mut out = vec![0u8; sweep.count() * to.size()];
+                twin_convert(from, *to, &sweep.input, &mut out).unwrap();
+                if let Some(b) = sweeps.differing_blocks(*to, &out, crcs).first() {
+                    panic!(
                         "{from} -> {to}: block {b} (elements {}..) differs from torch",
-                        b * block
+                        b * sweeps.block
                     );
                 }
                 pairs += 1;
