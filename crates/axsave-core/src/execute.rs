@@ -281,32 +281,39 @@ pub fn run<S: Sink>(
     sources.check_unchanged()?;
     // Every checksummed piece: combine the parts in order and compare.
     let crcs = crcs.into_inner().unwrap_or_else(|e| e.into_inner());
-    for (ti, mut parts) in crcs {
-        parts.sort_by_key(|(k, _)| *k);
-        if parts.len() != checked[&ti] {
-            continue;
+    for (ti, parts) in crcs {
+        if parts.len() == checked[&ti] {
+            check_assembled(sources, piece_of(catalog, layout, &tasks[ti]), parts)?;
         }
-        let mut it = parts.into_iter();
-        let Some((_, mut h)) = it.next() else {
-            continue;
-        };
-        for (_, p) in it {
-            h.combine(&p);
-        }
-        let found = h.finalize();
-        let t = &tasks[ti];
-        let piece = piece_of(catalog, layout, t);
-        if let Some(c) = &piece.checksum
-            && found != c.crc32
-        {
-            return Err(CoreError::Format(FormatError::Checksum {
-                path: sources.path(piece.file),
-                offset: c.offset,
-                end: c.offset + c.len,
-                expected: c.crc32,
-                found,
-            }));
-        }
+    }
+    Ok(())
+}
+
+/// Combines the CRC-32s of every part of a piece read in parts (`(position, hasher)`, in any
+/// order) and compares the result with the piece's recorded checksum. The caller passes only
+/// complete sets of parts. (Also used by the GPU executor.)
+pub(crate) fn check_assembled(
+    sources: &SourceFiles,
+    piece: &Piece,
+    mut parts: Vec<(usize, crc32fast::Hasher)>,
+) -> Result<()> {
+    parts.sort_by_key(|(k, _)| *k);
+    let mut it = parts.into_iter();
+    let (Some(c), Some((_, mut h))) = (&piece.checksum, it.next()) else {
+        return Ok(());
+    };
+    for (_, p) in it {
+        h.combine(&p);
+    }
+    let found = h.finalize();
+    if found != c.crc32 {
+        return Err(CoreError::Format(FormatError::Checksum {
+            path: sources.path(piece.file),
+            offset: c.offset,
+            end: c.offset + c.len,
+            expected: c.crc32,
+            found,
+        }));
     }
     Ok(())
 }

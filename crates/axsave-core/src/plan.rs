@@ -172,7 +172,7 @@ pub fn make_plan(
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::geometry::{Geometry, runs, split};
     use crate::layout::{LayoutOptions, plan_layout};
@@ -181,6 +181,13 @@ mod tests {
     /// A catalog of `n` tensors of `rows x 4` f32, each split in `w` row blocks, block `r` in
     /// file `r` (as `w` ranks of FSDP would save it).
     fn catalog(n: usize, rows: u64, w: usize) -> Catalog {
+        row_blocks(n, [rows, 4], w, DType::F32)
+    }
+
+    /// `n` tensors of `shape` (rows x columns) `dtype`, each split in `w` row blocks, block `r`
+    /// in file `r`: the catalog `w` FSDP ranks would save.
+    pub(crate) fn row_blocks(n: usize, shape: [u64; 2], w: usize, dtype: DType) -> Catalog {
+        let [rows, cols] = shape;
         let files = (0..w)
             .map(|r| SourceFile {
                 path: format!("__{r}_0.distcp").into(),
@@ -197,12 +204,12 @@ mod tests {
                         (len > 0).then(|| Piece {
                             region: Region::Box {
                                 offsets: vec![start, 0],
-                                sizes: vec![len, 4],
+                                sizes: vec![len, cols],
                             },
                             file: r,
                             offset: 0,
-                            strides: vec![4, 1],
-                            stored_dtype: DType::F32,
+                            strides: vec![cols as i64, 1],
+                            stored_dtype: dtype,
                             encoding: Encoding::Raw,
                             checksum: None,
                         })
@@ -211,8 +218,8 @@ mod tests {
                 TensorEntry {
                     name: format!("t{i}"),
                     path: vec![format!("t{i}")],
-                    dtype: DType::F32,
-                    shape: vec![rows, 4],
+                    dtype,
+                    shape: vec![rows, cols],
                     pieces,
                 }
             })

@@ -19,7 +19,7 @@ use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use axsave_formats::convert;
-use axsave_formats::{Catalog, Encoding, FormatError};
+use axsave_formats::{Catalog, Encoding};
 
 use super::schedule::{RoundWork, Seg, Unit, geometry};
 use crate::error::{CoreError, Result};
@@ -202,30 +202,10 @@ fn verify_checksums(
             crate::execute::check_piece(job.sources, piece, 1 << 20, &mut buf)?;
         }
     }
-    for (t, mut parts) in crcs {
-        if checked.get(&t) != Some(&parts.len()) {
-            continue;
-        }
-        parts.sort_by_key(|(k, _)| *k);
-        let mut it = parts.into_iter();
-        let Some((_, mut h)) = it.next() else {
-            continue;
-        };
-        for (_, p) in it {
-            h.combine(&p);
-        }
-        let found = h.finalize();
-        let piece = &job.catalog.tensors[job.layout.tensors[t.out].source].pieces[t.piece];
-        if let Some(c) = &piece.checksum
-            && found != c.crc32
-        {
-            return Err(CoreError::Format(FormatError::Checksum {
-                path: job.sources.path(piece.file),
-                offset: c.offset,
-                end: c.offset + c.len,
-                expected: c.crc32,
-                found,
-            }));
+    for (t, parts) in crcs {
+        if checked.get(&t) == Some(&parts.len()) {
+            let piece = &job.catalog.tensors[job.layout.tensors[t.out].source].pieces[t.piece];
+            crate::execute::check_assembled(job.sources, piece, parts)?;
         }
     }
     Ok(())

@@ -403,61 +403,11 @@ impl RoundWork {
 mod tests {
     use super::*;
     use crate::layout::{LayoutOptions, plan_layout};
+    use crate::plan::tests::row_blocks;
     use crate::plan::{Mode, make_plan};
-    use axsave_formats::{Encoding, Piece, Region, SourceFile, TensorEntry};
-
-    /// `n` tensors of `rows x 6` `dtype`, row blocks in `w` files (as `w` FSDP ranks save).
-    pub(crate) fn catalog(n: usize, rows: u64, w: usize, dtype: DType) -> Catalog {
-        let files = (0..w)
-            .map(|r| SourceFile {
-                path: format!("__{r}_0.distcp").into(),
-                size: 1 << 30,
-            })
-            .collect();
-        let tensors = (0..n)
-            .map(|i| {
-                let per = rows.div_ceil(w as u64);
-                let pieces = (0..w)
-                    .filter_map(|r| {
-                        let start = r as u64 * per;
-                        let len = per.min(rows.saturating_sub(start));
-                        (len > 0).then(|| Piece {
-                            region: Region::Box {
-                                offsets: vec![start, 0],
-                                sizes: vec![len, 6],
-                            },
-                            file: r,
-                            offset: 0,
-                            strides: vec![6, 1],
-                            stored_dtype: dtype,
-                            encoding: Encoding::Raw,
-                            checksum: None,
-                        })
-                    })
-                    .collect();
-                TensorEntry {
-                    name: format!("t{i}"),
-                    path: vec![format!("t{i}")],
-                    dtype,
-                    shape: vec![rows, 6],
-                    pieces,
-                }
-            })
-            .collect();
-        Catalog {
-            format: axsave_formats::Format::Dcp,
-            root: ".".into(),
-            files,
-            tensors,
-            writer_ranks: Some(w),
-            skipped: vec![],
-            notes: vec![],
-            records: vec![],
-        }
-    }
 
     fn setup(w: usize, mode: Mode) -> (Catalog, Layout, crate::plan::Plan) {
-        let c = catalog(7, 50, w, DType::F32);
+        let c = row_blocks(7, [50, 6], w, DType::F32);
         let l = plan_layout(
             &c,
             &LayoutOptions {
