@@ -34,7 +34,7 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
-use axsave_dist::store::rendezvous::{receive_broadcast, report_failure, wait_watching_failure};
+use axsave_dist::store::rendezvous::{receive_broadcast, wait_watching_failure};
 use axsave_dist::{StoreClient, World};
 use axsave_formats::DType;
 
@@ -173,26 +173,13 @@ pub fn run(
         _ => None,
     };
     if let Err(e) = &result {
-        // Tell everyone (unless it is someone else's failure we are echoing), then clean up.
-        let msg = match interrupted {
-            Some(signal) => CoreError::Interrupted { signal }.to_string(),
-            None => e.to_string(),
-        };
-        if interrupted.is_some()
-            || (!matches!(e, CoreError::Cancelled) && shared.failure().is_none())
-        {
-            let _ = report_failure(rank.client, world.rank, &msg);
-        }
+        shared.announce(rank.client, world.rank, e, interrupted);
         rank.cleanup();
     }
     // Our own connections go first, so that the server counts only the others'.
     drop(rank);
     drop(client);
-    if let Some(s) = server {
-        // Others may still be reading the last keys: give them a moment to leave.
-        let _ = s.wait_for_disconnects(Instant::now() + Duration::from_secs(5).min(opts.timeout));
-        s.shutdown();
-    }
+    watchdog::close_server(server, opts.timeout);
     result.map_err(|e| shared.cancel.explain(e))
 }
 

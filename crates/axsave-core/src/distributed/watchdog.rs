@@ -39,6 +39,39 @@ impl Shared {
     pub fn failure(&self) -> Option<String> {
         self.cancel.failure()
     }
+
+    /// After this rank's run ended in `error`: tells the other ranks why through the store (the
+    /// signal `interrupted` names, else the error), unless the error only echoes a failure
+    /// another rank reported first. Best effort: a store that is gone cannot be told, and the
+    /// others' watchdogs notice the silence instead.
+    pub fn announce(
+        &self,
+        client: &mut StoreClient,
+        rank: usize,
+        error: &crate::error::CoreError,
+        interrupted: Option<i32>,
+    ) {
+        use crate::error::CoreError;
+        let msg = match interrupted {
+            Some(signal) => CoreError::Interrupted { signal }.to_string(),
+            None => error.to_string(),
+        };
+        if interrupted.is_some()
+            || (!matches!(error, CoreError::Cancelled) && self.failure().is_none())
+        {
+            let _ = report_failure(client, rank, &msg);
+        }
+    }
+}
+
+/// Rank 0's store server at the end of a run, once this rank's own connections are closed: gives
+/// the other ranks a moment (5 s, or `timeout` if shorter) to read the last keys and leave, then
+/// stops it.
+pub fn close_server(server: Option<axsave_dist::StoreServer>, timeout: Duration) {
+    if let Some(s) = server {
+        let _ = s.wait_for_disconnects(Instant::now() + Duration::from_secs(5).min(timeout));
+        s.shutdown();
+    }
 }
 
 /// The running watchdog.

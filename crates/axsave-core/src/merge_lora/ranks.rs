@@ -22,7 +22,7 @@ use std::sync::atomic::AtomicU64;
 use std::time::{Duration, Instant};
 
 use axsave_dist::store::CoordError;
-use axsave_dist::store::rendezvous::{report_failure, wait_watching_failure};
+use axsave_dist::store::rendezvous::wait_watching_failure;
 use axsave_dist::{ClientOptions, ServerOptions, StoreClient, StoreServer, World};
 
 use super::{MergeOptions, MergeReport, Prepared, WriteAt, commit, prepare, write_tensors};
@@ -167,24 +167,12 @@ pub fn run(
     );
     let interrupted = crate::interrupt::received().filter(|_| shared.failure().is_none());
     if let Err(e) = &result {
-        // Tell everyone (unless it is someone else's failure we are echoing), then clean up.
-        let msg = match interrupted {
-            Some(signal) => CoreError::Interrupted { signal }.to_string(),
-            None => e.to_string(),
-        };
-        if interrupted.is_some()
-            || (!matches!(e, CoreError::Cancelled) && shared.failure().is_none())
-        {
-            let _ = report_failure(&mut client, world.rank, &msg);
-        }
+        shared.announce(&mut client, world.rank, e, interrupted);
         state.cleanup(&opts.output, world.rank);
     }
     drop(state);
     drop(client);
-    if let Some(s) = server {
-        let _ = s.wait_for_disconnects(Instant::now() + Duration::from_secs(5).min(times.timeout));
-        s.shutdown();
-    }
+    crate::distributed::watchdog::close_server(server, times.timeout);
     match result {
         Err(_) if interrupted.is_some() => Err(CoreError::Interrupted {
             signal: interrupted.unwrap_or_default(),
