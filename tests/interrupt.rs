@@ -96,6 +96,24 @@ fn stalled_save(source: &Path, out: &Path, hit: &Path, point: &str) -> Child {
 }
 
 /// Nothing of the run is left: no temporary, no marker, no lock, no model.
+/// `axsave launch -n <ranks>` of a sharded save into `out`, rank `fault`'s `copying` fault
+/// point armed (it stalls there and names its pid in `hit`), output piped.
+fn launch_stalling(ranks: &str, fault: &str, out: &Path, hit: &Path, extra: &[&str]) -> Child {
+    let mut c = Command::new(bin());
+    c.args(["launch", "-n", ranks, "--", "--source"])
+        .arg(fixture(FIXTURE))
+        .arg("--output")
+        .arg(out)
+        .args(["--mode", "sharded", "--quiet"])
+        .args(extra);
+    clean_env(&mut c);
+    c.env("AXSAVE_FAULT", format!("copying@{fault}"))
+        .env("AXSAVE_FAULT_FILE", hit)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    c.spawn().unwrap()
+}
+
 fn assert_nothing_left(out: &Path) {
     let names = listing(out);
     assert!(names.is_empty(), "left in the output directory: {names:?}");
@@ -187,28 +205,7 @@ fn under_launch_a_killed_rank_lets_the_others_clean_up() {
     let t = tempfile::tempdir().unwrap();
     let out = t.path().join("out");
     let hit = t.path().join("hit");
-    let mut c = Command::new(bin());
-    c.args([
-        "launch",
-        "-n",
-        "3",
-        "--",
-        "--source",
-        s(&fixture(FIXTURE)),
-        "--output",
-        s(&out),
-        "--mode",
-        "sharded",
-        "--quiet",
-        "--timeout",
-        "30",
-    ]);
-    clean_env(&mut c);
-    c.env("AXSAVE_FAULT", "copying@2")
-        .env("AXSAVE_FAULT_FILE", &hit)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
-    let mut launcher = c.spawn().unwrap();
+    let mut launcher = launch_stalling("3", "2", &out, &hit, &["--timeout", "30"]);
     let pid = wait_hit(&hit, std::slice::from_mut(&mut launcher));
     assert!(listing(&out).iter().any(|n| n.ends_with(".tmp")));
     signal(pid, libc::SIGKILL);
@@ -338,26 +335,7 @@ fn ctrl_c_on_the_launcher_cancels_every_rank() {
     let t = tempfile::tempdir().unwrap();
     let out = t.path().join("out");
     let hit = t.path().join("hit");
-    let mut c = Command::new(bin());
-    c.args([
-        "launch",
-        "-n",
-        "2",
-        "--",
-        "--source",
-        s(&fixture(FIXTURE)),
-        "--output",
-        s(&out),
-        "--mode",
-        "sharded",
-        "--quiet",
-    ]);
-    clean_env(&mut c);
-    c.env("AXSAVE_FAULT", "copying@1")
-        .env("AXSAVE_FAULT_FILE", &hit)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
-    let mut launcher = c.spawn().unwrap();
+    let mut launcher = launch_stalling("2", "1", &out, &hit, &[]);
     wait_hit(&hit, std::slice::from_mut(&mut launcher));
     assert!(listing(&out).iter().any(|n| n.ends_with(".tmp")));
     signal(launcher.id(), libc::SIGINT);
