@@ -166,7 +166,7 @@ pub fn fix_config(
             obj.insert(key.to_string(), new);
         }
     }
-    Ok((super::json_sorted(&v).into_bytes(), changes))
+    Ok((super::json::json_sorted(&v).into_bytes(), changes))
 }
 
 /// Checks `tokenizer.json` with the `tokenizers` library and returns its vocabulary size

@@ -3,6 +3,7 @@
 
 pub mod config;
 pub mod extras;
+pub mod json;
 pub mod peft;
 pub mod resolve;
 pub mod select;
@@ -10,30 +11,11 @@ pub mod select;
 use std::path::{Path, PathBuf};
 
 use axsave_formats::DType;
-use serde_json::Value;
 
 use crate::error::Result;
 use crate::layout::Layout;
 use extras::Extra;
-
-/// JSON as Python writes it with `json.dumps(v, indent=2, sort_keys=True)`, plus a newline (the
-/// form of transformers' `config.json` and PEFT's `adapter_config.json`).
-pub fn json_sorted(v: &Value) -> String {
-    fn sort(v: &Value) -> Value {
-        match v {
-            Value::Object(m) => {
-                let mut keys: Vec<&String> = m.keys().collect();
-                keys.sort();
-                Value::Object(keys.into_iter().map(|k| (k.clone(), sort(&m[k]))).collect())
-            }
-            Value::Array(a) => Value::Array(a.iter().map(sort).collect()),
-            other => other.clone(),
-        }
-    }
-    let mut s = serde_json::to_string_pretty(&sort(v)).unwrap_or_default();
-    s.push('\n');
-    s
-}
+pub use json::json_sorted;
 
 /// The small files written beside the weights, committed with them.
 #[derive(Clone, Debug, Default)]
@@ -244,15 +226,6 @@ fn resolve_existing_prefix(path: &Path) -> PathBuf {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn sorted_json_like_python() {
-        let v: Value = serde_json::from_str(r#"{"b": 1, "a": {"d": [1, 2], "c": null}}"#).unwrap();
-        assert_eq!(
-            json_sorted(&v),
-            "{\n  \"a\": {\n    \"c\": null,\n    \"d\": [\n      1,\n      2\n    ]\n  },\n  \"b\": 1\n}\n"
-        );
-    }
 
     #[test]
     fn cleanup_refuses_to_remove_the_output() {

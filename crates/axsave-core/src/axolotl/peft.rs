@@ -90,7 +90,7 @@ pub fn saved_name(name: &str, adapter: &str) -> Option<String> {
 
 /// JSON as PEFT writes `adapter_config.json`: sorted keys, indent 2, no final newline.
 fn peft_json(v: &Value) -> String {
-    super::json_sorted(v).trim_end().to_string()
+    super::json::json_sorted(v).trim_end().to_string()
 }
 
 /// The run's own `adapter_config.json` as PEFT's `save_pretrained` writes it: the config Axolotl
