@@ -7,11 +7,13 @@
 //! write it with `O_DIRECT`, so the disk sees several writes in flight, as with parallel
 //! `dd oflag=direct` streams. Bytes that need no conversion are read from the source straight
 //! into the staging buffer ([`Writers::write_from`]); others are copied in
-//! ([`Writers::write_at`]). The unaligned ends of a write (less than a block each)
-//! still go through the page cache, and so do files on filesystems that refuse `O_DIRECT`;
-//! the final fsync covers both. The two never share a page: direct writes cover only whole
-//! aligned blocks that lie inside one write, the page cache gets only the blocks no single
-//! write covers whole, and every output byte is written once.
+//! ([`Writers::write_at`]). The unaligned ends of a write (the bytes of blocks it covers only
+//! in part) are gathered with the other parts of their blocks ([`stitch`]); a block made whole
+//! goes direct too, and the blocks that never become whole (the one the header shares, a file's
+//! last block) are written through the page cache after the direct writes, as are files on
+//! filesystems that refuse `O_DIRECT`; the final fsync covers both. The two never share a
+//! block: a block goes direct only when every byte of it is at hand, the page cache gets only
+//! the others, and every output byte is written once.
 //!
 //! Sized from `--memory-budget` ([`WriteOptions::for_budget`]) and tunable with
 //! `AXSAVE_WRITERS` ([`WriteOptions::with_env`]).
@@ -27,9 +29,12 @@ use std::thread::JoinHandle;
 use crate::error::{CoreError, Result};
 use crate::execute::Fill;
 
-/// Alignment of direct writes, in memory and in the file: a page, which is also a multiple of
-/// every common logical block size.
-pub const ALIGN: usize = 4096;
+mod staging;
+mod stitch;
+
+pub use staging::ALIGN;
+use staging::Staging;
+use stitch::{Added, Stitcher};
 
 /// Tuning of the output writers.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -39,27 +44,33 @@ pub struct WriteOptions {
     /// Bytes per staging buffer (a multiple of [`ALIGN`]); each writer has two, so the
     /// buffers take `2 * writers * buffer_bytes`.
     pub buffer_bytes: usize,
+    /// Memory for gathering the blocks no single write covers whole, so that they too go
+    /// direct (each takes `2 * ALIGN`); 0 writes such bytes through the page cache at once.
+    pub stitch_bytes: usize,
 }
 
 impl Default for WriteOptions {
     /// [`WriteOptions::for_budget`] of the default 256 MiB `--memory-budget`: 8 writers of two
-    /// 2 MiB buffers.
+    /// 1.6 MiB buffers, 6.4 MiB for partial blocks.
     fn default() -> Self {
         WriteOptions::for_budget(256 << 20)
     }
 }
 
 impl WriteOptions {
-    /// Writers whose staging buffers take an eighth of `budget`, at most 32 MiB (half of the
-    /// quarter of the budget the copy's own buffers leave free, see
-    /// [`crate::execute::ExecOptions::for_budget`]): 8 writers with two buffers each of
-    /// `budget / 128`, rounded down to [`ALIGN`], from 64 KiB to 2 MiB.
+    /// Writers that take an eighth of `budget`, at most 40 MiB (half of the quarter of the
+    /// budget the copy's own buffers leave free, see
+    /// [`crate::execute::ExecOptions::for_budget`]): 8 writers with two staging buffers each of
+    /// `budget / 160`, rounded down to [`ALIGN`], from 64 KiB to 2 MiB, and a quarter of what
+    /// the buffers take again for partial blocks.
     pub fn for_budget(budget: u64) -> Self {
         const WRITERS: usize = 8;
-        let each = (budget / (8 * 2 * WRITERS as u64)) as usize;
+        let each = (budget / (10 * 2 * WRITERS as u64)) as usize;
+        let buffer_bytes = each.clamp(64 << 10, 2 << 20) / ALIGN * ALIGN;
         WriteOptions {
             writers: WRITERS,
-            buffer_bytes: each.clamp(64 << 10, 2 << 20) / ALIGN * ALIGN,
+            buffer_bytes,
+            stitch_bytes: 2 * WRITERS * buffer_bytes / 4,
         }
     }
 
@@ -143,26 +154,9 @@ struct Request {
     offset: u64,
     buf: Staging,
     len: usize,
-}
-
-/// A staging buffer whose usable part starts at an [`ALIGN`]-aligned address.
-struct Staging {
-    raw: Vec<u8>,
-    start: usize,
-}
-
-impl Staging {
-    fn new(len: usize) -> Self {
-        let raw = vec![0u8; len + ALIGN];
-        let start = raw.as_ptr().align_offset(ALIGN);
-        Staging { raw, start }
-    }
-    fn bytes(&self, len: usize) -> &[u8] {
-        &self.raw[self.start..self.start + len]
-    }
-    fn bytes_mut(&mut self, len: usize) -> &mut [u8] {
-        &mut self.raw[self.start..self.start + len]
-    }
+    /// Whether `buf` returns to the pool of staging buffers (a block gathered by the stitcher
+    /// is not one of them).
+    pooled: bool,
 }
 
 #[derive(Default)]
@@ -211,6 +205,7 @@ pub(crate) struct Writers {
     threads: Vec<JoinHandle<()>>,
     buffer_bytes: usize,
     max_buffers: usize,
+    stitch: Stitcher,
 }
 
 impl Writers {
@@ -239,6 +234,7 @@ impl Writers {
             threads,
             buffer_bytes,
             max_buffers: 2 * writers,
+            stitch: Stitcher::new(opts.stitch_bytes),
         }
     }
 
@@ -262,23 +258,20 @@ impl Writers {
         }
     }
 
-    /// The whole aligned blocks `[a, b)` inside `len` bytes at `offset` of `t`, when they go
-    /// direct (`None`: no direct handle, direct I/O turned off, or no whole block inside).
-    fn direct_span(&self, t: &Target, offset: u64, len: usize) -> Option<(u64, u64)> {
-        let end = offset + len as u64;
-        let a = offset.div_ceil(ALIGN as u64) * ALIGN as u64;
-        let b = end / ALIGN as u64 * ALIGN as u64;
-        (t.direct.is_some() && self.shared.direct_ok.load(Ordering::Relaxed) && b > a)
-            .then_some((a, b))
+    /// Whether writes to `t` go direct: it has a direct handle, and no direct write has been
+    /// refused for its alignment.
+    fn goes_direct(&self, t: &Target) -> bool {
+        t.direct.is_some() && self.shared.direct_ok.load(Ordering::Relaxed)
     }
 
     /// Writes `len` bytes at `offset` of target `file` that `fill(at, buf)` produces (`at`:
     /// where `buf` starts within the `len` bytes; called in ascending order of `at`, once per
-    /// byte). The aligned middle is filled straight into staging buffers and handed to the
-    /// writers, saving the copy [`Writers::write_at`] makes; the ends are filled into
-    /// `scratch` and written through the page cache, as is everything when nothing goes
-    /// direct. A failure of `fill` is returned as it is; one of an earlier direct write here or
-    /// by [`Writers::drain`].
+    /// byte). The whole aligned blocks inside are filled straight into staging buffers and
+    /// handed to the writers, saving the copy [`Writers::write_at`] makes; the ends (the bytes
+    /// of blocks the write covers only in part) are filled into `scratch` and gathered with
+    /// the other parts of their blocks ([`stitch`]). When nothing goes direct everything is
+    /// written through the page cache. A failure of `fill` is returned as it is; one of an
+    /// earlier direct write here or by [`Writers::drain`].
     pub(crate) fn write_from(
         &self,
         file: usize,
@@ -288,46 +281,72 @@ impl Writers {
         fill: &mut Fill<'_>,
     ) -> Result<()> {
         let t = self.target(file)?;
-        let mut buffered = |fill: &mut Fill<'_>, at: u64, n| {
+        let direct = self.goes_direct(t);
+        let mut ends = |fill: &mut Fill<'_>, at: u64, n: usize| {
             scratch.resize(n, 0);
             fill(at, scratch)?;
-            t.buffered(scratch, offset + at)
+            match direct {
+                true => self.partial(t, file, offset + at, scratch),
+                false => t.buffered(scratch, offset + at),
+            }
         };
-        let Some((a, b)) = self.direct_span(t, offset, len) else {
-            return buffered(fill, 0, len);
-        };
-        let (head, tail) = ((a - offset) as usize, (offset + len as u64 - b) as usize);
-        if head > 0 {
-            buffered(fill, 0, head)?;
+        let (a, b) = aligned_inside(offset, len);
+        if !direct || b <= a {
+            return ends(fill, 0, len);
+        }
+        if a > offset {
+            ends(fill, 0, (a - offset) as usize)?;
         }
         self.stage(file, a, b, &mut |at, buf| fill(at - offset, buf))?;
-        if tail > 0 {
-            buffered(fill, b - offset, tail)?;
+        let end = offset + len as u64;
+        if end > b {
+            ends(fill, b - offset, (end - b) as usize)?;
         }
         Ok(())
     }
 
-    /// Writes `data` at `offset` of target `file`: the aligned middle goes to the writers (it
-    /// is copied, so `data` can be reused at once), the rest through the page cache. A failure
-    /// of an earlier direct write is returned here or by [`Writers::drain`].
+    /// Writes `data` at `offset` of target `file`: the whole aligned blocks inside go to the
+    /// writers (copied, so `data` can be reused at once), the ends are gathered with the other
+    /// parts of their blocks; everything through the page cache when nothing goes direct. A
+    /// failure of an earlier direct write is returned here or by [`Writers::drain`].
     pub(crate) fn write_at(&self, file: usize, offset: u64, data: &[u8]) -> Result<()> {
         let t = self.target(file)?;
-        let Some((a, b)) = self.direct_span(t, offset, data.len()) else {
+        if !self.goes_direct(t) {
             return t.buffered(data, offset);
-        };
+        }
+        let (a, b) = aligned_inside(offset, data.len());
+        if b <= a {
+            return self.partial(t, file, offset, data);
+        }
         let (head, rest) = data.split_at((a - offset) as usize);
         let (middle, tail) = rest.split_at((b - a) as usize);
-        if !head.is_empty() {
-            t.buffered(head, offset)?;
-        }
-        if !tail.is_empty() {
-            t.buffered(tail, b)?;
-        }
+        self.partial(t, file, offset, head)?;
         self.stage(file, a, b, &mut |at, buf| {
             let from = (at - a) as usize;
             buf.copy_from_slice(&middle[from..from + buf.len()]);
             Ok(())
-        })
+        })?;
+        self.partial(t, file, b, tail)
+    }
+
+    /// Bytes at `offset` of target `file` that fill no block whole: each part is gathered with
+    /// the rest of its block, and a block made whole goes to the writers; a part the stitcher
+    /// has no room for is written through the page cache at once.
+    fn partial(&self, t: &Target, file: usize, offset: u64, data: &[u8]) -> Result<()> {
+        for (pos, lo, hi) in stitch::parts(offset, data.len()) {
+            match self.stitch.add(file, pos, &data[lo..hi]) {
+                Added::Kept => {}
+                Added::Whole(buf) => self.queue(Request {
+                    file,
+                    offset: pos / ALIGN as u64 * ALIGN as u64,
+                    buf,
+                    len: ALIGN,
+                    pooled: false,
+                }),
+                Added::Refused => t.buffered(&data[lo..hi], pos)?,
+            }
+        }
+        Ok(())
     }
 
     /// Hands the aligned bytes `[a, b)` of target `file` to the writers, one staging buffer at
@@ -347,6 +366,7 @@ impl Writers {
                 offset: at,
                 buf,
                 len: n,
+                pooled: true,
             });
             at += n as u64;
         }
@@ -387,16 +407,24 @@ impl Writers {
     }
 
     /// Waits until every queued write is on its way to the disk (written; the caller fsyncs),
-    /// and returns the first failure.
+    /// then writes the blocks that never became whole through the page cache (no direct write
+    /// is in flight by then to contend with); returns the first failure.
     pub(crate) fn drain(&self) -> Result<()> {
         let mut st = self.shared.lock();
         while st.in_flight > 0 {
             st = self.shared.done.wait(st).unwrap_or_else(|e| e.into_inner());
         }
-        match &st.error {
-            Some(e) => Err(error_of(e)),
-            None => Ok(()),
+        if let Some(e) = &st.error {
+            return Err(error_of(e));
         }
+        drop(st);
+        for (file, block, p) in self.stitch.take() {
+            let t = self.target(file)?;
+            for &(lo, hi) in &p.ranges {
+                t.buffered(&p.data.bytes(ALIGN)[lo..hi], block + lo as u64)?;
+            }
+        }
+        Ok(())
     }
 }
 
@@ -408,6 +436,13 @@ impl Drop for Writers {
             let _ = t.join();
         }
     }
+}
+
+/// The whole aligned blocks `[a, b)` inside `len` bytes at `offset` (`b <= a`: none).
+fn aligned_inside(offset: u64, len: usize) -> (u64, u64) {
+    let a = offset.div_ceil(ALIGN as u64) * ALIGN as u64;
+    let b = (offset + len as u64) / ALIGN as u64 * ALIGN as u64;
+    (a, b)
 }
 
 /// A writer thread: takes requests until the pool closes and its queue is empty.
@@ -433,7 +468,9 @@ fn writer(targets: &[Option<Target>], shared: &Shared) {
             st.error = Some((path, e.kind(), e.raw_os_error(), e.to_string()));
         }
         st.in_flight -= 1;
-        st.free.push(req.buf);
+        if req.pooled {
+            st.free.push(req.buf);
+        }
         drop(st);
         shared.done.notify_all();
     }
@@ -606,21 +643,61 @@ mod tests {
     const SMALL: WriteOptions = WriteOptions {
         writers: 3,
         buffer_bytes: 64 * 1024,
+        stitch_bytes: 1 << 20,
     };
 
-    /// Every whole block inside a write goes direct (in staging buffers smaller than the
-    /// longest write), the ends and the short runs through the page cache, and the files
-    /// hold every byte where it belongs.
+    /// Every block that holds only tensor bytes goes direct: the whole blocks inside a write
+    /// (in staging buffers smaller than the longest write) and the blocks gathered from the
+    /// ends of writes and from the short runs; the block the header shares and the file's
+    /// last, partial one through the page cache. The files hold every byte where it belongs.
     #[test]
-    fn whole_blocks_go_direct_and_the_ends_through_the_page_cache() {
+    fn every_block_of_tensor_bytes_goes_direct() {
         for via in [Via::Slice, Via::Fill] {
             let direct = round_trip(SMALL, true, via);
+            if direct_supported() {
+                let data_blocks = (LEN / ALIGN - HEADER.div_ceil(ALIGN)) * ALIGN;
+                assert!(data_blocks as u64 > aligned_middles(&pieces()));
+                assert_eq!(direct, 2 * data_blocks as u64);
+            } else {
+                assert_eq!(direct, 0);
+            }
+        }
+    }
+
+    /// Without room to gather partial blocks, only the whole blocks inside each write go
+    /// direct, the ends and the short runs through the page cache; the bytes are the same.
+    #[test]
+    fn without_room_for_partial_blocks_the_ends_go_through_the_page_cache() {
+        let opts = WriteOptions {
+            stitch_bytes: 0,
+            ..SMALL
+        };
+        for via in [Via::Slice, Via::Fill] {
+            let direct = round_trip(opts, true, via);
             if direct_supported() {
                 let middles = aligned_middles(&pieces());
                 assert!(middles > 2 * 1024 * 1024, "the test writes long pieces");
                 assert_eq!(direct, 2 * middles);
             } else {
                 assert_eq!(direct, 0);
+            }
+        }
+    }
+
+    /// With room for only a few partial blocks, the rest go through the page cache at once and
+    /// the blocks that were gathered still complete: the files are right either way.
+    #[test]
+    fn a_full_stitcher_falls_back_to_the_page_cache() {
+        let opts = WriteOptions {
+            stitch_bytes: 3 * 2 * ALIGN,
+            ..SMALL
+        };
+        for via in [Via::Slice, Via::Fill] {
+            let direct = round_trip(opts, true, via);
+            if direct_supported() {
+                let middles = aligned_middles(&pieces()) * 2;
+                let data_blocks = 2 * ((LEN / ALIGN - HEADER.div_ceil(ALIGN)) * ALIGN) as u64;
+                assert!((middles..data_blocks).contains(&direct), "{direct}");
             }
         }
     }
@@ -635,6 +712,7 @@ mod tests {
             WriteOptions {
                 writers: 1,
                 buffer_bytes: 8192,
+                stitch_bytes: 0,
             },
         );
         let mut scratch = Vec::new();
@@ -668,6 +746,7 @@ mod tests {
         let opts = WriteOptions {
             writers: 0,
             buffer_bytes: 64 * 1024,
+            stitch_bytes: 1 << 20,
         };
         for via in [Via::Slice, Via::Fill] {
             assert_eq!(round_trip(opts, true, via), 0);
@@ -706,6 +785,7 @@ mod tests {
             WriteOptions {
                 writers: 1,
                 buffer_bytes: 8192,
+                stitch_bytes: 0,
             },
         );
         let data = vec![7u8; 64 * 1024];
@@ -721,18 +801,25 @@ mod tests {
     }
 
     #[test]
-    fn the_buffers_take_an_eighth_of_the_budget_aligned_and_bounded() {
-        let total = |o: WriteOptions| 2 * o.writers * o.buffer_bytes;
+    fn the_writers_take_an_eighth_of_the_budget_aligned_and_bounded() {
+        let buffers = |o: WriteOptions| 2 * o.writers * o.buffer_bytes;
+        let all = |o: WriteOptions| buffers(o) + o.stitch_bytes;
         assert_eq!(WriteOptions::default(), WriteOptions::for_budget(256 << 20));
-        assert_eq!(total(WriteOptions::default()), 32 << 20);
-        assert_eq!(total(WriteOptions::for_budget(64 << 20)), 8 << 20);
+        let d = WriteOptions::default();
+        assert_eq!(
+            (d.writers, d.buffer_bytes),
+            (8, (256 << 20) / 160 / ALIGN * ALIGN)
+        );
+        assert!(all(d) <= 32 << 20 && all(d) > 31 << 20, "{}", all(d));
         // Capped above (2 MiB buffers) and below (64 KiB).
-        assert_eq!(total(WriteOptions::for_budget(64 << 30)), 32 << 20);
+        assert_eq!(buffers(WriteOptions::for_budget(64 << 30)), 32 << 20);
+        assert_eq!(all(WriteOptions::for_budget(64 << 30)), 40 << 20);
         assert_eq!(WriteOptions::for_budget(1 << 20).buffer_bytes, 64 << 10);
         for budget in [1u64 << 20, 100_000_000, 300 << 20, 1 << 40] {
             let o = WriteOptions::for_budget(budget);
             assert_eq!(o.buffer_bytes % ALIGN, 0, "{budget}");
-            assert!(total(o) as u64 <= (budget / 8).max(2 << 20), "{budget}");
+            assert!(all(o) as u64 <= (budget / 8).max((5 << 20) / 4), "{budget}");
+            assert_eq!(o.stitch_bytes, buffers(o) / 4, "{budget}: partial blocks");
         }
     }
 }
