@@ -60,6 +60,56 @@ fn listening(inodes: &[String]) -> Vec<String> {
     out
 }
 
+/// Starts two ranks with `args` (rank 1 stopped at fault point `point` until released), reads
+/// where rank 0 listens once it listens on `want` sockets or more, lets rank 1 go, checks both
+/// ranks succeed, and returns rank 0's listening addresses.
+fn rank0_listeners(args: &[&str], point: &str, want: usize) -> Vec<String> {
+    let t = tempfile::tempdir().unwrap();
+    let stalled = t.path().join("stalled");
+    let release = t.path().join("release");
+    let (st, rel) = (s(&stalled).to_owned(), s(&release).to_owned());
+    let fault = format!("{point}@1");
+    let children = spawn_ranks(2, args, &|r| {
+        if r == 1 {
+            vec![
+                ("AXSAVE_FAULT".into(), fault.clone()),
+                ("AXSAVE_FAULT_FILE".into(), st.clone()),
+                ("AXSAVE_FAULT_RELEASE".into(), rel.clone()),
+            ]
+        } else {
+            Vec::new()
+        }
+    });
+    let rank0 = children[0].id();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let mut seen = Vec::new();
+    while Instant::now() < deadline {
+        if stalled.exists() {
+            seen = listening(&socket_inodes(rank0));
+            if seen.len() >= want {
+                break;
+            }
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    std::fs::write(&release, b"").unwrap();
+    let res = wait_ranks(children, Duration::from_secs(120));
+    for (r, (code, text, _)) in res.iter().enumerate() {
+        assert_eq!(*code, Some(0), "rank {r} failed:\n{text}");
+    }
+    assert!(
+        seen.len() >= want,
+        "rank 0 listened on {seen:?}: expected {want} sockets"
+    );
+    for a in &seen {
+        assert!(
+            a.starts_with("127.0.0.1:"),
+            "rank 0 listened on {a} (all: {seen:?})"
+        );
+    }
+    seen
+}
+
 #[test]
 fn a_loopback_master_addr_keeps_every_listener_on_loopback() {
     if !Path::new("/proc/net/tcp").exists() {
@@ -80,64 +130,42 @@ fn a_loopback_master_addr_keeps_every_listener_on_loopback() {
         }
     }
     let out = tempfile::tempdir().unwrap();
-    let stalled = t.path().join("stalled");
-    let release = t.path().join("release");
     let template = format!("{}/rank{{rank}}", t.path().display());
-    let (st, rel) = (s(&stalled).to_owned(), s(&release).to_owned());
-    let children = spawn_ranks(
-        2,
-        &[
-            "--source",
-            &template,
-            "--output",
-            s(out.path()),
-            "--transport",
-            "tcp",
-            "-q",
-        ],
-        &|r| {
-            if r == 1 {
-                vec![
-                    ("AXSAVE_FAULT".into(), "copying@1".into()),
-                    ("AXSAVE_FAULT_FILE".into(), st.clone()),
-                    ("AXSAVE_FAULT_RELEASE".into(), rel.clone()),
-                ]
-            } else {
-                Vec::new()
-            }
-        },
-    );
-    let rank0 = children[0].id();
     // Rank 1 stops at its first piece; by then rank 0 has its store up and, soon, its data
     // listener: wait for both.
-    let deadline = Instant::now() + Duration::from_secs(60);
-    let mut seen = Vec::new();
-    while Instant::now() < deadline {
-        if stalled.exists() {
-            seen = listening(&socket_inodes(rank0));
-            if seen.len() >= 2 {
-                break;
-            }
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    std::fs::write(&release, b"").unwrap();
-    let res = wait_ranks(children, Duration::from_secs(120));
-    for (r, (code, text, _)) in res.iter().enumerate() {
-        assert_eq!(*code, Some(0), "rank {r} failed:\n{text}");
-    }
-    assert!(
-        seen.len() >= 2,
-        "rank 0 listened on {seen:?}: expected the store and the data listener"
-    );
-    for a in &seen {
-        assert!(
-            a.starts_with("127.0.0.1:"),
-            "rank 0 listened on {a} (all: {seen:?})"
-        );
-    }
+    let args = [
+        "--source",
+        &template,
+        "--output",
+        s(out.path()),
+        "--transport",
+        "tcp",
+        "-q",
+    ];
+    rank0_listeners(&args, "copying", 2);
     assert!(
         std::fs::read(out.path().join("model.safetensors")).unwrap()
             == std::fs::read(fixture("dcp/fsdp_w4/reference.safetensors")).unwrap()
     );
+}
+
+/// A merge across ranks joins through the same store, bound the same way.
+#[test]
+fn a_merge_across_ranks_keeps_its_store_on_loopback() {
+    if !Path::new("/proc/net/tcp").exists() {
+        return eprintln!("skipping: no /proc/net/tcp (not Linux)");
+    }
+    let out = tempfile::tempdir().unwrap();
+    let (base, adapter) = (fixture("lora/base_bf16"), fixture("lora/lora_bf16/adapter"));
+    let args = [
+        "merge-lora",
+        "--base",
+        s(&base),
+        "--adapter",
+        s(&adapter),
+        "--output",
+        s(out.path()),
+    ];
+    rank0_listeners(&args, "merging", 1);
+    assert!(out.path().join("model.safetensors").exists());
 }

@@ -12,7 +12,7 @@ use axsave_dist::{ClientOptions, ServerOptions, StoreClient, StoreServer, World}
 
 use super::token::{hex, random_token, token_digest, unhex};
 use super::watchdog::Watchdog;
-use super::{DistOptions, Rank, json, rank_list, unjson};
+use super::{Rank, json, rank_list, unjson};
 use crate::error::{CoreError, Result, ResultExt};
 use crate::host::hostname;
 use axsave_dist::address;
@@ -47,10 +47,14 @@ pub(super) struct Joined {
     pub(super) watchdog: Watchdog,
 }
 
-/// Starts the store on rank 0 (when this process hosts it) and connects to it.
-pub(super) fn connect_store(
+/// Starts the store on rank 0 (when this process hosts it), listening where MASTER_ADDR points
+/// (see [`address::store_bind`]), and connects to it: within `rendezvous` for the connection,
+/// `timeout` for each request, its keys under `namespace`. Saves and merges both join this way.
+pub(crate) fn connect_store(
     world: &World,
-    opts: &DistOptions,
+    namespace: &str,
+    rendezvous: Duration,
+    timeout: Duration,
 ) -> Result<(Option<StoreServer>, StoreClient)> {
     let server = if world.hosts_store() {
         // Where the peers will connect: the addresses MASTER_ADDR names here (see `address`).
@@ -84,8 +88,8 @@ pub(super) fn connect_store(
         ))
     })?;
     let client_opts = ClientOptions {
-        connect_timeout: opts.rendezvous_timeout,
-        io_timeout: opts.timeout,
+        connect_timeout: rendezvous,
+        io_timeout: timeout,
         ..ClientOptions::default()
     };
     let client = StoreClient::connect(&host, world.master_port, client_opts)
@@ -95,7 +99,7 @@ pub(super) fn connect_store(
                 world.master_port
             )
         })?
-        .with_namespace(&world.store_namespace());
+        .with_namespace(namespace);
     Ok((server, client))
 }
 

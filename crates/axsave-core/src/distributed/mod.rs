@@ -24,7 +24,7 @@ mod data_plane;
 mod gpu;
 pub mod identity;
 pub mod inventory;
-mod join;
+pub(crate) mod join;
 pub mod remote;
 pub mod token;
 pub mod watchdog;
@@ -150,7 +150,12 @@ pub fn run(
     net: Net,
 ) -> Result<Option<DistReport>> {
     let start = Instant::now();
-    let (server, mut client) = join::connect_store(world, opts)?;
+    let (server, mut client) = join::connect_store(
+        world,
+        &world.store_namespace(),
+        opts.rendezvous_timeout,
+        opts.timeout,
+    )?;
     let shared = Arc::new(Shared {
         progress: progress.clone(),
         ..Shared::default()
@@ -342,7 +347,12 @@ pub(super) mod tests {
                 };
                 let phases = phases.clone();
                 std::thread::spawn(move || {
-                    let (_, mut client) = join::connect_store(&world, &opts)?;
+                    let (_, mut client) = join::connect_store(
+                        &world,
+                        &world.store_namespace(),
+                        opts.rendezvous_timeout,
+                        opts.timeout,
+                    )?;
                     let mut rank = Rank {
                         world: &world,
                         opts: &opts,

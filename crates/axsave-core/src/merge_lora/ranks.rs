@@ -23,7 +23,7 @@ use std::time::{Duration, Instant};
 
 use axsave_dist::store::CoordError;
 use axsave_dist::store::rendezvous::wait_watching_failure;
-use axsave_dist::{ClientOptions, ServerOptions, StoreClient, StoreServer, World};
+use axsave_dist::{StoreClient, World};
 
 use super::{MergeOptions, MergeReport, Prepared, WriteAt, commit, prepare, write_tensors};
 use crate::distributed::watchdog::{Shared, Watchdog};
@@ -113,44 +113,12 @@ pub fn run(
     times: RankTimeouts,
     written: &AtomicU64,
 ) -> Result<Option<MergeReport>> {
-    let server = if world.hosts_store() {
-        Some(
-            StoreServer::start(ServerOptions {
-                port: world.master_port,
-                ..ServerOptions::default()
-            })
-            .map_err(|e| {
-                CoreError::Remote(format!(
-                    "rank 0 cannot host the rendezvous store on port {}: {e} (set MASTER_PORT to a free port)",
-                    world.master_port
-                ))
-            })?,
-        )
-    } else {
-        None
-    };
-    let host = world.master_addr.clone().ok_or_else(|| {
-        CoreError::Remote(format!(
-            "{} started ranks on several nodes and gives no MASTER_ADDR: set MASTER_ADDR to the host of rank 0",
-            world.launcher
-        ))
-    })?;
-    let mut client = StoreClient::connect(
-        &host,
-        world.master_port,
-        ClientOptions {
-            connect_timeout: times.rendezvous,
-            io_timeout: times.timeout,
-            ..ClientOptions::default()
-        },
-    )
-    .map_err(|e| {
-        CoreError::Remote(format!(
-            "cannot reach the rendezvous store at {host}:{}: {e}",
-            world.master_port
-        ))
-    })?
-    .with_namespace(&format!("{}/merge-lora", world.store_namespace()));
+    let (server, mut client) = crate::distributed::join::connect_store(
+        world,
+        &format!("{}/merge-lora", world.store_namespace()),
+        times.rendezvous,
+        times.timeout,
+    )?;
     let shared = Arc::new(Shared::default());
     // A signal cancels the run like a failure (see `crate::interrupt`).
     crate::interrupt::watch(&shared.cancel);
