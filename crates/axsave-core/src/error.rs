@@ -1,4 +1,7 @@
-//! Errors of the core crate.
+//! Errors of the core crate: [`CoreError`], and the typed errors it wraps that no other crate
+//! defines ([`PlanError`], [`Unavailable`]; re-exported where they arise, `plan` and
+//! `transport`). They live here so that this module imports no other module of the crate: every
+//! module returns [`Result`] without an import loop.
 
 use std::path::PathBuf;
 
@@ -76,7 +79,7 @@ pub enum CoreError {
     },
     /// The plan (who reads and writes what) cannot be made.
     #[error("cannot plan the copy: {0}")]
-    Plan(#[from] crate::plan::PlanError),
+    Plan(#[from] PlanError),
     /// The rendezvous store failed.
     #[error(transparent)]
     Store(#[from] axsave_dist::StoreError),
@@ -99,7 +102,7 @@ pub enum CoreError {
     Transport(#[from] axsave_dist::TransportError),
     /// The transport asked for (`--transport mpi|nccl`) is not available here.
     #[error(transparent)]
-    Unavailable(#[from] crate::transport::Unavailable),
+    Unavailable(#[from] Unavailable),
     /// The GPUs' data plane (NCCL) failed: a call, a peer, a timeout, or the library.
     #[cfg(feature = "cuda")]
     #[error("GPU: {0}")]
@@ -129,7 +132,7 @@ pub enum CoreError {
         holder: String,
     },
     /// This process received a signal (SIGTERM, SIGINT, SIGHUP) and cancelled the save.
-    #[error("interrupted by {}: the save was cancelled", crate::interrupt::signal_name(*signal))]
+    #[error("interrupted by {}: the save was cancelled", signal_name(*signal))]
     Interrupted {
         /// The signal number.
         signal: i32,
@@ -191,6 +194,50 @@ impl<T, E: Into<CoreError>> ResultExt<T> for std::result::Result<T, E> {
 /// Result with [`CoreError`].
 pub type Result<T, E = CoreError> = std::result::Result<T, E>;
 
+/// Why no plan can be made.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum PlanError {
+    /// No rank can read a file the output needs.
+    #[error("no rank can read {file}, which holds part of tensor {tensor}")]
+    Unreadable {
+        /// The file.
+        file: String,
+        /// A tensor that needs it.
+        tensor: String,
+    },
+}
+
+/// Why an explicit `--transport` cannot be met.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum Unavailable {
+    /// `--transport mpi` outside an MPI launcher.
+    #[error("--transport mpi needs an MPI launcher (mpirun, mpiexec, srun --mpi)")]
+    NoMpiLauncher,
+    /// `--transport mpi` from a binary built without MPI.
+    #[error("--transport mpi: this axsave was built without MPI (cargo feature `mpi`)")]
+    MpiNotBuilt,
+    /// `--transport nccl` where a rank has no GPU or no NCCL (or shares its GPU).
+    #[error("--transport nccl needs a GPU and NCCL{}: {why}", if *.every_rank { " on every rank" } else { "" })]
+    NoNccl {
+        /// Whether there are several ranks (the message says "on every rank").
+        every_rank: bool,
+        /// Which rank lacks what (`"rank 1: no CUDA driver"`).
+        why: String,
+    },
+}
+
+/// The usual name of a signal number, or "signal N".
+pub fn signal_name(sig: i32) -> String {
+    match sig {
+        libc::SIGHUP => "SIGHUP".into(),
+        libc::SIGINT => "SIGINT".into(),
+        libc::SIGTERM => "SIGTERM".into(),
+        libc::SIGQUIT => "SIGQUIT".into(),
+        libc::SIGKILL => "SIGKILL".into(),
+        _ => format!("signal {sig}"),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -218,7 +265,7 @@ mod tests {
 
     #[test]
     fn a_plan_error_is_not_called_a_layout_error() {
-        let e: CoreError = crate::plan::PlanError::Unreadable {
+        let e: CoreError = PlanError::Unreadable {
             file: "__3_0.distcp".into(),
             tensor: "w".into(),
         }

@@ -171,14 +171,4 @@ pub fn abandon(sig: i32) -> ! {
     std::process::exit(128 + sig)
 }
 
-/// The usual name of a signal number, or "signal N".
-pub fn signal_name(sig: i32) -> String {
-    match sig {
-        libc::SIGHUP => "SIGHUP".into(),
-        libc::SIGINT => "SIGINT".into(),
-        libc::SIGTERM => "SIGTERM".into(),
-        libc::SIGQUIT => "SIGQUIT".into(),
-        libc::SIGKILL => "SIGKILL".into(),
-        _ => format!("signal {sig}"),
-    }
-}
+pub use crate::error::signal_name;

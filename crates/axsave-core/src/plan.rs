@@ -88,18 +88,7 @@ impl Plan {
     }
 }
 
-/// Why no plan can be made.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum PlanError {
-    /// No rank can read a file the output needs.
-    #[error("no rank can read {file}, which holds part of tensor {tensor}")]
-    Unreadable {
-        /// The file.
-        file: String,
-        /// A tensor that needs it.
-        tensor: String,
-    },
-}
+pub use crate::error::PlanError;
 
 /// Makes the plan. `readers[f]` lists the ranks that can read catalog file `f` (sorted).
 ///

@@ -108,24 +108,7 @@ pub struct Choice {
     pub why: String,
 }
 
-/// Why an explicit `--transport` cannot be met.
-#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
-pub enum Unavailable {
-    /// `--transport mpi` outside an MPI launcher.
-    #[error("--transport mpi needs an MPI launcher (mpirun, mpiexec, srun --mpi)")]
-    NoMpiLauncher,
-    /// `--transport mpi` from a binary built without MPI.
-    #[error("--transport mpi: this axsave was built without MPI (cargo feature `mpi`)")]
-    MpiNotBuilt,
-    /// `--transport nccl` where a rank has no GPU or no NCCL (or shares its GPU).
-    #[error("--transport nccl needs a GPU and NCCL{}: {why}", if *.every_rank { " on every rank" } else { "" })]
-    NoNccl {
-        /// Whether there are several ranks (the message says "on every rank").
-        every_rank: bool,
-        /// Which rank lacks what (`"rank 1: no CUDA driver"`).
-        why: String,
-    },
-}
+pub use crate::error::Unavailable;
 
 /// Picks the transport from every rank's report (`caps[r]` is rank r's) and whether MPI is
 /// available ([`mpi_available`]). `Err` says why an explicit request cannot be met.
