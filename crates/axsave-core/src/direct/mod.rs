@@ -6,9 +6,9 @@
 //! middle of each write goes through an aligned staging buffer to a few writer threads that
 //! write it with `O_DIRECT`, so the disk sees several writes in flight, as with parallel
 //! `dd oflag=direct` streams. Bytes that need no conversion are read from the source straight
-//! into the staging buffer ([`Writers::write_from`]); others are copied in
-//! ([`Writers::write_at`]). The unaligned ends of a write (the bytes of blocks it covers only
-//! in part) are gathered with the other parts of their blocks ([`stitch`]); a block made whole
+//! into the staging buffer (`Writers::write_from`); others are copied in
+//! (`Writers::write_at`). The unaligned ends of a write (the bytes of blocks it covers only
+//! in part) are gathered with the other parts of their blocks (`stitch`); a block made whole
 //! goes direct too, and the blocks that never become whole (the one the header shares, a file's
 //! last block) are written through the page cache after the direct writes, as are files on
 //! filesystems that refuse `O_DIRECT`; the final fsync covers both. The two never share a

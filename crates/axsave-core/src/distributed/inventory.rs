@@ -41,7 +41,7 @@ pub struct Inventory {
     #[serde(default)]
     pub node: String,
     /// The absolute directory this rank lists (empty when it sees none), where a rank of the
-    /// same node may open the files ([`super::borrow`]).
+    /// same node may open the files (`super::borrow`).
     #[serde(default)]
     pub root: String,
 }

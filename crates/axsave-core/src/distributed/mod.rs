@@ -1,16 +1,16 @@
 //! A save with one process per rank, in four phases under a short [`run`]:
 //!
-//! 1. **Join** ([`join`]): every rank says hello in the store (its world size and a fingerprint
+//! 1. **Join** (`join`): every rank says hello in the store (its world size and a fingerprint
 //!    of its arguments; rank 0 refuses a mismatch), rank 0 announces the run's tag; the ranks
-//!    agree on a transport ([`gpu`]).
-//! 2. **Catalog** ([`catalog`]): every rank lists what it sees of the source. When all see the
+//!    agree on a transport (`gpu`).
+//! 2. **Catalog** (`catalog`): every rank lists what it sees of the source. When all see the
 //!    same files (a shared filesystem) rank 0 reads the catalog alone; otherwise every rank
 //!    reads the part it sees and rank 0 merges the parts. Rank 0 makes the layout and the plan
 //!    and broadcasts them.
-//! 3. **Data plane** ([`data_plane`]): writers create their files under temporary names and
+//! 3. **Data plane** (`data_plane`): writers create their files under temporary names and
 //!    listen; every rank copies the pieces it reads, into its own files or to their writer over
 //!    TCP, MPI or NCCL.
-//! 4. **Commit** ([`commit`]): each rank reports success; once all have, rank 0 renames every
+//! 4. **Commit** (`commit`): each rank reports success; once all have, rank 0 renames every
 //!    file into place and says so; only then do the ranks exit 0.
 //!
 //! A watchdog thread per rank beats a heartbeat and watches the failure flag and the others'

@@ -4,7 +4,7 @@
 //!
 //! [`prepare`] reads and checks everything ([`config`], [`plan`]) before anything is written;
 //! [`merge_local`] writes in this process alone, [`ranks`] shares the tensors among ranks;
-//! [`write`] streams each tensor: untouched and replaced tensors in chunks, merged weights in
+//! `write` streams each tensor: untouched and replaced tensors in chunks, merged weights in
 //! row blocks, so memory stays at the adapter's `A`/`B` of one module plus a few MiB per
 //! thread.
 
