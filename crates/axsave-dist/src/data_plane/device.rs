@@ -48,6 +48,14 @@ pub enum DevicePlaneError {
     Nccl(NcclError),
 }
 
+impl DevicePlaneError {
+    /// Whether a watched wait made no progress within its limit (the watchdog aborted the
+    /// plane), as opposed to a failed call, a failed peer or a cancellation.
+    pub fn is_timeout(&self) -> bool {
+        matches!(self, DevicePlaneError::Nccl(NcclError::Timeout { .. }))
+    }
+}
+
 impl From<NcclError> for DevicePlaneError {
     fn from(e: NcclError) -> Self {
         match e {
@@ -232,6 +240,12 @@ mod tests {
             e.to_string(),
             "NCCL: the NCCL communicator was aborted: rank 1 failed"
         );
+        assert!(!e.is_timeout() && !DevicePlaneError::Cancelled.is_timeout());
+        let stuck = DevicePlaneError::from(NcclError::Timeout {
+            what: "waiting for round 3".into(),
+            seconds: 5,
+        });
+        assert!(stuck.is_timeout(), "{stuck}");
     }
 
     #[test]
