@@ -41,6 +41,9 @@ echo "==> cargo clippy (default features, and with MPI)"
 cargo clippy --workspace --all-targets --quiet -- -D warnings
 cargo clippy --workspace --all-targets --quiet --features mpi -- -D warnings
 
+echo "==> cargo doc (no broken or private links in the crates' docs)"
+RUSTDOCFLAGS="-D warnings" cargo doc --workspace --no-deps --quiet
+
 # The mpirun tests run as root here: Open MPI refuses that unless told it is wanted.
 export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1
 
