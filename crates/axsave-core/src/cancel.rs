@@ -68,6 +68,14 @@ impl Cancel {
         }
     }
 
+    /// The signal number, when a signal raised it.
+    pub fn signal(&self) -> Option<i32> {
+        match self.reason() {
+            Some(CancelReason::Signal(signal)) => Some(signal),
+            _ => None,
+        }
+    }
+
     /// `Err(Cancelled)` once raised.
     pub fn check(&self) -> Result<()> {
         if self.is_cancelled() {
@@ -117,6 +125,7 @@ mod tests {
         assert!(seen_by_a_transport.load(Ordering::SeqCst));
         assert!(matches!(c.check(), Err(CoreError::Cancelled)));
         assert_eq!(c.failure().as_deref(), Some("rank 2 failed: disk full"));
+        assert_eq!(c.signal(), None, "the failure came first");
         // Clones share it.
         assert_eq!(c.clone().reason(), c.reason());
     }
@@ -139,6 +148,7 @@ mod tests {
         ));
         let s = Cancel::new();
         s.cancel(CancelReason::Signal(libc::SIGTERM));
+        assert_eq!((s.signal(), s.failure()), (Some(libc::SIGTERM), None));
         assert!(matches!(
             s.explain(CoreError::Internal("x".into())),
             CoreError::Interrupted { signal } if signal == libc::SIGTERM

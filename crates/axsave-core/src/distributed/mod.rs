@@ -38,7 +38,6 @@ use axsave_dist::store::rendezvous::{receive_broadcast, wait_watching_failure};
 use axsave_dist::{StoreClient, World};
 use axsave_formats::DType;
 
-use crate::cancel::CancelReason;
 use crate::error::{CoreError, Result};
 use crate::layout::LayoutOptions;
 use crate::plan::Mode;
@@ -173,10 +172,7 @@ pub fn run(
         reported: false,
     };
     let result = rank.run(start, &progress, &net);
-    let interrupted = match shared.cancel.reason() {
-        Some(CancelReason::Signal(signal)) => Some(signal),
-        _ => None,
-    };
+    let interrupted = shared.cancel.signal();
     if let Err(e) = &result {
         shared.announce(rank.client, world.rank, e, interrupted);
         rank.cleanup();

@@ -133,7 +133,7 @@ pub fn run(
         &shared,
         &mut state,
     );
-    let interrupted = crate::interrupt::received().filter(|_| shared.failure().is_none());
+    let interrupted = shared.cancel.signal();
     if let Err(e) = &result {
         shared.announce(&mut client, world.rank, e, interrupted);
         state.cleanup(&opts.output, world.rank);
@@ -141,15 +141,7 @@ pub fn run(
     drop(state);
     drop(client);
     crate::distributed::watchdog::close_server(server, times.timeout);
-    match result {
-        Err(_) if interrupted.is_some() => Err(CoreError::Interrupted {
-            signal: interrupted.unwrap_or_default(),
-        }),
-        Err(CoreError::Cancelled) => Err(CoreError::Remote(
-            shared.failure().unwrap_or_else(|| "cancelled".into()),
-        )),
-        other => other,
-    }
+    result.map_err(|e| shared.cancel.explain(e))
 }
 
 /// Waits for `keys`, giving up when another rank failed or the watchdog cancelled the run.
