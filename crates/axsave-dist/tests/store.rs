@@ -326,6 +326,9 @@ fn malformed_clients_are_dropped_and_others_carry_on() {
     let s = server();
     let mut good = client(&s);
     good.set("k", b"v").unwrap();
+    // SET has no reply: a GET on the same connection makes sure the server holds "k" before
+    // the ADD below tries it (else the ADD may come first, create "k" and get an answer).
+    assert_eq!(good.get("k", secs(5)).unwrap(), b"v");
 
     let mut cases: Vec<(&str, TcpStream)> = Vec::new();
 
