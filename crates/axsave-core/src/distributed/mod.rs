@@ -172,9 +172,8 @@ pub fn run(
         reported: false,
     };
     let result = rank.run(start, &progress, &net);
-    let interrupted = shared.cancel.signal();
     if let Err(e) = &result {
-        shared.announce(rank.client, world.rank, e, interrupted);
+        shared.announce(rank.client, world.rank, e);
         rank.cleanup();
     }
     // Our own connections go first, so that the server counts only the others'.

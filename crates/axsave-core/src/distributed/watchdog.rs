@@ -41,17 +41,12 @@ impl Shared {
     }
 
     /// After this rank's run ended in `error`: tells the other ranks why through the store (the
-    /// signal `interrupted` names, else the error), unless the error only echoes a failure
+    /// signal that cancelled the run, else the error), unless the error only echoes a failure
     /// another rank reported first. Best effort: a store that is gone cannot be told, and the
     /// others' watchdogs notice the silence instead.
-    pub fn announce(
-        &self,
-        client: &mut StoreClient,
-        rank: usize,
-        error: &crate::error::CoreError,
-        interrupted: Option<i32>,
-    ) {
+    pub fn announce(&self, client: &mut StoreClient, rank: usize, error: &crate::error::CoreError) {
         use crate::error::CoreError;
+        let interrupted = self.cancel.signal();
         let msg = match interrupted {
             Some(signal) => CoreError::Interrupted { signal }.to_string(),
             None => error.to_string(),

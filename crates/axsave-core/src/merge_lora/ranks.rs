@@ -133,9 +133,8 @@ pub fn run(
         &shared,
         &mut state,
     );
-    let interrupted = shared.cancel.signal();
     if let Err(e) = &result {
-        shared.announce(&mut client, world.rank, e, interrupted);
+        shared.announce(&mut client, world.rank, e);
         state.cleanup(&opts.output, world.rank);
     }
     drop(state);

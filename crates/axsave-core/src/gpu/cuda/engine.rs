@@ -243,10 +243,11 @@ impl<'a> CudaEngine<'a> {
                     peer: b.peer,
                 }))
                 .collect();
-            // SAFETY: `net` belongs to the device's context, on which the plane was joined; the send ranges lie in d_out (written on `up`, which `net` waited for) and
-            // the receive ranges in d_land (free: `net` waited for `landed`); neither is
-            // touched again before `sent`, recorded next, completes (`up` and `down` wait for
-            // it) or the plane is aborted.
+            // SAFETY: `net` belongs to the device's context, on which the plane was joined;
+            // the send ranges lie in d_out (written on `up`, which `net` waited for) and the
+            // receive ranges in d_land (free: `net` waited for `landed`); neither is touched
+            // again before `sent`, recorded next, completes (`up` and `down` wait for it) or
+            // the plane is aborted.
             unsafe {
                 plane.exchange(
                     &ops,
